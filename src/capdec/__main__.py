@@ -1,0 +1,3 @@
+from capdec.cli import entry
+
+entry()

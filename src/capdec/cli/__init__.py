@@ -1,0 +1,80 @@
+"""The ``capdec`` command line: one parser, one module per subcommand.
+
+Each subcommand module in this package defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``, and imports its heavy dependencies inside ``run`` so that ``capdec --help``
+stays fast. ``main(argv)`` is what tests call; ``entry()`` is the console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from capdec import __version__
+from capdec.errors import CapdecError
+
+# In data-flow order: corpus -> embeddings -> training -> captions -> metrics, then experiments.
+COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "sweep", "demo", "toyworld"]
+
+logger = logging.getLogger("capdec")
+
+
+def _module(name: str):
+    return importlib.import_module(f"capdec.cli.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capdec",
+        description="Text-only image captioning (CapDec): train a captioner from sentences alone, "
+                    "then caption images.",
+        epilog="Run 'capdec COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"capdec {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors, no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            mod = _module(name)
+        except ModuleNotFoundError as e:  # a subcommand whose optional module is absent
+            if e.name != f"capdec.cli.{name}":
+                raise
+            continue
+        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    if quiet:
+        os.environ["CAPDEC_QUIET"] = "1"  # progress bars follow this (capdec.utils.progress)
+    else:
+        os.environ.pop("CAPDEC_QUIET", None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    try:
+        return int(args._run(args) or 0)
+    except CapdecError as e:
+        logger.debug("error details", exc_info=True)
+        print(f"capdec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"capdec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Encoders by name: ``load_encoder("hf:openai/clip-vit-base-patch32")``.
+
+Spec strings (``KIND:REST``; the part after the first colon belongs to the backend):
+
+- ``toy`` — the project's mini-CLIP shipped in the package (``toy:DIR`` for other weights);
+- ``hf:HUB_ID_OR_DIR`` — a Hugging Face CLIP or SigLIP model (``transformers``);
+- ``open_clip:MODEL@PRETRAINED`` — an open_clip model name with a pretrained tag or a local
+  weights file (``open_clip:ViT-B-32@laion2b_s34b_b79k``, ``open_clip:ViT-B-32@/w/vitb32.bin``).
+
+A spec may also be the JSON dict an encoder reports as ``encoder.spec`` (what embedding stores and
+checkpoints record), so artefacts rebuild the encoder that made them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+from capdec.encoders.base import (
+    Encoder,
+    EncoderError,
+    EncoderMismatchError,
+    check_identity,
+    resolve_device,
+)
+
+__all__ = [
+    "Encoder", "EncoderError", "EncoderMismatchError", "check_identity", "load_encoder",
+    "list_backends", "parse_spec", "resolve_device",
+]
+
+# kind -> "module:Class"; imported lazily so that e.g. open_clip is only needed when used.
+_BACKENDS: dict[str, str] = {
+    "toy": "capdec.encoders.toy:ToyEncoder",
+    "hf": "capdec.encoders.hf:HFEncoder",
+    "open_clip": "capdec.encoders.openclip:OpenCLIPEncoder",
+}
+
+
+def list_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def _backend(kind: str) -> type[Encoder]:
+    if kind not in _BACKENDS:
+        raise EncoderError(f"unknown encoder kind {kind!r}; known kinds: {', '.join(list_backends())}")
+    module, cls = _BACKENDS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """Turn a spec string (or JSON string, or dict) into the backend's spec dict."""
+    if isinstance(spec, dict):
+        if "kind" not in spec:
+            raise EncoderError(f"encoder spec dict has no 'kind': {spec!r}")
+        return dict(spec)
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            return parse_spec(json.loads(spec))
+        except json.JSONDecodeError as e:
+            raise EncoderError(f"encoder spec looks like JSON but does not parse: {e}") from e
+    kind, _, rest = spec.partition(":")
+    return _backend(kind).parse_spec_string(rest)
+
+
+def load_encoder(spec: str | dict[str, Any], *, device: str | None = "auto", precision: str = "auto",
+                 batch_size: int = 256) -> Encoder:
+    """Build an encoder from a spec string or dict (see module docstring)."""
+    parsed = parse_spec(spec)
+    return _backend(parsed["kind"]).from_spec(parsed, device=device, precision=precision,
+                                              batch_size=batch_size)
