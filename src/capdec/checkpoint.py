@@ -1,0 +1,204 @@
+"""The checkpoint directory: everything needed to caption with, or resume, a trained decoder.
+
+Layout::
+
+    CKPT/
+      config.json          format, capdec version, model / encoder / noise / train / inference configs
+      model.safetensors    mapper + LM weights (shared tensors handled by safetensors.torch.save_model)
+      tokenizer/           the LM tokenizer (save_pretrained)
+      metrics.jsonl        the training log (one JSON row per logged step)
+      training/            only while resumable: optimizer.pt (torch.save of tensors, loaded with
+                           weights_only=True), state.json (step counters, RNG-free: see capdec.train)
+
+A checkpoint is written into a temporary sibling directory and swapped in with renames, so a crash
+never leaves a half-written checkpoint under the final name (``recover`` finishes an interrupted swap).
+No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capdec import __version__
+from capdec.encoders.base import check_identity, resolve_device
+from capdec.errors import InputError
+from capdec.model import CapDecModel, ModelConfig, model_from_config
+from capdec.noise import NoiseConfig, shift_embeddings
+from capdec.utils import atomic_dir, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "capdec.checkpoint/1"
+
+
+@dataclass
+class InferenceConfig:
+    """How image embeddings are prepared before decoding (recorded; overridable at caption time)."""
+
+    normalize: bool = True  # L2-normalise image embeddings (as the training text embeddings were)
+    shift: list[float] | None = field(default=None, repr=False)  # added after normalising, then renormalised
+    image_mean: list[float] | None = field(default=None, repr=False)  # subtracted first (C3 centering)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> InferenceConfig:
+        d = d or {}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode) and its recorded configuration."""
+
+    path: Path
+    model: CapDecModel
+    config: dict[str, Any]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def encoder_spec(self) -> dict[str, Any]:
+        return self.config["encoder"]
+
+    @property
+    def encoder_identity(self) -> dict[str, Any]:
+        return self.config["encoder_identity"]
+
+    @property
+    def noise(self) -> NoiseConfig:
+        return NoiseConfig(**self.config.get("noise", {}))
+
+    @property
+    def inference(self) -> InferenceConfig:
+        return InferenceConfig.from_dict(self.config.get("inference"))
+
+    def check_encoder(self, identity: dict[str, Any]) -> None:
+        check_identity(self.encoder_identity, identity, what=f"checkpoint {self.path}")
+
+    def prepare_image_embeddings(self, v: torch.Tensor, **overrides: Any) -> torch.Tensor:
+        """Apply the recorded inference config (fields overridable by keyword) to (b, d) embeddings."""
+        cfg = self.inference
+        for k, val in overrides.items():
+            if not hasattr(cfg, k):
+                raise InputError(f"unknown inference option {k!r}")
+            setattr(cfg, k, val)
+        vec = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+        if v.shape[-1] != self.model_config.embed_dim:
+            raise InputError(f"embeddings have dimension {v.shape[-1]}, the checkpoint expects "
+                             f"{self.model_config.embed_dim}")
+        return shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean),
+                                normalize_output=cfg.normalize)
+
+
+def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec: dict[str, Any],
+                    encoder_identity: dict[str, Any], noise: NoiseConfig, train: dict[str, Any] | None = None,
+                    inference: InferenceConfig | None = None, extra: dict[str, Any] | None = None,
+                    training_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None,
+                    files: dict[str, str] | None = None) -> Path:
+    """Write a checkpoint directory atomically (replacing an older one at ``path``)."""
+    from safetensors.torch import save_model
+
+    config = {
+        "format": FORMAT,
+        "capdec_version": __version__,
+        "model": model.config.to_dict(),
+        "encoder": encoder_spec,
+        "encoder_identity": encoder_identity,
+        "noise": noise.to_dict(),
+        "train": train or {},
+        "inference": (inference or InferenceConfig()).to_dict(),
+        **(extra or {}),
+    }
+    path = Path(path)
+    with atomic_dir(path, overwrite=True) as tmp:
+        write_json(tmp / "config.json", config)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.tokenizer.save_pretrained(tmp / "tokenizer")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if training_state is not None:
+            (tmp / "training").mkdir()
+            write_json(tmp / "training" / "state.json", training_state)
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "training" / "optimizer.pt")
+    return path
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finish a checkpoint swap a crash interrupted (old copy renamed away, new one not yet in place)."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        logger.warning("recovering checkpoint %s from an interrupted save", path)
+        os.replace(old, path)
+    elif path.exists() and old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's config.json, validated (no weights loaded)."""
+    path = Path(path)
+    recover(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise InputError(f"{path} is not a capdec checkpoint (no config.json)")
+    try:
+        config = read_json(cfg_file)
+    except ValueError as e:
+        raise InputError(f"{cfg_file} is not valid JSON: {e}") from e
+    fmt = config.get("format")
+    if fmt != FORMAT:
+        raise InputError(f"{path}: unknown checkpoint format {fmt!r} (this capdec reads {FORMAT})")
+    for key in ("model", "encoder", "encoder_identity"):
+        if key not in config:
+            raise InputError(f"{cfg_file} has no {key!r} entry; the checkpoint is incomplete")
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = "auto",
+                    dtype: torch.dtype | None = None) -> Checkpoint:
+    """Load a checkpoint for inference (eval mode) on ``device`` (``auto``: cuda if present)."""
+    from safetensors.torch import load_model
+
+    from capdec.model.lm import load_tokenizer
+
+    path = Path(path)
+    config = read_config(path)
+    if not (path / "model.safetensors").is_file():
+        raise InputError(f"{path} has no model.safetensors; the checkpoint is incomplete")
+    tokenizer = load_tokenizer(str(path / "tokenizer"), local_only=True)
+    model = model_from_config(ModelConfig.from_dict(config["model"]), tokenizer)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise InputError(f"{path}/model.safetensors does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.to(resolve_device(device))
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    return Checkpoint(path=path, model=model, config=config)
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state.json, optimizer state) of a resumable checkpoint."""
+    path = Path(path)
+    state_file = path / "training" / "state.json"
+    if not state_file.is_file():
+        raise InputError(f"{path} holds no training state to resume from (it was saved without it, or is a "
+                         "final-only checkpoint)")
+    opt_file = path / "training" / "optimizer.pt"
+    opt = torch.load(opt_file, map_location="cpu", weights_only=True) if opt_file.is_file() else None
+    return read_json(state_file), opt

@@ -1,0 +1,204 @@
+"""open_clip models as ``open_clip:MODEL@PRETRAINED`` (needs ``pip install capdec[open_clip]``).
+
+Spec strings (the part after ``open_clip:``), mirroring open_clip's own ``create_model`` arguments:
+
+- ``ViT-B-32@laion2b_s34b_b79k`` — a built-in model name with a pretrained tag (downloads, or uses
+  open_clip's cache);
+- ``ViT-B-32@/weights/vitb32.safetensors`` — a built-in model name with a local weights file (no
+  download; the file must match the name's architecture, e.g. OpenAI weights need ``ViT-B-32-quickgelu``);
+- ``local-dir:/models/CLIP-ViT-B-32-laion2B`` (or just the directory) — a local copy of an open_clip
+  hub repo: ``open_clip_config.json`` plus a weights file (no download);
+- ``hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K`` — such a repo on the Hugging Face hub.
+
+The spec dict is ``{"kind": "open_clip", "model": ..., "pretrained": ...}``; local paths are stored
+absolute. The model is built in float32 (so the weights fingerprint in the identity does not depend on
+the precision asked for) and then cast to ``self.dtype``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capdec.encoders.base import Encoder, EncoderError
+from capdec.encoders.hf import looks_like_path, weights_fingerprint
+
+logger = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+_CONFIG_NAME = "open_clip_config.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+_FINGERPRINT_PARAMS = ("text_projection", "visual.proj", "text.proj.weight", "text.text_projection.weight",
+                       "visual.head.proj.weight")
+
+
+def _import_open_clip() -> Any:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise EncoderError("the open_clip encoder backend needs open_clip_torch: "
+                           "`pip install capdec[open_clip]`") from e
+    return open_clip
+
+
+def _drop_pretrained_flags(cfg: Any) -> Any:
+    """Model config without the "load base tower weights" switches open_clip toggles at build time."""
+    if isinstance(cfg, dict):
+        return {k: _drop_pretrained_flags(v) for k, v in cfg.items() if "pretrained" not in k}
+    return cfg
+
+
+class OpenCLIPEncoder(Encoder):
+    """An open_clip ``CLIP``/``CustomTextCLIP`` with its tokenizer and evaluation preprocessing."""
+
+    kind = "open_clip"
+
+    def __init__(self, model: Any, tokenizer: Any, preprocess: Any, *, model_name: str,
+                 pretrained: str | None, model_cfg: dict[str, Any], device: str | torch.device | None = "auto",
+                 precision: str = "auto", batch_size: int = 256):
+        super().__init__(device=device, precision=precision, batch_size=batch_size)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_cfg = _drop_pretrained_flags(model_cfg)
+        self._preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+        # fingerprint in float32 before casting, so fp16-on-GPU and fp32-on-CPU copies agree
+        self._fingerprint = weights_fingerprint(dict(model.named_parameters()), _FINGERPRINT_PARAMS)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def parse_spec_string(cls, rest: str) -> dict[str, Any]:
+        rest = rest.strip()
+        if not rest:
+            raise EncoderError("empty open_clip encoder spec; use open_clip:MODEL@PRETRAINED "
+                               "(e.g. open_clip:ViT-B-32@laion2b_s34b_b79k) or open_clip:local-dir:/path/to/dir")
+        if rest.startswith((LOCAL_DIR, HF_HUB)):
+            return {"kind": cls.kind, "model": rest, "pretrained": None}
+        model, sep, pretrained = rest.partition("@")
+        model = model.strip()
+        if not sep and (Path(model).expanduser().is_dir() or looks_like_path(model)):
+            return {"kind": cls.kind, "model": LOCAL_DIR + model, "pretrained": None}
+        if not model:
+            raise EncoderError(f"open_clip encoder spec {rest!r} has no model name before '@'")
+        return {"kind": cls.kind, "model": model, "pretrained": pretrained.strip() or None}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, device: str | torch.device | None = "auto",
+                  precision: str = "auto", batch_size: int = 256) -> OpenCLIPEncoder:
+        open_clip = _import_open_clip()
+        name = spec.get("model")
+        if not isinstance(name, str) or not name.strip():
+            raise EncoderError(f"open_clip encoder spec needs a 'model': {spec!r}")
+        name, pretrained = _resolve(open_clip, name.strip(), spec.get("pretrained"))
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, precision="fp32", device="cpu")
+            tokenizer = open_clip.get_tokenizer(name)
+            model_cfg = open_clip.get_model_config(name)
+        except (RuntimeError, OSError, ValueError, KeyError) as e:
+            raise EncoderError(f"open_clip encoder: cannot build {name!r} with pretrained={pretrained!r}: {e}. "
+                               f"Offline? Pass local weights: open_clip:MODEL@/path/to/weights or "
+                               f"open_clip:local-dir:/path/to/dir") from e
+        model.eval()
+        logger.info("loaded open_clip encoder %s (pretrained=%s)", name, pretrained)
+        return cls(model, tokenizer, preprocess, model_name=name, pretrained=pretrained, model_cfg=model_cfg or {},
+                   device=device, precision=precision, batch_size=batch_size)
+
+    # -- interface ------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model_name, "pretrained": self.pretrained}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        pre = self._preprocess_cfg
+        # JSON round trip: the identity is compared with one read back from a JSON file
+        return json.loads(json.dumps({
+            "kind": self.kind,
+            "dim": self.dim,
+            "model_cfg": self.model_cfg,
+            "preprocess": {k: pre.get(k) for k in ("size", "mean", "std", "interpolation", "resize_mode")},
+            "tokenizer": type(self.tokenizer).__name__,
+            "context_length": self.context_length,
+            "weights_sha256": self._fingerprint,
+        }, sort_keys=True))
+
+    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
+        return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+    def count_truncated(self, texts: list[str] | tuple[str, ...]) -> int:
+        if not texts:
+            return 0
+        tok = self.tokenizer
+        if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's own BPE tokenizer
+            lengths = [len(tok.encode(t)) + 2 for t in texts]  # + start/end of text
+        elif hasattr(tok, "tokenizer"):  # HFTokenizer wrapper (SigLIP, multilingual text towers)
+            cleaned = [tok.clean_fn(t) for t in texts] if hasattr(tok, "clean_fn") else list(texts)
+            lengths = [len(x) for x in tok.tokenizer(cleaned, truncation=False, verbose=False)["input_ids"]]
+        else:
+            return 0
+        return sum(n > self.context_length for n in lengths)
+
+
+def _resolve(open_clip: Any, name: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Check a spec before open_clip sees it: local paths must exist, names and tags must be known."""
+    if name.startswith(LOCAL_DIR):
+        return LOCAL_DIR + _check_local_dir(Path(name[len(LOCAL_DIR):]).expanduser()), None
+    if name.startswith(HF_HUB):
+        return name, None
+    cleaned = name.replace("/", "-")
+    known = open_clip.list_models()
+    if cleaned not in known:
+        close = difflib.get_close_matches(cleaned, known, n=5)
+        raise EncoderError(f"open_clip encoder: unknown model {name!r}"
+                           + (f"; did you mean {', '.join(close)}?" if close else "")
+                           + " (see open_clip.list_models(); a local model directory is open_clip:local-dir:DIR)")
+    tags = open_clip.list_pretrained_tags_by_model(cleaned)
+    if not pretrained:
+        raise EncoderError(f"open_clip encoder: {name!r} needs weights: open_clip:{name}@TAG "
+                           f"(tags: {', '.join(tags) or 'none'}) or open_clip:{name}@/path/to/weights")
+    path = Path(pretrained).expanduser()
+    if path.exists() or looks_like_path(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES):
+        if not path.is_file():
+            raise EncoderError(f"open_clip encoder: no such weights file {pretrained!r} (resolved to "
+                               f"{path.resolve()})")
+        return cleaned, str(path.resolve())
+    if not open_clip.is_pretrained_cfg(cleaned, pretrained):
+        raise EncoderError(f"open_clip encoder: unknown pretrained tag {pretrained!r} for {cleaned}; known tags: "
+                           f"{', '.join(tags) or 'none'} (or give a local weights file after '@')")
+    return cleaned, pretrained
+
+
+def _check_local_dir(path: Path) -> str:
+    if not path.is_dir():
+        raise EncoderError(f"open_clip encoder: no such directory {str(path)!r}; a local open_clip model is a "
+                           f"directory with {_CONFIG_NAME} and a weights file")
+    config = path / _CONFIG_NAME
+    if not config.is_file():
+        raise EncoderError(f"open_clip encoder: no {_CONFIG_NAME} in {str(path)!r}; a local open_clip model is "
+                           f"a directory with {_CONFIG_NAME} (holding 'model_cfg') and a weights file, as in an "
+                           f"open_clip Hugging Face repo")
+    # open_clip would silently build random weights when the directory has none
+    if not any(p.suffix in (".safetensors", ".bin", ".pth") for p in path.iterdir()):
+        raise EncoderError(f"open_clip encoder: no weights file (*.safetensors, *.bin, *.pth) in {str(path)!r}")
+    return str(path.resolve())

@@ -1,0 +1,189 @@
+"""CapDecModel: mapping network + causal LM, and the typed config that rebuilds it.
+
+Notation: b - batch, d - embedding dim, L - prefix length, t - caption tokens, h - LM hidden size,
+V - vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from capdec.errors import InputError
+from capdec.model.lm import lm_from_config, load_pretrained_lm, load_tokenizer, scratch_lm_config, train_tokenizer
+from capdec.model.mapper import MLPMapper, TransformerMapper
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of prefix and padding positions: never a real token id
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a CapDec decoder without the training script."""
+
+    embed_dim: int = 512  # d: the encoder's embedding size
+    mapper: str = "transformer"  # "transformer" (CapDec's default) or "mlp" (ClipCap's)
+    prefix_length: int = 10  # L: number of prefix vectors given to the LM
+    clip_length: int | None = None  # transformer mapper: clip tokens (default: prefix_length)
+    mapper_depth: int = 8  # transformer mapper layers
+    mapper_heads: int = 8  # transformer mapper attention heads
+    lm: str = "scratch"  # "scratch" or a Hugging Face causal LM (hub id or local dir)
+    freeze_lm: bool = False  # train the mapper only (ClipCap's "prefix-only" variant)
+    max_length: int = 40  # caption tokens, end-of-sequence included (longer captions are cut)
+    # from-scratch LM (lm == "scratch")
+    lm_dim: int = 256  # hidden size
+    lm_depth: int = 4  # layers
+    lm_heads: int = 4  # attention heads
+    vocab_size: int = 8000  # BPE tokenizer trained on the corpus (upper bound; small corpora give fewer)
+    lowercase: bool = True  # lowercase the corpus tokenizer's input
+    dropout: float = 0.1  # LM dropout (scratch LM)
+    lm_config: dict[str, Any] | None = field(default=None, repr=False)  # resolved transformers config (filled at build)
+
+    def __post_init__(self) -> None:
+        if self.mapper not in ("mlp", "transformer"):
+            raise InputError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
+        for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.lm == "scratch" and self.lm_dim % self.lm_heads:
+            raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            logger.warning("ignoring unknown model config fields: %s", ", ".join(sorted(unknown)))
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that must agree for weights to be loadable into another model (for --init-from)."""
+        keys = ("embed_dim", "mapper", "prefix_length", "clip_length", "mapper_depth", "mapper_heads")
+        arch = {k: getattr(self, k) for k in keys}
+        lm = dict(self.lm_config or {})
+        for k in ("model_type", "vocab_size", "n_embd", "hidden_size", "n_layer", "num_hidden_layers", "n_head"):
+            if k in lm:
+                arch[f"lm.{k}"] = lm[k]
+        return arch
+
+
+class CapDecModel(nn.Module):
+    """Prefix mapper + causal LM. ``forward`` returns the caption cross-entropy."""
+
+    def __init__(self, config: ModelConfig, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.lm = lm
+        self.tokenizer = tokenizer
+        hidden = lm.get_input_embeddings().embedding_dim
+        if config.mapper == "mlp":
+            self.mapper = MLPMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length)
+        else:
+            self.mapper = TransformerMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length,
+                                            clip_length=config.clip_length or config.prefix_length,
+                                            depth=config.mapper_depth, heads=config.mapper_heads)
+        if config.freeze_lm:
+            for p in self.lm.parameters():
+                p.requires_grad_(False)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """Filler for padded input positions (always masked out and ignored by the loss)."""
+        pad = self.tokenizer.pad_token_id
+        return self.eos_token_id if pad is None else pad
+
+    def prefix(self, emb: torch.Tensor) -> torch.Tensor:
+        """(b, d) embeddings -> (b, L, h) prefix in the LM's dtype."""
+        p = next(self.mapper.parameters())
+        return self.mapper(emb.to(device=p.device, dtype=p.dtype))
+
+    def forward(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the caption tokens given the prefix of ``emb``.
+
+        ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included.
+        """
+        prefix = self.prefix(emb)  # (b, L, h)
+        b, L, _ = prefix.shape
+        tokens = self.lm.get_input_embeddings()(input_ids)  # (b, t, h)
+        inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (b, L+t, h)
+        mask = torch.cat([attention_mask.new_ones(b, L), attention_mask], dim=1)  # (b, L+t)
+        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits  # (b, L+t, V)
+        logits = logits[:, L - 1 : -1]  # position L-1+i predicts token i: (b, t, V)
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Captions -> right-padded (n, t) ids with end-of-sequence appended, mask, and #captions cut."""
+        ids = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        cap = self.config.max_length - 1
+        cut = sum(len(x) > cap for x in ids)
+        rows = [x[:cap] + [self.eos_token_id] for x in ids]
+        t = max((len(r) for r in rows), default=1)
+        input_ids = torch.full((len(rows), t), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return input_ids, mask, cut
+
+    def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Token ids (without prefix) -> caption strings, stopping at end-of-sequence."""
+        out = []
+        for seq in ids:
+            seq = list(seq)
+            if self.eos_token_id in seq:
+                seq = seq[: seq.index(self.eos_token_id)]
+            out.append(" ".join(self.tokenizer.decode(seq, skip_special_tokens=True).split()))
+        return out
+
+
+def build_model(config: ModelConfig, *, captions: Sequence[str] | None = None, tokenizer=None,
+                pretrained: bool = True) -> CapDecModel:
+    """A new model for training (``pretrained=True`` loads a pretrained LM's weights).
+
+    For ``lm="scratch"`` a tokenizer is trained on ``captions`` unless one is given; the resolved LM
+    config is written into ``config.lm_config`` so a checkpoint can rebuild the model offline.
+    """
+    if config.lm == "scratch":
+        if tokenizer is None:
+            if captions is None:
+                raise InputError("a from-scratch LM needs the training captions to train its tokenizer")
+            tokenizer = train_tokenizer(captions, vocab_size=config.vocab_size, lowercase=config.lowercase)
+        if config.lm_config is None:
+            config.lm_config = scratch_lm_config(
+                tokenizer, dim=config.lm_dim, depth=config.lm_depth, heads=config.lm_heads,
+                n_positions=config.prefix_length + config.max_length + 8, dropout=config.dropout)
+        lm = lm_from_config(config.lm_config)
+    else:
+        tokenizer = tokenizer or load_tokenizer(config.lm)
+        if pretrained or config.lm_config is None:
+            lm = load_pretrained_lm(config.lm)
+            config.lm_config = lm.config.to_dict()
+        else:
+            lm = lm_from_config(config.lm_config)
+    if getattr(lm.config, "n_positions", None) and config.prefix_length + config.max_length > lm.config.n_positions:
+        raise InputError(f"prefix_length + max_length = {config.prefix_length + config.max_length} exceeds the LM's "
+                         f"{lm.config.n_positions} positions")
+    return CapDecModel(config, lm, tokenizer)
+
+
+def model_from_config(config: ModelConfig, tokenizer) -> CapDecModel:
+    """An uninitialised model of the recorded architecture (weights are loaded by the checkpoint)."""
+    if config.lm_config is None:
+        raise InputError("the model config has no lm_config; the checkpoint is incomplete")
+    return CapDecModel(config, lm_from_config(config.lm_config), tokenizer)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny real models (session-scoped, built once) and real COCO caption text."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+
+SHARED_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
+COCO = Path(os.environ.get("CAPDEC_COCO_DIR", SHARED_COCO))
+
+
+@pytest.fixture(scope="session")
+def coco_dir() -> Path:
+    if not (COCO / "captions_val2017.json").is_file():
+        pytest.skip(f"real COCO captions not found at {COCO} (set CAPDEC_COCO_DIR)")
+    return COCO
+
+
+@pytest.fixture(scope="session")
+def coco_caption_file(coco_dir, tmp_path_factory) -> Path:
+    """A text corpus of 300 real COCO captions (MS-COCO captions, CC BY 4.0), one per line."""
+    anns = json.loads((coco_dir / "captions_val2017.json").read_text())["annotations"]
+    anns = sorted(anns, key=lambda a: a["id"])[:300]
+    path = tmp_path_factory.mktemp("corpus") / "coco300.txt"
+    path.write_text("".join(a["caption"].strip() + "\n" for a in anns), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory) -> str:
+    """Spec string of a tiny random transformers CLIP saved like a local snapshot."""
+    from tiny_models import make_tiny_hf_clip
+
+    return f"hf:{make_tiny_hf_clip(tmp_path_factory.mktemp('hf_clip'))}"
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory) -> str:
+    """Spec string of a tiny random open_clip model saved like a local copy."""
+    pytest.importorskip("open_clip")
+    from tiny_models import make_tiny_open_clip
+
+    return make_tiny_open_clip(tmp_path_factory.mktemp("open_clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, coco_caption_file) -> Path:
+    """A tiny random GPT-2 with a corpus-trained tokenizer, saved like a local Hugging Face LM."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from capdec.model.lm import train_tokenizer
+
+    out = tmp_path_factory.mktemp("gpt2")
+    tok = train_tokenizer(coco_caption_file.read_text().splitlines(), vocab_size=400)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                               eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
