@@ -1,0 +1,307 @@
+"""Caption corpora: read text files into a clean list of captions.
+
+Formats (picked from the file extension unless ``format`` says otherwise):
+
+- ``txt``   (``.txt``): one caption per line;
+- ``jsonl`` (``.jsonl``, ``.ndjson``): one JSON object per line, the caption in ``field``;
+- ``csv``   (``.csv``) / ``tsv`` (``.tsv``): a header row, the caption in ``column``;
+- ``coco``  (``.json``): a COCO caption annotation file (``annotations[].caption``).
+
+Every caption is whitespace-normalised (runs of whitespace, newlines included, become one space;
+ends stripped). Empty captions are skipped and counted; with ``dedupe=True`` exact duplicates (after
+normalisation) are dropped, keeping the first, and counted. Nothing is dropped silently: anything that
+does not parse raises :class:`~capdec.errors.InputError` naming the file and line.
+
+Each caption carries a small metadata dict: ``line`` (1-based line where its record starts; for COCO
+the annotation's ``image_id`` and ``id`` instead), ``image_id``/``id`` when a JSONL record or CSV row has
+them, and ``source`` (the file) when several files are read together.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capdec.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("txt", "jsonl", "csv", "tsv", "coco")
+_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+               ".json": "coco"}
+# JSONL fields / CSV columns copied into a caption's metadata when present (evaluation joins on them)
+_KEPT_KEYS = ("image_id", "id")
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class CorpusStats:
+    read: int = 0  # caption records seen, empty ones included
+    empty_skipped: int = 0  # records whose caption was empty after whitespace normalisation
+    duplicates_removed: int = 0  # exact duplicates dropped (only with dedupe=True)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"read": self.read, "empty_skipped": self.empty_skipped,
+                "duplicates_removed": self.duplicates_removed}
+
+
+@dataclass
+class Corpus:
+    captions: list[str]  # normalised, non-empty captions in file order
+    meta: list[dict[str, Any]]  # one dict per caption (line, image_id, ...), aligned with captions
+    stats: CorpusStats = field(default_factory=CorpusStats)
+    paths: list[str] = field(default_factory=list)  # files read ([] for an in-memory corpus)
+    sha256: str = ""  # of the file (several files: of their digests, in order; in memory: of the input)
+    format: str | list[str] = "memory"  # one format, or one per file when they differ
+    options: dict[str, Any] = field(default_factory=dict)  # reader options used (field, column, dedupe)
+
+    def __post_init__(self) -> None:
+        assert len(self.captions) == len(self.meta), "captions and meta must be aligned"
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def captions_sha256(self) -> str:
+        """Digest of the caption list itself: what gets embedded (changes with reader options)."""
+        return captions_sha256(self.captions)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able provenance, as recorded in an embedding store's ``meta.json``."""
+        return {"paths": list(self.paths), "sha256": self.sha256, "captions_sha256": self.captions_sha256,
+                "format": self.format, **self.options}
+
+
+def normalize_caption(text: str) -> str:
+    """Collapse every run of whitespace (newlines, tabs, NBSP, ...) to one space; strip the ends."""
+    return " ".join(text.split())
+
+
+def captions_sha256(captions: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for c in captions:
+        h.update(c.encode("utf-8"))
+        h.update(b"\n")  # normalised captions never contain a newline, so this is unambiguous
+    return h.hexdigest()
+
+
+def detect_format(path: PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        known = ", ".join(f"{ext} ({fmt})" for ext, fmt in _EXTENSIONS.items())
+        raise InputError(f"{path}: cannot tell the corpus format from the extension {suffix or '(none)'!r} "
+                         f"(known: {known}); pass format= (--format) explicitly")
+    return _EXTENSIONS[suffix]
+
+
+# -- one function per format: yield (raw caption, metadata) ----------------------------------------
+
+def _iter_txt(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # split on "\n" only so that line numbers match what an editor shows (str.splitlines also
+    # splits on form feeds and U+2028; those are whitespace and get normalised away instead)
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            yield line, {"line": lineno}
+
+
+def _iter_jsonl(path: Path, field_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 f"a JSONL file needs one JSON object per line") from e
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object with a {field_name!r} field, "
+                                 f"got a JSON {type(record).__name__}")
+            if field_name not in record:
+                raise InputError(f"{path}:{lineno}: no field {field_name!r} (fields: "
+                                 f"{', '.join(map(repr, record)) or 'none'}); choose it with field= (--field)")
+            text = record[field_name]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{lineno}: field {field_name!r} is a JSON "
+                                 f"{'null' if text is None else type(text).__name__}, expected a string")
+            yield text, {"line": lineno, **{k: record[k] for k in _KEPT_KEYS if k in record and k != field_name}}
+
+
+def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        last_line = 0  # reader.line_num after the previous record: a record starts on the next line
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise InputError(f"{path}: empty file, expected a header row naming a {column!r} column")
+            if column not in header:
+                raise InputError(f"{path}:1: no column {column!r} in the header (columns: "
+                                 f"{', '.join(map(repr, header))}); choose it with column= (--column)")
+            index = header.index(column)
+            kept = {k: header.index(k) for k in _KEPT_KEYS if k in header and k != column}
+            last_line = reader.line_num
+            for row in reader:
+                start = last_line + 1
+                last_line = reader.line_num
+                if not row:  # a blank line is no record
+                    continue
+                if len(row) != len(header):
+                    raise InputError(f"{path}:{start}: {len(row)} fields but the header has {len(header)}; "
+                                     f"quote captions that contain {delimiter!r}")
+                yield row[index], {"line": start, **{k: row[i] for k, i in kept.items()}}
+        except csv.Error as e:
+            raise InputError(f"{path}:{last_line + 1}: not valid CSV ({e}); check the quoting of that "
+                             f"record") from e
+
+
+def _iter_coco(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        found = f"keys: {', '.join(map(repr, data))}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise InputError(f"{path}: not a COCO caption annotation file: no 'annotations' list ({found}). "
+                         f"For one caption per line use a .txt/.jsonl file, or pass format= (--format)")
+    for i, ann in enumerate(annotations):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict) or "caption" not in ann:
+            raise InputError(f"{where} has no 'caption' field")
+        if not isinstance(ann["caption"], str):
+            raise InputError(f"{where} (id {ann.get('id')}): 'caption' is not a string")
+        yield ann["caption"], {k: ann[k] for k in ("image_id", "id") if k in ann}
+
+
+def _check_utf8(path: Path) -> str:
+    """Fail with the line and column of the first byte that is not UTF-8; return the file's sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        # byte 0x0A never occurs inside a multi-byte UTF-8 sequence, so lines decode independently
+        for lineno, line in enumerate(f, start=1):
+            h.update(line)
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
+                                 f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
+    return h.hexdigest()
+
+
+def _iter_file(path: Path, fmt: str, field_name: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if fmt == "txt":
+        return _iter_txt(path)
+    if fmt == "jsonl":
+        return _iter_jsonl(path, field_name)
+    if fmt in ("csv", "tsv"):
+        return _iter_csv(path, column, "\t" if fmt == "tsv" else ",")
+    if fmt == "coco":
+        return _iter_coco(path)
+    raise InputError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+
+
+class _Collector:
+    """Normalise, skip empties, optionally de-duplicate, and count."""
+
+    def __init__(self, dedupe: bool):
+        self.dedupe = dedupe
+        self.seen: set[str] = set()
+        self.captions: list[str] = []
+        self.meta: list[dict[str, Any]] = []
+        self.stats = CorpusStats()
+
+    def add(self, raw: str, meta: dict[str, Any]) -> None:
+        self.stats.read += 1
+        text = normalize_caption(raw)
+        if not text:
+            self.stats.empty_skipped += 1
+            return
+        if self.dedupe:
+            if text in self.seen:
+                self.stats.duplicates_removed += 1
+                return
+            self.seen.add(text)
+        self.captions.append(text)
+        self.meta.append(meta)
+
+
+def read_corpus(paths: PathLike | Sequence[PathLike], *, format: str = "auto", field: str = "caption",
+                column: str = "caption", dedupe: bool = False) -> Corpus:
+    """Read one or several caption files into a :class:`Corpus` (see the module docstring).
+
+    ``format`` (``auto`` or one of :data:`FORMATS`) applies to every file; ``auto`` picks each file's
+    format from its extension. ``field`` is the JSONL field and ``column`` the CSV/TSV column holding
+    the caption. With several files, ``dedupe`` works across them.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("no corpus files given")
+    if format != "auto" and format not in FORMATS:
+        raise InputError(f"unknown corpus format {format!r}; use one of auto, {', '.join(FORMATS)}")
+    formats = []
+    for p in paths:
+        if not p.exists():
+            raise InputError(f"{p}: no such corpus file")
+        if not p.is_file():
+            raise InputError(f"{p}: not a file (a corpus is a .txt/.jsonl/.csv/.tsv/COCO .json file)")
+        formats.append(detect_format(p) if format == "auto" else format)
+
+    collector = _Collector(dedupe)
+    digests = []
+    for p, fmt in zip(paths, formats):
+        digests.append(_check_utf8(p))
+        before = collector.stats.read
+        for raw, meta in _iter_file(p, fmt, field, column):
+            if len(paths) > 1:
+                meta["source"] = str(p)
+            collector.add(raw, meta)
+        logger.debug("read %d captions from %s (%s)", collector.stats.read - before, p, fmt)
+
+    if len(paths) == 1:
+        sha = digests[0]
+    else:
+        sha = hashlib.sha256("".join(digests).encode()).hexdigest()  # == capdec.utils.sha256_files
+    options = {"field": field, "column": column, "dedupe": dedupe}
+    corpus = Corpus(collector.captions, collector.meta, collector.stats, paths=[str(p.resolve()) for p in paths],
+                    sha256=sha, format=formats[0] if len(set(formats)) == 1 else formats, options=options)
+    _log_summary(corpus, ", ".join(map(str, paths)))
+    return corpus
+
+
+def captions_from_list(captions: Sequence[str], *, meta: Sequence[dict[str, Any]] | None = None,
+                       dedupe: bool = False) -> Corpus:
+    """An in-memory :class:`Corpus`, cleaned exactly like a file (normalised, empties skipped)."""
+    if isinstance(captions, str):
+        raise TypeError("captions_from_list takes a list of strings, not a single string")
+    if meta is not None and len(meta) != len(captions):
+        raise InputError(f"meta has {len(meta)} entries for {len(captions)} captions")
+    collector = _Collector(dedupe)
+    for i, text in enumerate(captions):
+        if not isinstance(text, str):
+            raise InputError(f"caption {i} is a {type(text).__name__}, expected a string")
+        collector.add(text, dict(meta[i]) if meta is not None else {"index": i})
+    digest = hashlib.sha256(json.dumps(list(captions), ensure_ascii=False).encode("utf-8")).hexdigest()
+    corpus = Corpus(collector.captions, collector.meta, collector.stats, paths=[], sha256=digest,
+                    format="memory", options={"dedupe": dedupe})
+    _log_summary(corpus, "memory")
+    return corpus
+
+
+def _log_summary(corpus: Corpus, where: str) -> None:
+    s = corpus.stats
+    logger.info("corpus %s: %d captions (%d read, %d empty skipped, %d duplicates removed)",
+                where, len(corpus), s.read, s.empty_skipped, s.duplicates_removed)
+    if not corpus.captions:
+        logger.warning("corpus %s has no captions", where)

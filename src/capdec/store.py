@@ -1,0 +1,480 @@
+"""The embedding store: a corpus's normalised CLIP text embeddings on disk.
+
+A store is a directory::
+
+    STORE/
+      meta.json         format "capdec.embeddings/1", encoder spec + identity, dim, count, dtype,
+                        corpus provenance (paths, sha256, reader options), stats, capdec version
+      embeddings.npy    (count, dim) float16 or float32, L2-normalised rows
+      captions.jsonl    one {"caption": ..., **metadata} per row, aligned with embeddings.npy
+
+:func:`embed_corpus` builds one. Work goes to a hidden sibling ``.STORE.partial/`` in shards of
+``shard_size`` captions, each written atomically, so an interrupted run resumes where it stopped;
+the finished store is assembled under a temporary name and renamed, so ``STORE`` is either absent, the
+old store, or the complete new one — never half-written.
+
+:class:`EmbeddingStore` reads one back (``EmbeddingStore.open(path)``); :func:`write_store` and
+:meth:`EmbeddingStore.from_arrays` cover code that already has embeddings in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capdec.corpus import Corpus, captions_sha256, read_corpus
+from capdec.encoders.base import EncoderError, check_identity
+from capdec.errors import InputError
+from capdec.utils import atomic_dir, progress, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "capdec.embeddings/1"
+_PARTIAL_FORMAT = "capdec.embeddings.partial/1"
+DTYPES = ("float16", "float32")
+META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
+# rows whose norm is further than this from 1 mean the caller forgot to normalise (fp16 is ~1e-3 off)
+_NORM_TOLERANCE = 1e-2
+
+
+@dataclass
+class EmbedRun:
+    """What one :func:`embed_corpus` call did (attached to the store it returns as ``.embed_run``)."""
+
+    encoded: int  # captions encoded by this call
+    resumed: int  # captions taken from shards of an earlier, interrupted run
+    up_to_date: bool  # the store already existed for this corpus + encoder; nothing was done
+    seconds: float
+
+
+class EmbeddingStore:
+    """Embeddings + captions + metadata; from disk (:meth:`open`) or memory (:meth:`from_arrays`)."""
+
+    def __init__(self, meta: dict[str, Any], embeddings: np.ndarray, *, path: Path | None = None,
+                 records: list[dict[str, Any]] | None = None):
+        self.meta = meta
+        self.embeddings = embeddings  # (count, dim); a read-only memory map when opened from disk
+        self.path = path
+        self._records = records
+        self.embed_run: EmbedRun | None = None
+
+    # -- reading --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, mmap: bool = True) -> EmbeddingStore:
+        """Open a store directory; ``mmap=False`` reads the embeddings into memory."""
+        path = Path(path)
+        partial = path.parent / f".{path.name}.partial"
+        hint = f" (an unfinished run left {partial}; rerun 'capdec embed' to resume it)" if partial.exists() else ""
+        if not path.is_dir():
+            raise InputError(f"{path}: no such embedding store (a directory made by 'capdec embed'){hint}")
+        if not (path / META).is_file():
+            raise InputError(f"{path}: not an embedding store, no {META}{hint}; create one with 'capdec embed'")
+        try:
+            meta = read_json(path / META)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path / META}: not valid JSON ({e}); the store is damaged, re-create it") from e
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        if fmt != FORMAT:
+            if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
+                raise InputError(f"{path}: embedding store format {fmt!r} is not supported by this capdec "
+                                 f"(it reads {FORMAT!r}); upgrade capdec or re-create the store")
+            raise InputError(f"{path / META}: not an embedding store meta file (format {fmt!r}, "
+                             f"expected {FORMAT!r})")
+        missing = [k for k in ("encoder", "encoder_identity", "dim", "count") if k not in meta]
+        if missing:
+            raise InputError(f"{path / META}: incomplete, missing {', '.join(missing)}; re-create the store")
+        for name in (EMBEDDINGS, CAPTIONS):
+            if not (path / name).is_file():
+                raise InputError(f"{path}: incomplete embedding store, {name} is missing; re-create it "
+                                 f"with 'capdec embed --overwrite'")
+        try:
+            embeddings = np.load(path / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"{path / EMBEDDINGS}: cannot be read as a .npy array ({e}); re-create the store") from e
+        expected = (int(meta["count"]), int(meta["dim"]))
+        if embeddings.shape != expected:
+            raise InputError(f"{path / EMBEDDINGS}: shape {embeddings.shape} but {META} says {expected}; "
+                             f"the store is damaged, re-create it")
+        return cls(meta, embeddings, path=path)
+
+    @classmethod
+    def from_arrays(cls, captions: Sequence[str] | Corpus, embeddings: np.ndarray | torch.Tensor, *,
+                    encoder: Any = None, encoder_spec: dict[str, Any] | None = None,
+                    encoder_identity: dict[str, Any] | None = None,
+                    records: Sequence[dict[str, Any]] | None = None,
+                    stats: dict[str, Any] | None = None) -> EmbeddingStore:
+        """An in-memory store for embeddings computed elsewhere (rows must be L2-normalised).
+
+        Give either ``encoder`` (an :class:`~capdec.encoders.Encoder`) or its ``encoder_spec`` and
+        ``encoder_identity``. ``captions`` may be a :class:`Corpus`, whose metadata and provenance are
+        kept; ``records`` are extra per-row metadata for a plain list. ``stats`` defaults to the
+        corpus's counts plus ``truncated`` (asked of ``encoder``; None when only a spec is given).
+        """
+        if encoder is not None:
+            encoder_spec, encoder_identity = encoder.spec, encoder.identity
+        if encoder_spec is None or encoder_identity is None:
+            raise TypeError("from_arrays needs encoder=, or both encoder_spec= and encoder_identity=")
+        if isinstance(captions, Corpus):
+            if records is not None:
+                raise TypeError("records= is taken from the Corpus; do not pass both")
+            caption_list, records, corpus_info = captions.captions, captions.meta, captions.describe()
+            stats = stats if stats is not None else captions.stats.as_dict()
+        else:
+            caption_list = list(captions)
+            corpus_info = {"paths": [], "captions_sha256": captions_sha256(caption_list), "format": "memory"}
+            stats = stats if stats is not None else {"read": len(caption_list), "empty_skipped": 0,
+                                                     "duplicates_removed": 0}
+        if "truncated" not in stats:  # None: no encoder to ask
+            stats = {**stats, "truncated": int(encoder.count_truncated(caption_list)) if encoder is not None else None}
+        if not all(isinstance(c, str) for c in caption_list):
+            raise InputError("captions must be strings")
+        if records is not None and len(records) != len(caption_list):
+            raise InputError(f"{len(records)} records for {len(caption_list)} captions")
+        if isinstance(embeddings, torch.Tensor):
+            embeddings = embeddings.detach().cpu().float().numpy()
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(caption_list):
+            raise InputError(f"embeddings of shape {tuple(embeddings.shape)} do not match "
+                             f"{len(caption_list)} captions; expected ({len(caption_list)}, dim)")
+        if embeddings.dtype not in (np.float16, np.float32):
+            embeddings = embeddings.astype(np.float32)
+        _check_rows(embeddings, "embeddings")
+        rows = [{"caption": c, **{k: v for k, v in (records[i] if records is not None else {}).items()
+                                  if k != "caption"}}
+                for i, c in enumerate(caption_list)]
+        meta = _make_meta(encoder_spec, encoder_identity, embeddings.shape, str(embeddings.dtype),
+                          corpus_info, stats)
+        return cls(meta, embeddings, records=rows)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """One dict per row: ``{"caption": ..., **metadata}`` (loaded on first use)."""
+        if self._records is None:
+            self._records = _read_records(self.path / CAPTIONS, len(self))
+        return self._records
+
+    @property
+    def captions(self) -> list[str]:
+        return [r["caption"] for r in self.records]
+
+    @property
+    def encoder_spec(self) -> dict[str, Any]:
+        return self.meta["encoder"]
+
+    @property
+    def encoder_identity(self) -> dict[str, Any]:
+        return self.meta["encoder_identity"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self.meta.get("dtype", self.embeddings.dtype))
+
+    def __len__(self) -> int:
+        return int(self.meta["count"])
+
+    def tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All embeddings as a (count, dim) CPU tensor (a copy, safe to modify)."""
+        return torch.from_numpy(np.array(self.embeddings, dtype=np.float32)).to(dtype)
+
+    def check_encoder(self, encoder: Any) -> None:
+        """Raise :class:`~capdec.encoders.EncoderMismatchError` unless ``encoder`` made these embeddings."""
+        check_identity(self.encoder_identity, encoder.identity, what=f"embedding store {self.path or '(memory)'}")
+
+    # -- writing --------------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike, *, dtype: str | None = None, overwrite: bool = False) -> EmbeddingStore:
+        """Write this store to ``out_dir`` atomically and return the store opened from there."""
+        dtype = dtype or self.dtype
+        _check_dtype(dtype)
+        out_dir = Path(out_dir)
+        replace = _check_target(out_dir, overwrite=overwrite, what=None)
+        meta = {**self.meta, "dtype": dtype}
+        with atomic_dir(out_dir, overwrite=replace) as tmp:
+            arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=self.embeddings.shape)
+            for lo in range(0, len(self), 65536):
+                arr[lo : lo + 65536] = self.embeddings[lo : lo + 65536]
+            arr.flush()
+            del arr
+            _write_records(tmp / CAPTIONS, self.records)
+            write_json(tmp / META, meta)  # last: its presence marks a complete store
+        return EmbeddingStore.open(out_dir)
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingStore({str(self.path) if self.path else 'memory'}, count={len(self)}, dim={self.dim}, "
+                f"dtype={self.dtype}, encoder={self.encoder_spec})")
+
+
+def write_store(out_dir: str | os.PathLike, captions: Sequence[str] | Corpus, embeddings: np.ndarray | torch.Tensor,
+                encoder: Any, *, records: Sequence[dict[str, Any]] | None = None, dtype: str = "float16",
+                stats: dict[str, Any] | None = None, overwrite: bool = False) -> EmbeddingStore:
+    """Write embeddings computed elsewhere as a store (see :meth:`EmbeddingStore.from_arrays`)."""
+    store = EmbeddingStore.from_arrays(captions, embeddings, encoder=encoder, records=records, stats=stats)
+    return store.save(out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.PathLike],
+                 out_dir: str | os.PathLike, encoder: Any, *, dtype: str = "float16", batch_size: int = 256,
+                 shard_size: int = 4096, overwrite: bool = False, show_progress: bool | None = None,
+                 **reader_opts: Any) -> EmbeddingStore:
+    """Embed a corpus with ``encoder`` into the store ``out_dir``; resumable and atomic.
+
+    ``corpus_or_path`` is a :class:`Corpus` or one or several corpus files, read with
+    :func:`capdec.corpus.read_corpus` and ``reader_opts`` (``format``, ``field``, ``column``,
+    ``dedupe``). If ``out_dir`` already holds a store for the same captions, encoder and dtype, nothing
+    is done; a store made from anything else is an error unless ``overwrite=True`` (the old store stays
+    in place until the new one is complete).
+    """
+    start = time.perf_counter()
+    _check_dtype(dtype)
+    if batch_size < 1 or shard_size < 1:
+        raise InputError(f"batch_size and shard_size must be positive (got {batch_size}, {shard_size})")
+    if isinstance(corpus_or_path, Corpus):
+        if reader_opts:
+            raise TypeError(f"reader options {sorted(reader_opts)} only apply when reading files")
+        corpus = corpus_or_path
+    elif isinstance(corpus_or_path, (list, tuple)) and corpus_or_path and not all(
+            isinstance(p, (str, os.PathLike)) for p in corpus_or_path):
+        raise TypeError("corpus_or_path must be a Corpus or corpus file path(s); for captions in memory "
+                        "use capdec.corpus.captions_from_list")
+    else:
+        corpus = read_corpus(corpus_or_path, **reader_opts)
+    where = ", ".join(corpus.paths) or "the in-memory corpus"
+    if not corpus.captions:
+        raise InputError(f"no captions to embed in {where} ({corpus.stats.read} read, "
+                         f"{corpus.stats.empty_skipped} empty)")
+
+    out_dir = Path(out_dir)
+    identity = _jsonable(encoder.identity)  # compared with what JSON files recorded
+    wanted = {"captions_sha256": corpus.captions_sha256, "encoder_identity": identity, "dtype": dtype}
+    replace = _check_target(out_dir, overwrite=overwrite, what=wanted)
+    if replace is None:  # already up to date
+        store = EmbeddingStore.open(out_dir)
+        logger.info("%s is up to date (%d captions, same corpus and encoder); nothing to do", out_dir, len(store))
+        store.embed_run = EmbedRun(encoded=0, resumed=0, up_to_date=True, seconds=time.perf_counter() - start)
+        return store
+
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    manifest = {"format": _PARTIAL_FORMAT, "captions_sha256": corpus.captions_sha256,
+                "encoder_identity": identity, "count": len(corpus), "dim": int(encoder.dim),
+                "shard_size": shard_size}
+    _prepare_partial(partial, manifest)
+
+    n = len(corpus)
+    shards = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+    done = {i for i, (lo, hi) in enumerate(shards) if _load_shard(partial, i, hi - lo, encoder.dim) is not None}
+    resumed = sum(shards[i][1] - shards[i][0] for i in done)
+    if done:
+        logger.info("resuming %s: %d of %d shards (%d captions) already embedded", out_dir, len(done),
+                    len(shards), resumed)
+    encoded = 0
+    with progress(total=n, initial=resumed, desc="embed", unit="caption", show=show_progress) as bar:
+        for i, (lo, hi) in enumerate(shards):
+            if i in done:
+                continue
+            texts = corpus.captions[lo:hi]
+            parts = []
+            for b in range(0, len(texts), batch_size):  # batches start at the shard start: resume-stable
+                batch = texts[b : b + batch_size]
+                emb = encoder.encode_text(batch, batch_size=batch_size)
+                parts.append(np.asarray(emb.detach().cpu().float().numpy(), dtype=np.float32))
+                encoded += len(batch)
+                bar.update(len(batch))
+            shard = np.concatenate(parts)
+            if shard.shape != (hi - lo, encoder.dim):
+                raise EncoderError(f"encoder returned shape {shard.shape} for {hi - lo} captions, expected "
+                                   f"({hi - lo}, {encoder.dim})")
+            if not np.isfinite(shard).all():
+                bad = lo + int(np.nonzero(~np.isfinite(shard).all(axis=1))[0][0])
+                raise EncoderError(f"encoder returned non-finite values for caption {bad} "
+                                   f"({corpus.captions[bad][:80]!r}); try --precision fp32")
+            _save_shard(partial, i, shard, truncated=int(encoder.count_truncated(texts)))
+
+    truncated = sum(_shard_truncated(partial, i) for i in range(len(shards)))
+    if truncated:
+        logger.warning("%d of %d captions were longer than the encoder's context (%s tokens) and were "
+                       "truncated by its tokenizer", truncated, n, getattr(encoder, "context_length", "?"))
+    meta = _make_meta(encoder.spec, encoder.identity, (n, int(encoder.dim)), dtype, corpus.describe(),
+                      {**corpus.stats.as_dict(), "truncated": truncated})
+    with atomic_dir(out_dir, overwrite=replace) as tmp:
+        arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
+        for i, (lo, hi) in enumerate(shards):
+            arr[lo:hi] = _load_shard(partial, i, hi - lo, encoder.dim)
+        arr.flush()
+        del arr
+        _write_records(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
+        write_json(tmp / META, meta)  # last: its presence marks a complete store
+    shutil.rmtree(partial, ignore_errors=True)
+
+    seconds = time.perf_counter() - start
+    logger.info("embedded %d captions into %s in %.1f s (%d resumed, %d truncated)", n, out_dir, seconds,
+                resumed, truncated)
+    store = EmbeddingStore.open(out_dir)
+    store.embed_run = EmbedRun(encoded=encoded, resumed=resumed, up_to_date=False, seconds=seconds)
+    return store
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparing with recorded metadata."""
+    return json.loads(json.dumps(obj))
+
+
+def _make_meta(spec: dict[str, Any], identity: dict[str, Any], shape: tuple[int, ...], dtype: str,
+               corpus: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    from capdec import __version__
+
+    return {
+        "format": FORMAT,
+        "encoder": spec,
+        "encoder_identity": identity,
+        "dim": int(shape[1]),
+        "count": int(shape[0]),
+        "normalized": True,
+        "dtype": dtype,
+        "corpus": corpus,
+        "stats": stats,
+        "capdec_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InputError(f"unknown store dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+def _check_rows(embeddings: np.ndarray, what: str) -> None:
+    if embeddings.size == 0:
+        return
+    norms = np.linalg.norm(embeddings.astype(np.float32), axis=1)
+    if not np.isfinite(norms).all():
+        raise InputError(f"{what} contain NaN or infinite values")
+    if np.abs(norms - 1).max() > _NORM_TOLERANCE:
+        raise InputError(f"{what} are not L2-normalised (row norms from {norms.min():.3f} to {norms.max():.3f}); "
+                         f"normalise them first (torch.nn.functional.normalize(x, dim=-1))")
+
+
+def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None) -> bool | None:
+    """Decide what to do with an existing ``out_dir``.
+
+    Returns False (nothing there, build it), True (replace an old store / empty dir) or None (a
+    store matching ``what`` exists: nothing to do). Refuses anything that is not a store.
+    """
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a directory; choose another output path")
+    if not any(out_dir.iterdir()):
+        return True
+    try:
+        existing = EmbeddingStore.open(out_dir)
+    except InputError as e:
+        # never delete a directory we did not make, even with overwrite
+        raise InputError(f"{out_dir} exists and is not a complete embedding store ({e}); choose another "
+                         f"output path or remove it yourself") from e
+    if overwrite:
+        return True
+    if what is not None:
+        diffs = []
+        if existing.meta.get("corpus", {}).get("captions_sha256") != what["captions_sha256"]:
+            diffs.append("a different corpus (or reader options)")
+        if existing.encoder_identity != what["encoder_identity"]:
+            diffs.append(f"a different encoder ({existing.encoder_spec})")
+        if existing.dtype != what["dtype"]:
+            diffs.append(f"dtype {existing.dtype} (asked for {what['dtype']})")
+        if not diffs:
+            return None
+        raise InputError(f"{out_dir} already holds an embedding store made from {' and '.join(diffs)}; "
+                         f"pass overwrite=True (--overwrite) to replace it, or choose another output path")
+    raise InputError(f"{out_dir} already holds an embedding store; pass overwrite=True (--overwrite) to replace it")
+
+
+def _prepare_partial(partial: Path, manifest: dict[str, Any]) -> None:
+    if partial.exists():
+        try:
+            old = read_json(partial / "manifest.json")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old == manifest:
+            return
+        logger.warning("%s is left from an unfinished run with a different corpus, encoder or shard size; "
+                       "starting over", partial)
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    write_json(partial / "manifest.json", manifest)
+
+
+def _shard_path(partial: Path, i: int) -> Path:
+    return partial / f"shard-{i:06d}.npy"
+
+
+def _save_shard(partial: Path, i: int, shard: np.ndarray, *, truncated: int) -> None:
+    # the sidecar first, the array last: an existing .npy means a complete shard
+    write_json(partial / f"shard-{i:06d}.json", {"count": int(shard.shape[0]), "truncated": truncated})
+    path = _shard_path(partial, i)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, shard, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None:
+    path = _shard_path(partial, i)
+    if not path.is_file() or not (partial / f"shard-{i:06d}.json").is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        logger.warning("unreadable shard %s (%s); recomputing it", path, e)
+        return None
+    if arr.shape != (rows, dim) or arr.dtype != np.float32:
+        logger.warning("shard %s has shape %s %s, expected (%d, %d) float32; recomputing it",
+                       path, arr.shape, arr.dtype, rows, dim)
+        return None
+    return arr
+
+
+def _shard_truncated(partial: Path, i: int) -> int:
+    return int(read_json(partial / f"shard-{i:06d}.json")["truncated"])
+
+
+def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False))
+            f.write("\n")
+
+
+def _read_records(path: Path, count: int) -> list[dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); the store is damaged, re-create it") from e
+            if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+                raise InputError(f"{path}:{lineno}: expected an object with a 'caption' string")
+            records.append(record)
+    if len(records) != count:
+        raise InputError(f"{path}: {len(records)} captions but the store holds {count} embeddings; "
+                         f"the store is damaged, re-create it")
+    return records
+
+
+__all__ = ["DTYPES", "FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus", "write_store"]
