@@ -7,6 +7,8 @@ Layout::
       model.safetensors    mapper + LM weights (shared tensors handled by safetensors.torch.save_model)
       tokenizer/           the LM tokenizer (save_pretrained)
       metrics.jsonl        the training log (one JSON row per logged step)
+      memory/              optional: the training captions' embeddings (capdec.memory.TextMemory), needed
+                           by retrieval-augmented models and used by --project
       training/            only while resumable: optimizer.pt (torch.save of tensors, loaded with
                            weights_only=True), state.json (step counters, RNG-free: see capdec.train)
 
@@ -17,6 +19,7 @@ No pickle anywhere.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -45,6 +48,9 @@ class InferenceConfig:
     normalize: bool = True  # L2-normalise image embeddings (as the training text embeddings were)
     shift: list[float] | None = field(default=None, repr=False)  # added after normalising, then renormalised
     image_mean: list[float] | None = field(default=None, repr=False)  # subtracted first (C3 centering)
+    project: bool = False  # DeCap: replace the embedding by a softmax-weighted mix of the text memory
+    tau: float = 0.01  # projection temperature
+    project_k: int | None = None  # projection over the top-k memory items only (None: exact, all items)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,22 +90,71 @@ class Checkpoint:
     def inference(self) -> InferenceConfig:
         return InferenceConfig.from_dict(self.config.get("inference"))
 
+    def load_memory(self, path: str | os.PathLike | None = None):
+        """The text memory saved in the checkpoint (or the store/memory directory ``path``), or None."""
+        from capdec.memory import TextMemory
+
+        where = Path(path) if path is not None else self.path / "memory"
+        if path is None and not where.is_dir():
+            return None
+        memory = TextMemory.load(where)
+        check_identity(self.encoder_identity, memory.encoder_identity or {}, what=f"memory {where}")
+        return memory
+
     def check_encoder(self, identity: dict[str, Any]) -> None:
         check_identity(self.encoder_identity, identity, what=f"checkpoint {self.path}")
 
-    def prepare_image_embeddings(self, v: torch.Tensor, **overrides: Any) -> torch.Tensor:
-        """Apply the recorded inference config (fields overridable by keyword) to (b, d) embeddings."""
+    def inference_config(self, **overrides: Any) -> InferenceConfig:
+        """The recorded inference config with ``overrides`` (None values keep the recorded ones)."""
         cfg = self.inference
         for k, val in overrides.items():
             if not hasattr(cfg, k):
                 raise InputError(f"unknown inference option {k!r}")
-            setattr(cfg, k, val)
+            if val is not None:
+                setattr(cfg, k, val)
+        return cfg
+
+    def prepare_image_embeddings(self, v: torch.Tensor, *, memory: Any = None, **overrides: Any) -> torch.Tensor:
+        """Image embeddings (b, d) -> the decoder's query: centre/normalise/shift, then project if asked."""
+        cfg = self.inference_config(**overrides)
         vec = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
         if v.shape[-1] != self.model_config.embed_dim:
             raise InputError(f"embeddings have dimension {v.shape[-1]}, the checkpoint expects "
                              f"{self.model_config.embed_dim}")
-        return shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean),
-                                normalize_output=cfg.normalize)
+        if self.noise.center and cfg.image_mean is None:
+            raise InputError("this checkpoint was trained with --center: give the image mean "
+                             "(--image-mean FILE, e.g. a calibrate noise.json) so images are centred too")
+        q = shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean),
+                             normalize_output=cfg.normalize)
+        if cfg.project:
+            if memory is None:
+                raise InputError("projection needs a text memory: train with --save-memory or give --memory")
+            q = memory.project(q, tau=cfg.tau, k=cfg.project_k)
+        return q
+
+    def prefix_for_images(self, v: torch.Tensor, *, memory: Any = None, **overrides: Any) -> torch.Tensor:
+        """Image embeddings (b, d) -> the LM prefix (b, L', h), applying every recorded inference option.
+
+        ``memory`` (a TextMemory) is needed for projection and retrieval-augmented models; when None,
+        the checkpoint's own memory is used if it has one.
+        """
+        if memory is None and (self.model_config.retrieval_k or self.inference_config(**overrides).project):
+            memory = self.memory
+        q = self.prepare_image_embeddings(v, memory=memory, **overrides)
+        extra: dict[str, torch.Tensor] = {}
+        if self.model_config.retrieval_k:
+            if memory is None:
+                raise InputError(f"{self.path} is retrieval-augmented but has no memory/; give --memory")
+            from capdec.retrieval import RetrievalContext
+
+            extra = RetrievalContext(memory, self.model)(q)
+        with torch.inference_mode():
+            return self.model.prefix(q, **extra)
+
+    @functools.cached_property
+    def memory(self):
+        """The checkpoint's saved text memory (loaded once), or None."""
+        return self.load_memory()
 
 
 def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec: dict[str, Any],
@@ -107,7 +162,7 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
                     inference: InferenceConfig | None = None, extra: dict[str, Any] | None = None,
                     training_state: dict[str, Any] | None = None,
                     optimizer_state: dict[str, Any] | None = None,
-                    files: dict[str, str] | None = None) -> Path:
+                    files: dict[str, str] | None = None, memory: Any = None) -> Path:
     """Write a checkpoint directory atomically (replacing an older one at ``path``)."""
     from safetensors.torch import save_model
 
@@ -129,6 +184,8 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
         model.tokenizer.save_pretrained(tmp / "tokenizer")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        if memory is not None:
+            memory.save(tmp / "memory")
         if training_state is not None:
             (tmp / "training").mkdir()
             write_json(tmp / "training" / "state.json", training_state)

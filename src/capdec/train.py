@@ -56,6 +56,7 @@ class TrainConfig:
     save_every: int | None = None  # checkpoint every N steps (None: each epoch)
     log_every: int = 20  # write a metrics.jsonl row every N steps
     seed: int = 0  # seeds data order, noise, dropout and model init
+    save_memory: bool = False  # keep the training captions' embeddings in the checkpoint (for --project at caption time)
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda:1", ...
 
     def __post_init__(self) -> None:
@@ -223,6 +224,17 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
         model = build_model(model_config, captions=[data.captions[i] for i in train_idx.tolist()])
     model.to(device).train()
 
+    memory, retrieval = None, None
+    if model.config.retrieval_k or config.save_memory:
+        from capdec.memory import TextMemory
+        from capdec.retrieval import RetrievalContext
+
+        memory = TextMemory(normalize(data.embeddings[train_idx].float()).to(data.embeddings.dtype),
+                            captions=[data.captions[i] for i in train_idx.tolist()],
+                            encoder_identity=data.encoder_identity)
+        if model.config.retrieval_k:
+            retrieval = RetrievalContext(memory, model)
+
     if noise.center and noise.text_mean is None:
         noise.text_mean = normalize(data.embeddings[train_idx].float()).mean(0).tolist()
 
@@ -277,7 +289,7 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss = _train_step(model, optimizer, scaler, autocast, data.embeddings, input_ids, attn, idx,
-                               noise, config, step, device)
+                               noise, config, step, device, retrieval=retrieval, train_idx=train_idx)
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"the training loss became {loss} at step {step + 1}; stopped. The last good checkpoint "
@@ -295,7 +307,8 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
                            samples_per_s=run_n * config.batch_size / max(elapsed, 1e-9))
                 run_loss, run_n, t_log = 0.0, 0, time.time()
             if len(val_idx) and (step % eval_every == 0 or step == total):
-                val_loss = evaluate_loss(model, data.embeddings, input_ids, attn, val_idx, noise, config, device)
+                val_loss = evaluate_loss(model, data.embeddings, input_ids, attn, val_idx, noise, config, device,
+                                         retrieval=retrieval)
                 row.update(step=step, epoch=step / steps_per_epoch, val_loss=val_loss)
                 logger.info("step %d: train loss %.4f, val loss %.4f", step, last_loss, val_loss)
             if row:
@@ -306,7 +319,7 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
                 save_checkpoint(out_dir, model, training_state=state,
                                 optimizer_state={"optimizer": optimizer.state_dict(),
                                                  "scaler": scaler.state_dict() if scaler else None},
-                                files={"metrics.jsonl": log.text()}, **save_kw)
+                                files={"metrics.jsonl": log.text()}, memory=memory, **save_kw)
                 log.live = True
     finally:
         bar.close()
@@ -314,14 +327,17 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
 
 
 def _train_step(model: CapDecModel, optimizer, scaler, autocast, embeddings, input_ids, attn, idx, noise: NoiseConfig,
-                config: TrainConfig, step: int, device: torch.device) -> float:
+                config: TrainConfig, step: int, device: torch.device, *, retrieval=None,
+                train_idx: torch.Tensor | None = None) -> float:
     ids, mask = _batch_tokens(input_ids, attn, idx, device)
     emb = embeddings[idx].to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, stream=3))
     emb = add_noise(emb, noise, generator=gen)
+    # retrieval uses the noised query (as an image would be) and never returns the caption itself
+    extra = retrieval(emb, exclude=torch.searchsorted(train_idx, idx)) if retrieval is not None else {}
     torch.manual_seed(step_seed(config.seed, step, stream=4))  # dropout
     with autocast:
-        loss = model(emb, ids, mask)
+        loss = model(emb, ids, mask, **extra)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -346,7 +362,8 @@ def _batch_tokens(input_ids: torch.Tensor, attn: torch.Tensor, idx: torch.Tensor
 
 @torch.no_grad()
 def evaluate_loss(model: CapDecModel, embeddings: torch.Tensor, input_ids: torch.Tensor, attn: torch.Tensor,
-                  idx: torch.Tensor, noise: NoiseConfig, config: TrainConfig, device: torch.device) -> float:
+                  idx: torch.Tensor, noise: NoiseConfig, config: TrainConfig, device: torch.device, *,
+                  retrieval=None) -> float:
     """Mean caption loss from *clean* embeddings (the noise-free text embedding, as an image would be)."""
     was_training = model.training
     model.eval()
@@ -357,7 +374,8 @@ def evaluate_loss(model: CapDecModel, embeddings: torch.Tensor, input_ids: torch
         ids, mask = _batch_tokens(input_ids, attn, b, device)
         emb = add_noise(embeddings[b].to(device=device, dtype=torch.float32), clean)
         n_tok = int(mask.sum())
-        total += float(model(emb, ids, mask)) * n_tok
+        extra = retrieval(emb) if retrieval is not None else {}
+        total += float(model(emb, ids, mask, **extra)) * n_tok
         count += n_tok
     model.train(was_training)
     return total / max(1, count)

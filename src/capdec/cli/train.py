@@ -24,6 +24,7 @@ _MODEL_FLAGS = {
     "mapper_depth": "mapper_depth", "mapper_heads": "mapper_heads", "lm": "lm", "freeze_lm": "freeze_lm",
     "max_length": "max_length", "lm_dim": "lm_dim", "lm_depth": "lm_depth", "lm_heads": "lm_heads",
     "vocab_size": "vocab_size", "lowercase": "lowercase", "dropout": "dropout",
+    "retrieval_k": "retrieval_k", "entity_slots": "entity_slots", "entity_min_count": "entity_min_count",
 }
 
 
@@ -72,12 +73,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lowercase text for the scratch tokenizer (default on)")
     g.add_argument("--dropout", type=float, default=None, help="scratch LM dropout (default 0.1)")
 
+    g = p.add_argument_group("closing the modality gap further (recorded; 'capdec caption' can override)")
+    g.add_argument("--retrieval-k", type=int, default=None,
+                   help="IFCap: fuse the k nearest training captions (of the noised query) with the query through "
+                        "cross-attention before the mapper (default 0 = off); the memory is kept in the checkpoint")
+    g.add_argument("--entity-slots", type=int, default=None,
+                   help="IFCap entity filtering: up to N words frequent among the retrieved captions become extra "
+                        "prefix vectors the decoder can copy (needs --retrieval-k; default 0)")
+    g.add_argument("--entity-min-count", type=int, default=None,
+                   help="a word must occur in at least this many retrieved captions to be an entity (default 2)")
+    g.add_argument("--save-memory", action="store_true",
+                   help="keep the training captions' embeddings in the checkpoint (for --project)")
+    g.add_argument("--project", action="store_true",
+                   help="DeCap: at caption time, replace image embeddings by their softmax-weighted projection onto "
+                        "the text memory (implies --save-memory)")
+    g.add_argument("--tau", type=float, default=0.01, help="projection temperature")
+    g.add_argument("--project-k", type=int, default=None, help="project over the top-k memory items only "
+                                                               "(default: all, exact)")
+    g.add_argument("--image-mean", metavar="FILE",
+                   help="C3: mean image embedding subtracted at caption time (.npy, JSON list, or a calibrate "
+                        "noise.json's image_mean); use with --center")
+
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--epochs", type=int, default=10, help="passes over the training captions")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N steps (a fixed budget)")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="captions per step")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 pretrained LM, 5e-4 scratch)")
-    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps, at most 5000")
     g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
@@ -87,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: each epoch)")
     g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: each epoch)")
     g.add_argument("--log-every", type=int, default=20, help="metrics.jsonl row every N steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, dropout and initialisation")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
 
 
@@ -111,6 +133,7 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from capdec.checkpoint import InferenceConfig
     from capdec.errors import InputError
     from capdec.model import ModelConfig
     from capdec.noise import PAPER_VARIANCE, NoiseConfig
@@ -138,17 +161,51 @@ def run(args: argparse.Namespace) -> int:
     noise = NoiseConfig(variance=PAPER_VARIANCE if variance is None else variance,
                         distribution=args.noise_distribution, center=args.center, offset=offset, source=source)
 
+    _check_combinations(args)
+    inference = InferenceConfig(project=args.project, tau=args.tau, project_k=args.project_k)
+    if args.image_mean:
+        from capdec.caption import read_vector
+
+        inference.image_mean = read_vector(args.image_mean, keys=("image_mean",))
+
     given = {f: getattr(args, a) for a, f in _MODEL_FLAGS.items() if getattr(args, a) is not None}
     model_config = ModelConfig(**given) if (given or not args.init_from) else None
+    args.save_memory = args.save_memory or args.project
     train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                                   if hasattr(args, f.name) and f.name != "val_max"})
     result = train(args.stores, args.out, model_config=model_config, noise=noise, config=train_config,
                    encoder=args.encoder, init_from=args.init_from, resume=args.resume,
-                   mix_weights=args.mix_weights, overwrite=args.overwrite)
+                   mix_weights=args.mix_weights, inference=inference, overwrite=args.overwrite)
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: train loss {result.train_loss:.4f}{val}; "
           f"checkpoint: {result.path}")
     return 0
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    """Refuse option combinations that cannot work together, saying why."""
+    from capdec.errors import InputError
+
+    if args.entity_slots and not args.retrieval_k:
+        raise InputError("--entity-slots needs --retrieval-k: entities are words of the retrieved captions")
+    if args.center and args.use_offset:
+        raise InputError("--center and --use-offset cannot be combined: centering removes the modality offset "
+                         "that --use-offset would add back")
+    if args.center and not args.image_mean:
+        raise InputError("--center needs --image-mean FILE (the mean image embedding, e.g. from 'capdec calibrate "
+                         "--images'): images must be centred at caption time as captions were in training")
+    if args.image_mean and not args.center:
+        raise InputError("--image-mean only makes sense with --center")
+    if args.project and args.center:
+        raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
+    if args.resume and args.init_from:
+        raise InputError("--resume and --init-from cannot be combined: resume continues --out itself")
+    for name in ("retrieval_k", "entity_slots", "project_k"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name != "project_k" else 1):
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ {0 if name != 'project_k' else 1}")
+    if args.tau <= 0:
+        raise InputError("--tau must be > 0")
 
 
 def _parser_actions():

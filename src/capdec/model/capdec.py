@@ -17,7 +17,7 @@ from torch import nn
 
 from capdec.errors import InputError
 from capdec.model.lm import lm_from_config, load_pretrained_lm, load_tokenizer, scratch_lm_config, train_tokenizer
-from capdec.model.mapper import MLPMapper, TransformerMapper
+from capdec.model.mapper import MLPMapper, RetrievalFusion, TransformerMapper
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ class ModelConfig:
     vocab_size: int = 8000  # BPE tokenizer trained on the corpus (upper bound; small corpora give fewer)
     lowercase: bool = True  # lowercase the corpus tokenizer's input
     dropout: float = 0.1  # LM dropout (scratch LM)
+    # retrieval augmentation (IFCap): needs the training captions as a memory (saved in the checkpoint)
+    retrieval_k: int = 0  # fuse the k nearest training captions' embeddings with the query (0 = off)
+    entity_slots: int = 0  # up to this many frequent words of the retrieved captions as extra prefix vectors
+    entity_min_count: int = 2  # a word must occur in at least this many of the retrieved captions
     lm_config: dict[str, Any] | None = field(default=None, repr=False)  # resolved transformers config (filled at build)
 
     def __post_init__(self) -> None:
@@ -52,6 +56,8 @@ class ModelConfig:
         for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.entity_slots and not self.retrieval_k:
+            raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
             raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
 
@@ -68,7 +74,8 @@ class ModelConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The fields that must agree for weights to be loadable into another model (for --init-from)."""
-        keys = ("embed_dim", "mapper", "prefix_length", "clip_length", "mapper_depth", "mapper_heads")
+        keys = ("embed_dim", "mapper", "prefix_length", "clip_length", "mapper_depth", "mapper_heads", "retrieval_k",
+                "entity_slots")
         arch = {k: getattr(self, k) for k in keys}
         lm = dict(self.lm_config or {})
         for k in ("model_type", "vocab_size", "n_embd", "hidden_size", "n_layer", "num_hidden_layers", "n_head"):
@@ -92,6 +99,8 @@ class CapDecModel(nn.Module):
             self.mapper = TransformerMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length,
                                             clip_length=config.clip_length or config.prefix_length,
                                             depth=config.mapper_depth, heads=config.mapper_heads)
+        self.fusion = RetrievalFusion(dim=config.embed_dim) if config.retrieval_k else None
+        self.no_entity = nn.Parameter(torch.zeros(hidden)) if config.entity_slots else None
         if config.freeze_lm:
             for p in self.lm.parameters():
                 p.requires_grad_(False)
@@ -106,17 +115,46 @@ class CapDecModel(nn.Module):
         pad = self.tokenizer.pad_token_id
         return self.eos_token_id if pad is None else pad
 
-    def prefix(self, emb: torch.Tensor) -> torch.Tensor:
-        """(b, d) embeddings -> (b, L, h) prefix in the LM's dtype."""
-        p = next(self.mapper.parameters())
-        return self.mapper(emb.to(device=p.device, dtype=p.dtype))
+    @property
+    def total_prefix_length(self) -> int:
+        return self.config.prefix_length + self.config.entity_slots
 
-    def forward(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefix(self, emb: torch.Tensor, *, retrieved: torch.Tensor | None = None,
+               entity_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, d) embeddings -> (b, L + entity_slots, h) prefix in the LM's dtype.
+
+        ``retrieved``: (b, k, d) embeddings of retrieved captions (when ``retrieval_k``);
+        ``entity_ids``: (b, entity_slots, w) token ids of entity words, -1 padded (when ``entity_slots``).
+        """
+        p = next(self.mapper.parameters())
+        emb = emb.to(device=p.device, dtype=p.dtype)
+        if self.fusion is not None:
+            if retrieved is None:
+                raise InputError("this model was trained with retrieval: it needs retrieved caption embeddings "
+                                 "(a memory; see capdec caption --memory)")
+            emb = self.fusion(emb, retrieved.to(emb))
+        out = self.mapper(emb)  # (b, L, h)
+        if self.no_entity is not None:
+            if entity_ids is None:
+                raise InputError("this model was trained with entity prompts: it needs entity_ids")
+            out = torch.cat([out, self._entity_vectors(entity_ids.to(p.device)).to(out.dtype)], dim=1)
+        return out
+
+    def _entity_vectors(self, entity_ids: torch.Tensor) -> torch.Tensor:
+        """(b, m, w) word token ids (-1 = pad) -> (b, m, h): mean token embedding, or a learned 'none'."""
+        valid = entity_ids >= 0  # (b, m, w)
+        tok = self.lm.get_input_embeddings()(entity_ids.clamp(min=0))  # (b, m, w, h)
+        count = valid.sum(-1, keepdim=True)  # (b, m, 1)
+        mean = (tok * valid.unsqueeze(-1)).sum(2) / count.clamp(min=1)  # (b, m, h)
+        return torch.where(count > 0, mean, self.no_entity.to(mean))
+
+    def forward(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                retrieved: torch.Tensor | None = None, entity_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of the caption tokens given the prefix of ``emb``.
 
         ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included.
         """
-        prefix = self.prefix(emb)  # (b, L, h)
+        prefix = self.prefix(emb, retrieved=retrieved, entity_ids=entity_ids)  # (b, L, h)
         b, L, _ = prefix.shape
         tokens = self.lm.get_input_embeddings()(input_ids)  # (b, t, h)
         inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (b, L+t, h)
@@ -167,7 +205,8 @@ def build_model(config: ModelConfig, *, captions: Sequence[str] | None = None, t
         if config.lm_config is None:
             config.lm_config = scratch_lm_config(
                 tokenizer, dim=config.lm_dim, depth=config.lm_depth, heads=config.lm_heads,
-                n_positions=config.prefix_length + config.max_length + 8, dropout=config.dropout)
+                n_positions=config.prefix_length + config.entity_slots + config.max_length + 8,
+                dropout=config.dropout)
         lm = lm_from_config(config.lm_config)
     else:
         tokenizer = tokenizer or load_tokenizer(config.lm)
@@ -176,9 +215,10 @@ def build_model(config: ModelConfig, *, captions: Sequence[str] | None = None, t
             config.lm_config = lm.config.to_dict()
         else:
             lm = lm_from_config(config.lm_config)
-    if getattr(lm.config, "n_positions", None) and config.prefix_length + config.max_length > lm.config.n_positions:
-        raise InputError(f"prefix_length + max_length = {config.prefix_length + config.max_length} exceeds the LM's "
-                         f"{lm.config.n_positions} positions")
+    need = config.prefix_length + config.entity_slots + config.max_length
+    if getattr(lm.config, "n_positions", None) and need > lm.config.n_positions:
+        raise InputError(f"prefix + entity slots + max_length = {need} exceeds the LM's {lm.config.n_positions} "
+                         "positions")
     return CapDecModel(config, lm, tokenizer)
 
 

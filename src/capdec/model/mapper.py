@@ -45,3 +45,20 @@ class TransformerMapper(nn.Module):
         const = self.prefix_const.unsqueeze(0).expand(b, -1, -1)  # (b, L, h)
         out = self.transformer(torch.cat([clip_tokens, const], dim=1))  # (b, c+L, h)
         return out[:, self.clip_length:]  # (b, L, h)
+
+
+class RetrievalFusion(nn.Module):
+    """IFCap-style fusion: the query embedding attends over its k retrieved caption embeddings.
+
+    (b, d) query + (b, k, d) retrieved -> (b, d), residual, so an untrained fusion starts near the query.
+    """
+
+    def __init__(self, *, dim: int, heads: int = 8):
+        super().__init__()
+        heads = heads if dim % heads == 0 else 1
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+        out, _ = self.attn(q.unsqueeze(1), retrieved, retrieved, need_weights=False)  # (b, 1, d)
+        return self.norm(q + out.squeeze(1))  # (b, d)
