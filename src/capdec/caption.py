@@ -1,0 +1,336 @@
+"""The inference pipeline: images -> CLIP image embeddings -> prefix -> caption.
+
+::
+
+    captioner = Captioner.from_pretrained("runs/coco/checkpoint")
+    captioner.caption(["a.jpg", "b.jpg"])                     # paths, PIL images or an (n, d) tensor
+    stream = captioner.stream(find_images("photos/"))         # many files: results as they come
+    for result in stream:
+        print(result.image, result.caption)
+    print(stream.skipped)                                     # files that could not be used, and why
+
+The encoder is rebuilt from the spec the checkpoint recorded (``load_encoder(ckpt.encoder_spec)``),
+or from an override (e.g. a local copy of the same weights); an encoder whose embedding size or
+identity differs from the one the decoder was trained with is refused (:class:`EncoderMismatchError`).
+Image embeddings are prepared as the checkpoint's inference config says (normalise, subtract an
+image mean, add a shift, project onto a text memory), each field overridable; retrieval-augmented
+checkpoints get their retrieved captions from the checkpoint's memory or the one given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capdec.checkpoint import Checkpoint, InferenceConfig, load_checkpoint
+from capdec.decode import DecodeConfig, generate
+from capdec.encoders import Encoder, EncoderMismatchError, load_encoder
+from capdec.errors import InputError
+from capdec.images import DEFAULT_MAX_PIXELS, ImageLoadError, Skipped, iter_image_batches, load_image
+from capdec.utils import progress
+
+logger = logging.getLogger(__name__)
+
+_INFERENCE_FIELDS = frozenset(f.name for f in fields(InferenceConfig))
+
+
+@dataclass
+class CaptionResult:
+    """One captioned image."""
+
+    image: str  # the path as given
+    caption: str
+
+
+def _is_image(x: Any) -> bool:
+    return hasattr(x, "mode") and hasattr(x, "size") and hasattr(x, "convert")  # a PIL image
+
+
+class Captioner:
+    """A checkpoint's decoder plus the encoder it was trained with."""
+
+    def __init__(self, checkpoint: Checkpoint, *, encoder: Encoder | str | dict[str, Any] | None = None,
+                 device: str | torch.device | None = "auto", precision: str = "auto",
+                 decode: DecodeConfig | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 num_workers: int = 4, memory: Any = None, **inference: Any):
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        if device in (None, "auto"):
+            self.device = next(self.model.parameters()).device
+        else:
+            self.device = torch.device(device)
+            self.model.to(self.device)
+        self.precision = precision
+        self.decode = decode or DecodeConfig()
+        self.max_pixels = max_pixels
+        self.num_workers = num_workers
+        self.inference = self._check_inference(inference)
+        # a TextMemory or its directory (checked against the encoder); None: the checkpoint's own, if any
+        self.memory = checkpoint.load_memory(memory) if isinstance(memory, (str, os.PathLike)) else memory
+        self._encoder: Encoder | None = None
+        self._encoder_spec: str | dict[str, Any] = checkpoint.encoder_spec
+        if isinstance(encoder, Encoder):
+            self._set_encoder(encoder)
+        elif encoder is not None:
+            self._encoder_spec = encoder
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, encoder: Encoder | str | dict[str, Any] | None = None,
+                        device: str | torch.device | None = "auto", precision: str = "auto",
+                        decode: DecodeConfig | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                        num_workers: int = 4, memory: Any = None, **inference: Any) -> Captioner:
+        """Load a checkpoint directory.
+
+        ``encoder``: a spec (string or dict) or an :class:`Encoder` to use instead of the recorded one
+        (it must be the same model); built on first use of images, so captioning precomputed
+        embeddings needs no encoder weights. ``memory``: a text memory (or its directory, e.g. an
+        embedding store) for projection / retrieval instead of the checkpoint's own. ``inference``:
+        fields of :class:`~capdec.checkpoint.InferenceConfig` (``normalize``, ``shift``,
+        ``image_mean``, ``project``, ``tau``, ``project_k``) overriding the recorded ones.
+        """
+        ckpt = load_checkpoint(path, device=device)
+        return cls(ckpt, encoder=encoder, device=device, precision=precision, decode=decode,
+                   max_pixels=max_pixels, num_workers=num_workers, memory=memory, **inference)
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _check_inference(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(overrides) - _INFERENCE_FIELDS
+        if unknown:
+            raise InputError(f"unknown inference option(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(_INFERENCE_FIELDS))}")
+        dim = self.model.config.embed_dim
+        out = dict(overrides)
+        for name in ("shift", "image_mean"):
+            value = out.get(name)
+            if value is None:
+                continue
+            vec = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if vec.numel() != dim:
+                raise InputError(f"the {name} vector has {vec.numel()} values; the checkpoint's embeddings have "
+                                 f"dimension {dim}")
+            if not torch.isfinite(vec).all():
+                raise InputError(f"the {name} vector has non-finite values")
+            out[name] = vec.tolist()
+        return out
+
+    def _set_encoder(self, encoder: Encoder) -> None:
+        dim = self.model.config.embed_dim
+        if encoder.dim != dim:
+            raise EncoderMismatchError(
+                f"encoder {encoder.spec} gives {encoder.dim}-d embeddings, but checkpoint {self.checkpoint.path} "
+                f"was trained on {dim}-d embeddings of {self.checkpoint.encoder_spec}. Use the encoder it was "
+                "trained with.")
+        self.checkpoint.check_encoder(encoder.identity)
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The image encoder (built from the recorded or overriding spec on first use, then checked)."""
+        if self._encoder is None:
+            logger.info("loading encoder %s", self._encoder_spec)
+            self._set_encoder(load_encoder(self._encoder_spec, device=self.device, precision=self.precision))
+        assert self._encoder is not None
+        return self._encoder
+
+    # -- embeddings -> captions -----------------------------------------------------------------------
+    def prepare(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(n, d) raw image embeddings -> the mapper's input (the inference config applied)."""
+        memory = self.memory
+        if memory is None and self.checkpoint.inference_config(**self.inference).project:
+            memory = self.checkpoint.memory
+        return self.checkpoint.prepare_image_embeddings(embeddings.float(), memory=memory, **self.inference)
+
+    def _decode_config(self, options: dict[str, Any]) -> DecodeConfig:
+        return self.decode.replace(**options) if options else self.decode
+
+    def _caption_embeddings(self, emb: torch.Tensor, cfg: DecodeConfig) -> list[str]:
+        """Raw (b, d) image embeddings -> captions: prepare, prefix (with retrieval), decode."""
+        prefix = self.checkpoint.prefix_for_images(emb.float(), memory=self.memory, **self.inference)  # (b, L, h)
+        return self.model.decode_ids(generate(self.model, prefix.to(self.device), config=cfg))
+
+    @torch.inference_mode()
+    def caption_embeddings(self, embeddings: Any, *, batch_size: int = 64, show_progress: bool | None = None,
+                           **decode: Any) -> list[str]:
+        """Captions of (n, d) image embeddings (torch or numpy), made by this checkpoint's encoder."""
+        emb = torch.as_tensor(embeddings)
+        if emb.ndim == 1:
+            emb = emb.unsqueeze(0)
+        if emb.ndim != 2:
+            raise InputError(f"embeddings must be a (n, d) matrix, got shape {tuple(emb.shape)}")
+        if emb.shape[1] != self.model.config.embed_dim:
+            raise InputError(f"embeddings have dimension {emb.shape[1]}, the checkpoint expects "
+                             f"{self.model.config.embed_dim}")
+        cfg = self._decode_config(decode)
+        out: list[str] = []
+        with progress(total=emb.shape[0], unit="img", desc="captioning", show=show_progress) as bar:
+            for start in range(0, emb.shape[0], batch_size):
+                chunk = emb[start:start + batch_size]
+                out.extend(self._caption_embeddings(chunk, cfg))
+                bar.update(chunk.shape[0])
+        return out
+
+    # -- images -> captions ---------------------------------------------------------------------------
+    def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """(n, d) raw image embeddings of RGB PIL images."""
+        return self.encoder.encode_image(list(images))
+
+    @torch.inference_mode()
+    def caption(self, inputs: Any, *, batch_size: int = 64, show_progress: bool | None = None,
+                **decode: Any) -> list[str]:
+        """Captions of PIL images, image paths (mixed freely) or an (n, d) embedding tensor/array.
+
+        A path that cannot be loaded raises :class:`~capdec.images.ImageLoadError` naming it; use
+        :meth:`stream` to skip bad files instead.
+        """
+        if isinstance(inputs, torch.Tensor) or type(inputs).__module__ == "numpy":
+            return self.caption_embeddings(inputs, batch_size=batch_size, show_progress=show_progress, **decode)
+        if isinstance(inputs, (str, os.PathLike)) or _is_image(inputs):
+            inputs = [inputs]
+        items = list(inputs)
+        cfg = self._decode_config(decode)
+        out: list[str] = []
+        with progress(total=len(items), unit="img", desc="captioning", show=show_progress) as bar:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start:start + batch_size]
+                images = [x if _is_image(x) else self._load(x) for x in chunk]
+                out.extend(self._caption_embeddings(self.embed_images(images), cfg))
+                bar.update(len(chunk))
+        return out
+
+    def _load(self, x: Any) -> Any:
+        if not isinstance(x, (str, os.PathLike)):
+            raise InputError(f"cannot caption a {type(x).__name__}; give PIL images, paths or an embedding matrix")
+        return load_image(x, max_pixels=self.max_pixels)
+
+    def stream(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 64,
+               show_progress: bool | None = None, **decode: Any) -> CaptionStream:
+        """Caption many files, yielding results as each batch is done; bad files are skipped and collected."""
+        return CaptionStream(self, paths, batch_size=batch_size, decode=self._decode_config(decode),
+                             show_progress=show_progress)
+
+
+class CaptionStream:
+    """Iterate for :class:`CaptionResult` (in input order, skipped files left out); ``batches()`` for lists.
+
+    ``skipped`` collects :class:`~capdec.images.Skipped` (file and reason) as the run goes;
+    ``captioned`` counts the results yielded so far.
+    """
+
+    def __init__(self, captioner: Captioner, paths: Sequence[str | os.PathLike], *, batch_size: int,
+                 decode: DecodeConfig, show_progress: bool | None = None):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.captioner = captioner
+        self.paths = [os.fspath(p) for p in paths]
+        self.batch_size = batch_size
+        self.decode = decode
+        self.show_progress = show_progress
+        self.skipped: list[Skipped] = []
+        self.captioned = 0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[CaptionResult]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[CaptionResult]]:
+        """One list of results per batch of ``batch_size`` files (empty when all of them were skipped)."""
+        cap = self.captioner
+        encoder = cap.encoder  # built (and checked) before any file is read
+        batches = iter_image_batches(self.paths, batch_size=self.batch_size, max_pixels=cap.max_pixels,
+                                     num_workers=cap.num_workers)
+        with progress(total=len(self.paths), unit="img", desc="captioning", show=self.show_progress) as bar:
+            for batch in batches:
+                self.skipped.extend(batch.skipped)
+                results: list[CaptionResult] = []
+                if batch.images:
+                    paths, emb = self._encode(encoder, batch.paths, batch.images)
+                    if paths:
+                        with torch.inference_mode():
+                            captions = cap._caption_embeddings(emb, self.decode)
+                        results = [CaptionResult(p, c) for p, c in zip(paths, captions)]
+                self.captioned += len(results)
+                bar.update(len(batch))
+                if self.skipped:
+                    bar.set_postfix(skipped=len(self.skipped), refresh=False)
+                yield results
+
+    def _skip(self, path: str, reason: str) -> None:
+        logger.warning("skipping %s: %s", path, reason)
+        self.skipped.append(Skipped(path, reason))
+
+    def _encode(self, encoder: Encoder, paths: list[str], images: list[Any]) -> tuple[list[str], torch.Tensor]:
+        """Embeddings of a batch; when the encoder fails on the batch, image by image, skipping failures."""
+        try:
+            emb = encoder.encode_image(images)
+        except (RuntimeError, ValueError, TypeError, OSError, MemoryError) as e:
+            logger.debug("encoding a batch failed (%s); retrying image by image", e)
+            kept, rows = [], []
+            for p, im in zip(paths, images):
+                try:
+                    rows.append(encoder.encode_image([im]))
+                    kept.append(p)
+                except (RuntimeError, ValueError, TypeError, OSError, MemoryError) as err:
+                    self._skip(p, f"the encoder failed on it ({type(err).__name__}: {err})")
+            paths = kept
+            emb = torch.cat(rows) if rows else torch.empty(0, encoder.dim)
+        finite = torch.isfinite(emb).all(dim=1)
+        if not finite.all():
+            for p, ok in zip(paths, finite.tolist()):
+                if not ok:
+                    self._skip(p, "the encoder produced a non-finite embedding")
+            paths = [p for p, ok in zip(paths, finite.tolist()) if ok]
+            emb = emb[finite]
+        return paths, emb
+
+
+def read_vector(path: str | os.PathLike, *, keys: Sequence[str] = ()) -> list[float]:
+    """A 1-D vector from a ``.npy`` file, a JSON list, or a JSON object holding it under one of ``keys``
+    (e.g. the ``offset``/``image_mean`` of ``capdec calibrate``'s noise.json)."""
+    import json
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"vector file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            value: Any = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"{path} is not a readable .npy array: {e}") from e
+    elif suffix == ".json":
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path} is not valid JSON: {e}") from e
+        if isinstance(value, dict):
+            key = next((k for k in keys if value.get(k) is not None), None)
+            if key is None:
+                raise InputError(f"{path} holds a JSON object without a vector under "
+                                 f"{' or '.join(repr(k) for k in keys) or 'a known key'}")
+            value = value[key]
+    else:
+        raise InputError(f"{path}: vector files must be .npy or .json (a list, or calibrate's noise.json)")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{path} does not hold a list of numbers: {e}") from e
+    arr = arr.squeeze()
+    if arr.ndim != 1 or arr.size == 0:
+        raise InputError(f"{path} must hold a 1-D vector, got shape {tuple(np.shape(value))}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{path} holds non-finite values")
+    return arr.tolist()
+
+
+__all__ = ["CaptionResult", "CaptionStream", "Captioner", "ImageLoadError", "read_vector"]

@@ -1,0 +1,234 @@
+"""``capdec caption``: caption image files with a trained checkpoint.
+
+Exit status: 0 when every image was captioned, 1 when some files were skipped (each is listed with
+its reason at the end; the output holds all the others), 2 on a usage or input error (nothing done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
+
+HELP = "caption images with a trained checkpoint (JSONL, COCO results JSON or CSV)"
+DESCRIPTION = (
+    "Caption image files with a trained checkpoint. IMAGES are files, directories (image files by "
+    "extension; --recursive descends), glob patterns, or list files (@FILE, or a .txt/.lst file: one path "
+    "per line, relative to the list's directory). Bad files (corrupt, truncated, empty, not an image, "
+    "over --max-pixels) are skipped with a warning and listed at the end. Results are written as they are "
+    "produced: JSONL and CSV are flushed after every batch; COCO results JSON is written at the end, with "
+    "OUT.partial.jsonl kept alongside until then. Exit status: 0 all captioned, 1 some files skipped, "
+    "2 usage or input error."
+)
+FORMATS = ("jsonl", "coco", "csv")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (from capdec train)")
+    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, directories, globs or @list files")
+    parser.add_argument("--recursive", action="store_true", help="descend into subdirectories (and ** in globs)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="FILE", help="output file (default: JSONL on stdout)")
+    out.add_argument("--format", choices=FORMATS,
+                     help="jsonl: {\"image\", \"caption\"} per line; coco: [{\"image_id\", \"caption\"}] JSON; "
+                          "csv: image,caption. Default: from the --out extension (.json coco, .csv csv), else jsonl")
+    out.add_argument("--image-ids", metavar="MAP",
+                     help="file name -> image id map (COCO annotation JSON, JSON object, or CSV file_name,image_id); "
+                          "default: the id in COCO file names (COCO_val2014_000000000257.jpg, 000000000785.jpg)")
+    enc = parser.add_argument_group("encoder and embeddings")
+    enc.add_argument("--encoder", metavar="SPEC",
+                     help="encoder to use instead of the one the checkpoint records (e.g. a local copy of the same "
+                          "weights: hf:/models/clip-vit-base-patch32); a different model is refused")
+    enc.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
+                     help="do not L2-normalise image embeddings (default: as the checkpoint records)")
+    enc.add_argument("--shift", metavar="FILE",
+                     help="vector added to the normalised image embeddings (.npy, JSON list, or calibrate's "
+                          "noise.json 'offset'); overrides the checkpoint's")
+    enc.add_argument("--image-mean", metavar="FILE",
+                     help="vector subtracted from image embeddings first (.npy, JSON list, or noise.json "
+                          "'image_mean'); overrides the checkpoint's")
+    enc.add_argument("--project", action=argparse.BooleanOptionalAction, default=None,
+                     help="DeCap projection: replace each image embedding by a softmax-weighted mix of the text "
+                          "memory's embeddings (default: as the checkpoint records)")
+    enc.add_argument("--tau", type=float, help="projection temperature (default: the checkpoint's, else 0.01)")
+    enc.add_argument("--project-k", type=int, help="project over the k nearest memory items only (default: all)")
+    enc.add_argument("--memory", metavar="DIR",
+                     help="text memory for --project and retrieval-augmented checkpoints: an embedding store "
+                          "('capdec embed') or a saved memory made with the same encoder (default: the "
+                          "checkpoint's memory/)")
+    dec = parser.add_argument_group("decoding")
+    dec.add_argument("--strategy", choices=["beam", "greedy", "sample"], default="beam", help="decoding strategy")
+    dec.add_argument("--beam-size", type=int, default=5, help="beam: hypotheses kept per image")
+    dec.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam: finished captions are ranked by sum log p / length**this")
+    dec.add_argument("--max-length", type=int, help="most tokens per caption (default: the checkpoint's)")
+    dec.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus probability mass")
+    dec.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
+    dec.add_argument("--temperature", type=float, default=1.0, help="sample: logits are divided by this")
+    dec.add_argument("--seed", type=int, help="sample: random seed (reproducible for a given --batch-size)")
+    run_ = parser.add_argument_group("run")
+    run_.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    run_.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    run_.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                      help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    run_.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                      help="skip images with more pixels than this (a decompression-bomb guard; the default is "
+                           "PIL's); 0 for no limit")
+    run_.add_argument("--workers", type=int, default=4, help="image loading threads (0: load in the main thread)")
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    suffix = Path(args.out).suffix.lower() if args.out else ""
+    return {".json": "coco", ".csv": "csv"}.get(suffix, "jsonl")
+
+
+class _Writer:
+    """Streams results to JSONL/CSV (flushed per batch) or collects COCO results (partial JSONL alongside)."""
+
+    def __init__(self, fmt: str, out: str | None, image_ids: dict[str, Any] | None):
+        self.fmt, self.out, self.image_ids = fmt, out, image_ids
+        self.coco: list[dict[str, Any]] = []
+        self.partial: Path | None = None
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "coco":
+            self.stream: IO[str] | None = None
+            if out is not None:
+                self.partial = Path(f"{out}.partial.jsonl")
+                self.stream = open(self.partial, "w", encoding="utf-8")
+        else:
+            self.stream = sys.stdout if out is None else open(out, "w", encoding="utf-8", newline="")
+        self.csv = csv.writer(self.stream) if fmt == "csv" else None
+        if self.csv is not None:
+            self.csv.writerow(["image", "caption"] + (["image_id"] if image_ids is not None else []))
+
+    def _image_id(self, image: str) -> Any:
+        from capdec.images import lookup_image_id
+
+        return lookup_image_id(image, self.image_ids)
+
+    def write(self, results: list[Any]) -> None:
+        for r in results:
+            row: dict[str, Any] = {"image": r.image, "caption": r.caption}
+            if self.fmt == "coco" or self.image_ids is not None:
+                row["image_id"] = self._image_id(r.image)
+            if self.fmt == "coco":
+                self.coco.append({"image_id": row["image_id"], "caption": r.caption})
+                if self.stream is not None:
+                    self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            elif self.csv is not None:
+                self.csv.writerow([r.image, r.caption] + ([row["image_id"]] if self.image_ids is not None else []))
+            else:
+                assert self.stream is not None
+                self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.stream is not None:
+            self.stream.flush()
+
+    def close(self, *, success: bool) -> None:
+        from capdec.utils import write_json
+
+        if self.stream is not None and self.stream is not sys.stdout:
+            self.stream.close()
+        if self.fmt != "coco" or not success:
+            return
+        if self.out is None:
+            json.dump(self.coco, sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        else:
+            write_json(self.out, self.coco)
+            if self.partial is not None:
+                self.partial.unlink(missing_ok=True)
+
+
+def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from capdec.caption import read_vector
+
+    overrides: dict[str, Any] = {}
+    if args.normalize is not None:
+        overrides["normalize"] = args.normalize
+    if args.shift:
+        overrides["shift"] = read_vector(args.shift, keys=("offset", "shift"))
+    if args.image_mean:
+        overrides["image_mean"] = read_vector(args.image_mean, keys=("image_mean", "mean"))
+    for name in ("project", "tau", "project_k"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from capdec.caption import Captioner
+    from capdec.decode import DecodeConfig
+    from capdec.errors import InputError
+    from capdec.images import find_images, lookup_image_id, read_image_ids
+    from capdec.utils import set_threads_from_env
+
+    log = logging.getLogger("capdec.caption")
+    set_threads_from_env()
+    for name in ("batch_size", "beam_size", "project_k"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    if args.tau is not None and args.tau <= 0:
+        raise InputError(f"--tau must be > 0, got {args.tau}")
+    fmt = _format(args)
+    decode = DecodeConfig(strategy=args.strategy, max_length=args.max_length, beam_size=args.beam_size,
+                          length_penalty=args.length_penalty, top_k=args.top_k, top_p=args.top_p,
+                          temperature=args.temperature, seed=args.seed)
+    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+        # our check is the guard now; PIL's own (global) limit would refuse what the user allowed
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+    # everything that can fail on the user's input is checked before the model is loaded
+    paths = find_images(args.images, recursive=args.recursive)
+    if not paths:
+        raise InputError(f"no image files found in {' '.join(args.images)}")
+    image_ids = read_image_ids(args.image_ids) if args.image_ids else None
+    if fmt == "coco":
+        missing = [str(p) for p in paths if lookup_image_id(p, image_ids) is None]
+        if missing:
+            raise InputError(f"COCO output needs an image id for every image; none for {len(missing)} file(s), e.g. "
+                             f"{missing[0]!r}. Give --image-ids MAP, or use --format jsonl")
+    overrides = _inference_overrides(args)
+
+    captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
+                                          precision=args.precision, decode=decode, max_pixels=max_pixels,
+                                          num_workers=args.workers, memory=args.memory, **overrides)
+    encoder = captioner.encoder  # built and checked against the checkpoint before anything is written
+    log.info("captioning %d image(s) with %s and encoder %s (%s)", len(paths), args.checkpoint, encoder.spec,
+             ", ".join(f"{k}={v}" for k, v in decode.to_dict().items() if v is not None))
+
+    writer = _Writer(fmt, args.out, image_ids)
+    if writer.partial is not None:
+        log.info("results are kept in %s until %s is written", writer.partial, args.out)
+    stream = captioner.stream(paths, batch_size=args.batch_size)
+    success = False
+    try:
+        for results in stream.batches():
+            writer.write(results)
+        success = True
+    finally:
+        writer.close(success=success)
+        if not success and writer.partial is not None:
+            log.warning("interrupted: the %d caption(s) made so far are in %s", stream.captioned, writer.partial)
+
+    where = args.out or "stdout"
+    if stream.skipped:
+        lines = "\n".join(f"  {s.image}: {s.reason}" for s in stream.skipped)
+        log.warning("captioned %d of %d image(s) -> %s; skipped %d:\n%s", stream.captioned, len(paths), where,
+                    len(stream.skipped), lines)
+        return 1
+    log.info("captioned %d image(s) -> %s", stream.captioned, where)
+    return 0
+

@@ -1,0 +1,341 @@
+"""Decoding a caption from an LM prefix: greedy, beam search and nucleus/top-k sampling.
+
+Pure, batched functions over a Hugging Face causal LM. Every row of a batch has a prefix of the same
+length L, so no padding or attention mask is needed: rows that have finished are dropped from the
+batch (and from the key/value cache) as they finish. With ``use_cache=True`` (the default) each step
+feeds one new token and reuses the cached keys/values of everything before it; ``use_cache=False``
+re-runs the whole sequence every step (for tests and benchmarks: the tokens are the same).
+
+Notation: b - batch (images), k - beam size, n - rows currently decoded (b or b·k, fewer as rows
+finish), L - prefix length, t - tokens generated so far, h - LM hidden size, V - vocabulary.
+
+Returned token ids never include the end-of-sequence token; a caption that reached ``max_length``
+tokens without one is returned as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from capdec.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("beam", "greedy", "sample")
+DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
+
+
+@dataclass
+class DecodeConfig:
+    """How token ids are chosen after the prefix."""
+
+    strategy: str = "beam"  # "beam", "greedy" or "sample"
+    max_length: int | None = None  # most tokens per caption, end-of-sequence included (None: the model's)
+    beam_size: int = 5  # beam: hypotheses kept per image
+    length_penalty: float = 1.0  # beam: rank finished captions by sum log p / length**length_penalty
+    top_k: int = 0  # sample: keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # sample: keep the smallest set of tokens with probability ≥ top_p (1: all)
+    temperature: float = 1.0  # sample: divide the logits by this
+    seed: int | None = None  # sample: seed of the torch.Generator (None: torch's global RNG)
+    use_cache: bool = True  # reuse the LM's key/value cache (False: re-run the whole sequence each step)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown decoding strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise InputError(f"max_length must be ≥ 1, got {self.max_length}")
+        if self.beam_size < 1:
+            raise InputError(f"beam_size must be ≥ 1, got {self.beam_size}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0.0:
+            raise InputError(f"temperature must be > 0, got {self.temperature} (use strategy 'greedy' for argmax)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> DecodeConfig:
+        """A copy with some fields changed (unknown names are an error)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise InputError(f"unknown decoding option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return replace(self, **changes)
+
+
+# -- the LM, one step at a time ----------------------------------------------------------------------
+
+
+class _LMStepper:
+    """Feeds a causal LM one token per step, with or without the key/value cache.
+
+    ``start`` runs the prefix; ``step`` appends one token per row; ``select`` keeps (and reorders,
+    repeats) rows of the state: beam reordering and dropping finished rows are both a ``select``.
+    """
+
+    def __init__(self, lm: Any, *, use_cache: bool):
+        self.lm = lm
+        self.use_cache = use_cache
+        self.embed = lm.get_input_embeddings()
+        params = inspect.signature(lm.forward).parameters
+        # transformers ≥ 5 renamed past_key_values to cache (the old name is deprecated)
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        self.cache: Any = None
+        self.seq: torch.Tensor | None = None  # uncached: the whole input so far (n, L+t, h)
+
+    def _forward(self, inputs: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {"inputs_embeds": inputs, "use_cache": self.use_cache}
+        if self.use_cache and cache is not None:
+            kwargs[self.cache_kw] = cache
+        if self.keep_kw:
+            kwargs[self.keep_kw] = 1  # logits of the last position only
+        out = self.lm(**kwargs)
+        new_cache = None
+        if self.use_cache:
+            new_cache = getattr(out, "cache", None)
+            if new_cache is None:
+                new_cache = getattr(out, "past_key_values", None)
+        return out.logits[:, -1].float(), new_cache  # (n, V)
+
+    def start(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Run the prefix (n, L, h); next-token logits (n, V) in float32."""
+        if self.use_cache:
+            logits, self.cache = self._forward(prefix, None)
+        else:
+            self.seq = prefix
+            logits, _ = self._forward(prefix, None)
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (n,); next-token logits (n, V)."""
+        emb = self.embed(tokens.unsqueeze(1))  # (n, 1, h)
+        if self.use_cache:
+            logits, self.cache = self._forward(emb, self.cache)
+        else:
+            assert self.seq is not None
+            self.seq = torch.cat([self.seq, emb.to(self.seq.dtype)], dim=1)  # (n, L+t, h)
+            logits, _ = self._forward(self.seq, None)
+        return logits
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` (any length, repeats allowed) of the decoding state, in that order."""
+        if self.use_cache:
+            self.cache = _select_cache(self.cache, rows)
+        else:
+            assert self.seq is not None
+            self.seq = self.seq.index_select(0, rows.to(self.seq.device))
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """Index the batch dimension of a key/value cache: a transformers ``Cache`` or legacy tuples."""
+    if hasattr(cache, "batch_select_indices"):  # transformers Cache objects (DynamicCache, ...)
+        cache.batch_select_indices(rows)
+        return cache
+    if isinstance(cache, (tuple, list)):  # legacy: ((k, v), ...) with (n, heads, t, head_dim) tensors
+        return tuple(tuple(x.index_select(0, rows.to(x.device)) for x in layer) for layer in cache)
+    raise TypeError(f"cannot reorder a key/value cache of type {type(cache).__name__}; use use_cache=False")
+
+
+# -- strategies ---------------------------------------------------------------------------------------
+
+
+def _filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.Tensor:
+    """Set the logits outside the top-k / nucleus (top-p) set to -inf; (n, V) -> (n, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (n, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked before it already reach top_p (the first is always kept)
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _pointwise(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_length: int,
+               cfg: DecodeConfig) -> list[list[int]]:
+    """Greedy or sampling: one token per row per step; finished rows leave the batch."""
+    b = prefix.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    generator = None
+    if cfg.strategy == "sample" and cfg.seed is not None:
+        generator = torch.Generator(device=prefix.device).manual_seed(cfg.seed)
+    active = torch.arange(b, device=prefix.device)  # batch index of each row still decoding
+    logits = stepper.start(prefix)  # (n, V)
+    for t in range(max_length):
+        if cfg.strategy == "greedy":
+            tokens = logits.argmax(dim=-1)  # (n,)
+        else:
+            logits = _filter_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+            tokens = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (n,)
+        finished = tokens == eos_token_id
+        for i, tok in zip(active.tolist(), tokens.tolist()):
+            if tok != eos_token_id:
+                out[i].append(tok)
+        if t == max_length - 1:
+            break
+        if finished.any():
+            keep = (~finished).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            stepper.select(keep)
+            active, tokens = active[keep], tokens[keep]
+        logits = stepper.step(tokens)
+    return out
+
+
+def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_length: int,
+          cfg: DecodeConfig) -> list[list[int]]:
+    """Beam search with length normalisation.
+
+    Each step ranks the 2k best continuations of an image's k beams. An end-of-sequence token among
+    the first k finishes that hypothesis with score ``sum log p / length**length_penalty`` (length
+    counts the end-of-sequence token); the best k others continue. An image is done when it has k
+    finished hypotheses and the best running beam, normalised at its current length, scores no more
+    than the worst of them (the default stopping rule of Hugging Face's beam search). With k = 1
+    this is exactly greedy decoding.
+    """
+    b, k = prefix.shape[0], cfg.beam_size
+    device = prefix.device
+    finished: list[list[tuple[float, int, list[int]]]] = [[] for _ in range(b)]  # min-heaps of k
+    result: list[list[int] | None] = [None] * b
+    counter = 0  # tie-breaker so the heaps never compare token lists
+
+    logits = stepper.start(prefix)  # (b, V)
+    V = logits.shape[-1]
+    if 2 * k > V:
+        raise InputError(f"beam_size {k} is too large for a vocabulary of {V} tokens")
+    # all k beams of an image start identical; only the first may be extended at the first step
+    stepper.select(torch.arange(b, device=device).repeat_interleave(k))
+    logits = logits.repeat_interleave(k, dim=0)  # (b·k, V)
+    scores = torch.full((b, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    tokens = torch.empty((b, k, 0), dtype=torch.long, device=device)  # (n_img, k, t)
+    active = torch.arange(b, device=device)  # batch index of each image still decoding
+
+    for t in range(1, max_length + 1):
+        n_img = active.numel()
+        logp = F.log_softmax(logits, dim=-1)  # (n_img·k, V)
+        cand = (scores.reshape(-1, 1) + logp).view(n_img, k * V)  # (n_img, k·V)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)  # (n_img, 2k), best first
+        top_beam, top_tok = top_idx // V, top_idx % V
+
+        # hypotheses that end here: an end-of-sequence token ranked within the first k
+        is_eos = top_tok == eos_token_id
+        rank = torch.arange(2 * k, device=device).expand(n_img, -1)
+        for r, c in (is_eos & (rank < k)).nonzero().tolist():
+            s = top_scores[r, c].item()
+            if s == float("-inf"):
+                continue
+            seq = tokens[r, top_beam[r, c]].tolist()
+            heap, entry = finished[active[r].item()], (s / t**cfg.length_penalty, counter, seq)
+            counter += 1
+            if len(heap) < k:
+                heapq.heappush(heap, entry)
+            elif entry[0] > heap[0][0]:
+                heapq.heapreplace(heap, entry)
+
+        # the k best continuations that do not end (at least k of the 2k, as a beam has one eos token)
+        pick = torch.argsort(is_eos.long() * 2 * k + rank, dim=1)[:, :k]  # (n_img, k), best first
+        scores = top_scores.gather(1, pick)
+        beam = top_beam.gather(1, pick)
+        new_tok = top_tok.gather(1, pick)
+        rows = (torch.arange(n_img, device=device) * k).unsqueeze(1) + beam  # (n_img, k) rows of the state
+        tokens = torch.cat([tokens.reshape(n_img * k, t - 1)[rows.view(-1)].view(n_img, k, t - 1),
+                            new_tok.unsqueeze(-1)], dim=-1)  # (n_img, k, t)
+
+        best_running = (scores[:, 0] / t**cfg.length_penalty).tolist()
+        done = []
+        for r, i in enumerate(active.tolist()):
+            heap = finished[i]
+            done_i = len(heap) == k and heap[0][0] >= best_running[r]
+            if not done_i and t == max_length:  # out of room: the running beams compete as they are
+                for j in range(k):
+                    s = scores[r, j].item()
+                    if s > float("-inf"):
+                        heap.append((s / t**cfg.length_penalty, counter, tokens[r, j].tolist()))
+                        counter += 1
+                done_i = True
+            if done_i:  # best score; among equal scores the earliest found
+                result[i] = max(heap, key=lambda e: (e[0], -e[1]))[2]
+            done.append(done_i)
+        if all(done):
+            break
+        keep = torch.tensor([not d for d in done], device=device)
+        active, scores, tokens, rows, new_tok = active[keep], scores[keep], tokens[keep], rows[keep], new_tok[keep]
+        stepper.select(rows.reshape(-1))
+        logits = stepper.step(new_tok.reshape(-1))
+    return [r if r is not None else [] for r in result]
+
+
+# -- entry point --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while decoding; the caller's train/eval mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _max_positions(lm: Any) -> int | None:
+    cfg = getattr(lm, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def generate(model_or_lm: Any, prefix: torch.Tensor, *, eos_token_id: int | None = None,
+             config: DecodeConfig | None = None, **options: Any) -> list[list[int]]:
+    """Decode token ids after ``prefix`` (b, L, h), one list per row (end-of-sequence not included).
+
+    ``model_or_lm`` is a :class:`~capdec.model.CapDecModel` (its LM, end-of-sequence token and
+    ``max_length`` are used) or a Hugging Face causal LM (then ``eos_token_id`` is required).
+    Options are :class:`DecodeConfig` fields, given as ``config`` and/or keywords (keywords win)::
+
+        generate(model, model.prefix(emb), strategy="beam", beam_size=5)
+    """
+    cfg = (config or DecodeConfig()).replace(**options) if options else (config or DecodeConfig())
+    lm = getattr(model_or_lm, "lm", model_or_lm)
+    if eos_token_id is None:
+        eos_token_id = getattr(model_or_lm, "eos_token_id", None)
+        if eos_token_id is None:
+            raise InputError("generate() needs eos_token_id when given a bare language model")
+    max_length = cfg.max_length
+    if max_length is None:  # a CapDecModel's caption length; 40 for a bare LM
+        max_length = model_or_lm.config.max_length if hasattr(model_or_lm, "lm") else DEFAULT_MAX_LENGTH
+    if prefix.ndim != 3:
+        raise InputError(f"prefix must be (batch, prefix_length, hidden), got shape {tuple(prefix.shape)}")
+    positions = _max_positions(lm)
+    # the last generated token is never fed back, so L + max_length - 1 positions are used
+    if positions is not None and prefix.shape[1] + max_length - 1 > positions:
+        raise InputError(f"max_length {max_length} with a prefix of {prefix.shape[1]} needs "
+                         f"{prefix.shape[1] + max_length - 1} positions; the LM has {positions}. "
+                         f"Use max_length ≤ {positions - prefix.shape[1] + 1}.")
+    if prefix.shape[0] == 0:
+        return []
+    stepper = _LMStepper(lm, use_cache=cfg.use_cache)
+    with torch.inference_mode(), _eval_mode(lm):
+        if cfg.strategy == "beam":
+            return _beam(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg)
+        return _pointwise(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg)

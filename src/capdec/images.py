@@ -1,0 +1,349 @@
+"""Finding and loading images robustly: a bad file is skipped with a reason, never the end of a run.
+
+Discovery (:func:`find_images`) takes any mix of
+
+- image files (taken whatever their extension; a file that is not an image is skipped at load time),
+- directories (their image files by extension; ``recursive=True`` descends into subdirectories),
+- glob patterns (``photos/*.jpg``, ``photos/**/*.png`` with ``recursive=True``; image extensions only),
+- list files: ``@FILE`` (any name), or a plain argument ending in ``.txt`` or ``.lst``: one path per line,
+  blank lines and ``#`` comments ignored, relative paths taken relative to the list file's directory;
+  a line may itself be a directory or a glob.
+
+The result is sorted and de-duplicated (by resolved path; the first spelling is kept).
+
+Loading (:func:`load_image`) returns an RGB PIL image, or raises :class:`ImageLoadError` with a short
+reason. Handled: EXIF orientation (applied), CMYK, palette and greyscale images (converted),
+transparency (composited on white), 16-bit and 32-bit greyscale (scaled to 8 bits, not clipped).
+Skipped: missing, empty, unreadable, non-image, corrupt and truncated files, and images with more
+pixels than ``max_pixels`` (a decompression-bomb guard; PIL's own ``Image.MAX_IMAGE_PIXELS`` check
+also applies, so raise that too for images above ~179 megapixels).
+
+:func:`iter_image_batches` loads in a thread pool (PIL decodes without holding the GIL), in order,
+with a bounded read-ahead so memory stays flat however many files there are.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import glob
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capdec.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
+                              ".pgm", ".pbm", ".pnm", ".jfif", ".tga", ".ico"})
+LIST_EXTENSIONS = (".txt", ".lst")
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (≈ 0.25 GiB of RGBA)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_WHITE = (255, 255, 255)
+
+
+class ImageLoadError(InputError):
+    """An image could not be used; ``reason`` says why (without the file name)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class Skipped:
+    """A file that was not captioned, and why."""
+
+    image: str  # the path as it was found
+    reason: str
+
+
+# -- discovery ----------------------------------------------------------------------------------------
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _scan_dir(directory: Path, recursive: bool) -> list[Path]:
+    walk = directory.rglob("*") if recursive else directory.iterdir()
+    return [p for p in walk if is_image_name(p) and not p.name.startswith(".") and p.is_file()]
+
+
+def _glob(pattern: str, recursive: bool) -> list[Path]:
+    return [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=recursive)
+            if is_image_name(p) and os.path.isfile(p)]
+
+
+def _read_list(list_file: Path, recursive: bool) -> list[Path]:
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the image list {list_file}: {e}") from e
+    found: list[Path] = []
+    for lineno, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(os.path.expanduser(entry))
+        if not path.is_absolute():
+            path = list_file.parent / path
+        try:
+            found.extend(_expand(str(path), recursive, in_list=True))
+        except InputError as e:
+            raise InputError(f"{list_file}, line {lineno}: {e}") from e
+    return found
+
+
+def _expand(arg: str, recursive: bool, *, in_list: bool = False) -> list[Path]:
+    if arg.startswith("@") and not in_list and not os.path.exists(arg):
+        list_file = Path(os.path.expanduser(arg[1:]))
+        if not list_file.is_file():
+            raise InputError(f"image list file {arg[1:]!r} does not exist")
+        return _read_list(list_file, recursive)
+    path = Path(os.path.expanduser(arg))
+    if path.is_dir():
+        found = _scan_dir(path, recursive)
+        if not found:
+            logger.warning("no image files in %s%s", path, "" if recursive else " (use --recursive for subdirectories)")
+        return found
+    if path.is_file():
+        if path.suffix.lower() in LIST_EXTENSIONS and not in_list:
+            return _read_list(path, recursive)
+        return [path]
+    if _GLOB_CHARS.search(arg):
+        found = _glob(arg, recursive)
+        if not found:
+            raise InputError(f"pattern {arg!r} matched no image files")
+        return found
+    raise InputError(f"no such file or directory: {arg!r}")
+
+
+def find_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, *, recursive: bool = False) -> list[Path]:
+    """Image paths from files, directories, globs and list files (see module docstring); sorted, unique."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    seen: dict[str, Path] = {}
+    for arg in inputs:
+        for path in _expand(os.fspath(arg), recursive):
+            seen.setdefault(os.path.realpath(path), path)
+    return sorted(seen.values(), key=lambda p: str(p))
+
+
+# -- image ids ----------------------------------------------------------------------------------------
+
+_COCO_ID = re.compile(r"(?:^|_)(\d+)$")  # COCO_val2014_000000000257 -> 257, 000000000785 -> 785
+
+
+def image_id_from_name(path: str | os.PathLike) -> int | None:
+    """The COCO image id in a file name (``COCO_val2014_000000000257.jpg``, ``000000000785.jpg``), or None."""
+    m = _COCO_ID.search(Path(path).stem)
+    return int(m.group(1)) if m else None
+
+
+def read_image_ids(path: str | os.PathLike) -> dict[str, Any]:
+    """A mapping file name -> image id, from
+
+    - a COCO annotation JSON (``{"images": [{"id", "file_name"}, ...]}``),
+    - a JSON object ``{"file_name": id, ...}`` or list ``[{"file_name"/"image", "image_id"/"id"}, ...]``,
+    - a CSV/TSV file with two columns ``file_name,image_id`` (a header row is allowed).
+
+    Keys are file names as written (matched against the full path, then the base name).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image id map {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    mapping: dict[str, Any] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not valid JSON: {e}") from e
+        rows = data.get("images") if isinstance(data, dict) and "images" in data else data
+        if isinstance(rows, dict):
+            mapping = {str(k): v for k, v in rows.items()}
+        elif isinstance(rows, list):
+            for n, row in enumerate(rows):
+                name = row.get("file_name", row.get("image")) if isinstance(row, dict) else None
+                image_id = row.get("image_id", row.get("id")) if isinstance(row, dict) else None
+                if name is None or image_id is None:
+                    raise InputError(f"{path}: entry {n} needs 'file_name' (or 'image') and 'id' (or 'image_id')")
+                mapping[str(name)] = image_id
+        else:
+            raise InputError(f"{path}: expected a JSON object or list mapping file names to image ids")
+    else:
+        dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
+        for lineno, row in enumerate(csv.reader(text.splitlines(), dialect=dialect), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise InputError(f"{path}, line {lineno}: expected two columns 'file_name,image_id'")
+            name, image_id = row[0].strip(), row[1].strip()
+            if lineno == 1 and not image_id.lstrip("-").isdigit() and image_id.lower() in ("image_id", "id"):
+                continue  # header
+            mapping[name] = int(image_id) if image_id.lstrip("-").isdigit() else image_id
+    if not mapping:
+        raise InputError(f"{path} maps no file names to image ids")
+    return mapping
+
+
+def lookup_image_id(path: str | os.PathLike, mapping: dict[str, Any] | None = None) -> Any:
+    """The image id of ``path``: from ``mapping`` (full path, then base name) or the COCO file name."""
+    if mapping is not None:
+        for key in (os.fspath(path), Path(path).name):
+            if key in mapping:
+                return mapping[key]
+        return None
+    return image_id_from_name(path)
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def _to_rgb(im: Any) -> Any:
+    """Any PIL mode -> RGB: transparency composited on white, high bit depths scaled, not clipped."""
+    import numpy as np
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P" and "transparency" in im.info or mode == "PA":
+        im, mode = im.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        if mode in ("RGBa", "La"):  # premultiplied alpha
+            im = im.convert("RGBA" if mode == "RGBa" else "LA")
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        top = float(arr.max(initial=0))
+        if mode.startswith("I;16") or (mode == "I" and 255 < top <= 65535):
+            arr = arr / 257.0  # 16-bit data: 0..65535 -> 0..255
+        elif mode == "F" and arr.min(initial=0) >= 0 and top <= 1:
+            arr = arr * 255.0  # float data in 0..1
+        elif top > 255 or arr.min(initial=0) < 0:
+            lo = float(arr.min(initial=0))  # anything else: stretch the range present
+            arr = (arr - lo) * (255.0 / (top - lo)) if top > lo else arr * 0.0
+        grey = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
+    """An RGB PIL image (EXIF orientation applied), or :class:`ImageLoadError` with the reason."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot read the file ({e.strerror or e})") from e
+    if size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageLoadError(path, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                                           "(decompression-bomb guard; raise --max-pixels to allow it)")
+            im.load()  # decode now: corrupt and truncated data fail here
+            try:
+                upright = ImageOps.exif_transpose(im)  # a new image, rotated/flipped as EXIF says
+            except Exception as e:  # a broken EXIF block should not cost the image
+                logger.debug("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+                upright = im
+            rgb = _to_rgb(upright)
+            if rgb is im:
+                rgb = im.copy()  # closing the file would release the pixels of the opened image
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(path, "not an image, or a format PIL cannot read") from e
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"decompression bomb refused by PIL ({e})") from e
+    except OSError as e:
+        raise ImageLoadError(path, f"corrupt or truncated image data ({e})") from e
+    except MemoryError as e:
+        raise ImageLoadError(path, "out of memory while decoding") from e
+    except Exception as e:  # PIL plugins raise ValueError, SyntaxError, struct.error, ... on bad data
+        raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageLoadError(path, f"image has no pixels ({rgb.width}x{rgb.height})")
+    return rgb
+
+
+def try_load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Any, str | None]:
+    """(RGB image, None) or (None, reason)."""
+    try:
+        return load_image(path, max_pixels=max_pixels), None
+    except ImageLoadError as e:
+        return None, e.reason
+
+
+@dataclass
+class ImageBatch:
+    """Images that loaded (in input order) and the files of this batch that did not."""
+
+    paths: list[str] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths) + len(self.skipped)
+
+
+def _ordered_map(fn: Any, items: Iterable[Any], *, workers: int, window: int) -> Iterator[Any]:
+    """``map(fn, items)`` in a thread pool, in order, with at most ``window`` results pending."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capdec-load") as pool:
+        pending: collections.deque[Future] = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def iter_image_batches(paths: Iterable[str | os.PathLike], *, batch_size: int = 64,
+                       max_pixels: int | None = DEFAULT_MAX_PIXELS, num_workers: int = 4) -> Iterator[ImageBatch]:
+    """Load ``paths`` in order, ``batch_size`` files per batch (good and skipped together).
+
+    Each skipped file is logged as a warning naming it and the reason. ``num_workers=0`` loads in the
+    calling thread.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
+
+    def load(p: str | os.PathLike) -> tuple[str, Any, str | None]:
+        image, reason = try_load_image(p, max_pixels=max_pixels)
+        return os.fspath(p), image, reason
+
+    # read ahead one batch (plus a little): the next batch loads while the caller encodes this one, and at
+    # most about two batches of decoded images are held at once
+    window = batch_size + 2 * max(num_workers, 1)
+    batch = ImageBatch()
+    for path, image, reason in _ordered_map(load, paths, workers=num_workers, window=window):
+        if image is None:
+            logger.warning("skipping %s: %s", path, reason)
+            batch.skipped.append(Skipped(path, reason or "unknown error"))
+        else:
+            batch.paths.append(path)
+            batch.images.append(image)
+        if len(batch) >= batch_size:
+            yield batch
+            batch = ImageBatch()
+    if len(batch):
+        yield batch
