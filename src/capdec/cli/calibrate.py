@@ -1,0 +1,82 @@
+"""``capdec calibrate``: paired images + captions -> noise.json (ε, variance, modality offset)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "choose the noise level ε (and the modality offset) from a few paired images and captions"
+DESCRIPTION = (
+    "Embed a few paired images and captions with the encoder you will train with and compute CapDec's "
+    "noise level: ε = mean over pairs of ||normalize(image) - normalize(caption)||∞ (about 15 pairs "
+    "suffice), variance = ε². PAIRS is a JSON Lines file of {\"image\": path, \"caption\": text} or a "
+    "folder of images with --captions (a file mapping file names to captions, e.g. {name: [captions]} "
+    "or COCO annotations). With --images DIR (unlabelled images), also the image and text centroids and "
+    "the modality offset (image mean - text mean). Writes noise.json for 'capdec train --noise-file'."
+)
+
+logger = logging.getLogger("capdec.cli.calibrate")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pairs", metavar="PAIRS", help="JSON Lines of {image, caption}, or a folder of images")
+    parser.add_argument("--encoder", required=True, metavar="SPEC",
+                        help="encoder spec (toy, hf:HUB_ID_OR_DIR, open_clip:MODEL@PRETRAINED)")
+    parser.add_argument("--captions", metavar="FILE",
+                        help="with a folder PAIRS: the file mapping its image file names to caption(s)")
+    parser.add_argument("--images-root", metavar="DIR",
+                        help="folder that relative image paths in a pairs file are under (default: its folder)")
+    parser.add_argument("--images", metavar="DIR",
+                        help="more (unlabelled) images for the centroids and the modality offset")
+    parser.add_argument("--max-pairs", type=int, metavar="N",
+                        help="use only the first N image/caption pairs (default: all)")
+    parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
+
+
+def _first_pairs(paths: list, caps: list[list[str]], n: int) -> tuple[list, list[list[str]]]:
+    out_paths, out_caps, left = [], [], n
+    for path, cs in zip(paths, caps):
+        if left <= 0:
+            break
+        out_paths.append(path)
+        out_caps.append(cs[:left])
+        left -= len(out_caps[-1])
+    return out_paths, out_caps
+
+
+def run(args: argparse.Namespace) -> int:
+    from capdec.calibrate import calibrate, list_images, read_pairs, write_noise_file
+    from capdec.encoders import load_encoder
+    from capdec.errors import InputError
+    from capdec.utils import set_threads_from_env
+
+    set_threads_from_env()
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise InputError(f"--max-pairs must be >= 1, got {args.max_pairs}")
+    # check every input before loading a possibly large model
+    paths, caps = read_pairs(args.pairs, captions=args.captions, images_root=args.images_root)
+    if args.max_pairs is not None:
+        paths, caps = _first_pairs(paths, caps, args.max_pairs)
+    extra = None
+    if args.images:
+        extra = list_images(args.images)
+        if not extra:
+            raise InputError(f"--images {args.images}: no image files found")
+    n_pairs = sum(map(len, caps))
+    if n_pairs < 5:
+        logger.warning("only %d pairs: ε will be a rough estimate (the paper uses about 15)", n_pairs)
+    encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
+    stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size)
+    stats["pairs_source"] = str(args.pairs)
+    if args.images:
+        stats["images_source"] = str(args.images)
+    write_noise_file(args.out, stats)
+    offset = f", offset norm {stats['offset_norm']:.4f} from {stats['n_images']} images" if extra else ""
+    print(f"ε = {stats['epsilon']:.5f} (variance {stats['variance']:.6f}) from {stats['n_pairs']} pairs "
+          f"of {stats['n_paired_images']} images; mean L2 {stats['mean_l2']:.4f}, mean cosine "
+          f"{stats['mean_cosine']:.4f}{offset} -> {args.out}")
+    return 0

@@ -1,0 +1,239 @@
+"""capdec.calibrate / ``capdec calibrate``: ε from paired images and captions, noise.json, bad inputs.
+
+Runs a tiny random-weight transformers CLIP (tests/tiny_models.py) on the 17 real COCO photos in
+shared/data/coco/images (CC BY / BY-SA 2.0, attribution in images_meta.json) with their captions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from capdec.calibrate import (
+    NOISE_FORMAT,
+    calibrate,
+    list_images,
+    load_image,
+    read_noise_file,
+    read_pairs,
+    write_noise_file,
+)
+from capdec.cli import main
+from capdec.encoders import EncoderError, EncoderMismatchError, load_encoder
+from capdec.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def photos(coco_dir):
+    folder = coco_dir / "images"
+    return folder, folder / "captions.json"
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_hf_clip):
+    return load_encoder(tiny_hf_clip, device="cpu")
+
+
+@pytest.fixture(scope="module", params=["hf", "toy"])
+def any_encoder(request):
+    """The tiny transformers CLIP, and the toy world's mini-CLIP when its weights are shipped."""
+    if request.param == "toy":
+        try:
+            return load_encoder("toy", device="cpu")
+        except EncoderError as e:
+            pytest.skip(f"the toy encoder is not available: {e}")
+    return request.getfixturevalue("encoder")
+
+
+def hand_epsilon(encoder, paths, captions) -> dict[str, float]:
+    """The paper's rule written out in numpy from the encoder's own embeddings."""
+    v = encoder.encode_image([load_image(p) for p in paths]).double().numpy()
+    t_list = [encoder.encode_text(cs).double().numpy() for cs in captions]
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    linf, l2, cos = [], [], []
+    for vi, ts in zip(v, t_list):
+        for t in ts:
+            t = t / np.linalg.norm(t)
+            linf.append(np.abs(vi - t).max())
+            l2.append(np.linalg.norm(vi - t))
+            cos.append(vi @ t)
+    return {"epsilon": float(np.mean(linf)), "std_linf": float(np.std(linf)), "mean_l2": float(np.mean(l2)),
+            "mean_cosine": float(np.mean(cos)), "n_pairs": len(linf)}
+
+
+def test_epsilon_is_the_papers_rule(any_encoder, photos):
+    encoder = any_encoder
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    assert len(paths) == 17 and all(len(c) == 5 for c in caps)
+    paths, caps = paths[:3], [c[:5] for c in caps[:3]]  # 15 pairs, as in the paper
+    stats = calibrate(encoder, paths, caps)
+    expected = hand_epsilon(encoder, paths, caps)
+    assert stats["n_pairs"] == 15 and stats["n_paired_images"] == 3
+    for key in ("epsilon", "std_linf", "mean_l2", "mean_cosine"):
+        assert stats[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    assert stats["mean_linf"] == stats["epsilon"] and stats["variance"] == pytest.approx(stats["epsilon"] ** 2)
+    assert stats["format"] == NOISE_FORMAT and stats["encoder"] == encoder.spec
+    assert stats["encoder_identity"] == encoder.identity and stats["dim"] == encoder.dim
+    assert "offset" not in stats  # centroids only with extra images
+    # PIL images work as well as paths
+    assert calibrate(encoder, [load_image(p) for p in paths], caps)["epsilon"] == pytest.approx(stats["epsilon"])
+
+
+def test_centroids_and_offset(encoder, photos):
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    pairs = paths[:4], caps[:4]
+    extra = list_images(folder)  # includes the 4 paired images: they count once
+    stats = calibrate(encoder, *pairs, extra_images=extra)
+    assert stats["n_images"] == 17 and stats["n_texts"] == 20
+    v = encoder.encode_image([load_image(p) for p in paths]).double()  # same order as list_images
+    t = encoder.encode_text([c for cs in caps[:4] for c in cs]).double()
+    image_mean = (v / v.norm(dim=-1, keepdim=True)).mean(0).numpy()
+    text_mean = (t / t.norm(dim=-1, keepdim=True)).mean(0).numpy()
+    assert np.allclose(stats["image_mean"], image_mean, atol=1e-6)
+    assert np.allclose(stats["text_mean"], text_mean, atol=1e-6)
+    assert np.allclose(stats["offset"], image_mean - text_mean, atol=1e-6)
+    assert stats["offset_norm"] == pytest.approx(float(np.linalg.norm(image_mean - text_mean)), rel=1e-6)
+    assert len(stats["offset"]) == encoder.dim
+
+
+def test_cli_writes_noise_file_that_round_trips(tiny_hf_clip, encoder, photos, tmp_path, capsys):
+    folder, captions = photos
+    out = tmp_path / "noise.json"
+    assert main(["-q", "calibrate", str(folder), "--captions", str(captions), "--encoder", tiny_hf_clip,
+                 "--device", "cpu", "--images", str(folder), "--max-pairs", "15", "--out", str(out)]) == 0
+    assert "ε = " in capsys.readouterr().out
+    raw = json.loads(out.read_text())
+    assert raw["n_pairs"] == 15 and raw["n_paired_images"] == 3 and raw["n_images"] == 17
+    noise = read_noise_file(out, encoder_identity=encoder.identity)
+    assert noise == raw  # nothing lost or changed on the way
+    assert noise["variance"] == pytest.approx(noise["epsilon"] ** 2) and len(noise["offset"]) == encoder.dim
+    paths, caps = read_pairs(folder, captions=captions)
+    assert noise["epsilon"] == pytest.approx(hand_epsilon(encoder, paths[:3], caps[:3])["epsilon"], rel=1e-6)
+
+
+def test_pairs_jsonl_with_relative_paths(tiny_hf_clip, photos, tmp_path):
+    folder, captions = photos
+    caps = json.loads(captions.read_text(encoding="utf-8"))
+    names = sorted(caps)[:2]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"image": n, "caption": c}) + "\n" for n in names for c in caps[n][:2]),
+                     encoding="utf-8")
+    paths, got = read_pairs(pairs, images_root=folder)
+    assert [p.name for p in paths] == names and got == [caps[n][:2] for n in names]
+    out = tmp_path / "noise.json"
+    assert main(["-q", "calibrate", str(pairs), "--images-root", str(folder), "--encoder", tiny_hf_clip,
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert read_noise_file(out)["n_pairs"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+def test_missing_image_names_line_and_path(tmp_path, photos, tiny_hf_clip, capsys):
+    folder, _ = photos
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"image": str(folder / "000000000785.jpg"), "caption": "a skier"}) + "\n"
+                     + json.dumps({"image": "nope.jpg", "caption": "a cat"}) + "\n")
+    with pytest.raises(InputError, match=r"pairs\.jsonl: line 2: image file not found: .*nope\.jpg"):
+        read_pairs(pairs)
+    assert main(["calibrate", str(pairs), "--encoder", tiny_hf_clip, "--out", str(tmp_path / "n.json")]) == 2
+    assert "nope.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_corrupt_image_is_a_clear_error(tmp_path, encoder):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(InputError, match=r"broken\.jpg: cannot read the image"):
+        calibrate(encoder, [bad], ["a caption"])
+    with pytest.raises(InputError, match="image file not found"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_empty_and_malformed_pairs_files(tmp_path, photos):
+    empty = tmp_path / "pairs.jsonl"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty"):
+        read_pairs(empty)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": "b.jpg", "caption": }\n')
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 2 column \d+: malformed JSON"):
+        read_pairs(bad)
+    nocap = tmp_path / "nocap.jsonl"
+    nocap.write_text(json.dumps({"image": "a.jpg", "caption": ""}) + "\n")
+    with pytest.raises(InputError, match=r"line 1: 'caption' must be a non-empty string"):
+        read_pairs(nocap)
+    folder, _ = photos
+    with pytest.raises(InputError, match="also give the captions file"):
+        read_pairs(folder)
+    other = tmp_path / "caps.json"
+    other.write_text(json.dumps({"unrelated.jpg": ["a cat"]}))
+    with pytest.raises(InputError, match="no image in .* has captions"):
+        read_pairs(folder, captions=other)
+    with pytest.raises(InputError, match="no image/caption pairs"):
+        calibrate(None, [], [])
+
+
+def test_noise_file_validation_and_encoder_mismatch(encoder, photos, tmp_path):
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    stats = calibrate(encoder, paths[:2], caps[:2], extra_images=paths[2:4])
+    good = tmp_path / "noise.json"
+    write_noise_file(good, stats)
+    # a different encoder (another CLIP's weights) is refused, naming the file
+    other = dict(encoder.identity, weights_sha256="0123456789abcdef")
+    with pytest.raises(EncoderMismatchError, match="noise file .*noise.json.*weights_sha256"):
+        read_noise_file(good, encoder_identity=other)
+    read_noise_file(good, encoder_identity=encoder.identity)
+
+    def broken(**changes) -> str:
+        path = tmp_path / "broken.json"
+        data = {k: v for k, v in dict(stats, **changes).items() if v is not None}
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    with pytest.raises(InputError, match="not a capdec noise file"):
+        read_noise_file(broken(format="something/else"))
+    with pytest.raises(InputError, match="'variance' must be a finite number"):
+        read_noise_file(broken(variance=-1.0))
+    with pytest.raises(InputError, match="neither 'variance' nor 'epsilon'"):
+        read_noise_file(broken(variance=None, epsilon=None))
+    with pytest.raises(InputError, match="'offset' has 3 values but the encoder dimension is 32"):
+        read_noise_file(broken(offset=[0.0, 1.0, 2.0]))
+    with pytest.raises(InputError, match="'offset' must be a non-empty list of finite numbers"):
+        read_noise_file(broken(offset=[0.0, "x"]))
+    (tmp_path / "trunc.json").write_text(good.read_text()[:200])
+    with pytest.raises(InputError, match=r"trunc\.json: line \d+ column \d+: malformed JSON"):
+        read_noise_file(tmp_path / "trunc.json")
+    with pytest.raises(InputError, match="noise file not found"):
+        read_noise_file(tmp_path / "absent.json")
+    # a hand-written minimal file: epsilon alone gives the variance
+    minimal = tmp_path / "minimal.json"
+    minimal.write_text(json.dumps({"format": NOISE_FORMAT, "epsilon": 0.1}))
+    got = read_noise_file(minimal)
+    assert math.isclose(got["variance"], 0.01) and got["epsilon"] == 0.1
+
+
+def test_folder_with_coco_annotations_as_captions(encoder, photos, tmp_path):
+    """A folder of images + a COCO annotation file: images match by file name / COCO id."""
+    folder, captions = photos
+    caps = json.loads(captions.read_text(encoding="utf-8"))
+    meta = json.loads((folder / "images_meta.json").read_text(encoding="utf-8"))
+    names = sorted(caps)[:3]
+    coco = {"images": [{"id": meta[n]["image_id"], "file_name": n} for n in names],
+            "annotations": [{"image_id": meta[n]["image_id"], "id": k, "caption": c}
+                            for k, (n, c) in enumerate((n, c) for n in names for c in caps[n])]}
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    sub = tmp_path / "imgs"
+    sub.mkdir()
+    for n in names + [sorted(caps)[5]]:  # one image without captions: warned about, not used
+        shutil.copy(folder / n, sub / n)
+    paths, got = read_pairs(sub, captions=ann)
+    assert [p.name for p in paths] == names and got == [caps[n] for n in names]
