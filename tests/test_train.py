@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from capdec.checkpoint import load_checkpoint
 from capdec.cli import main
-from capdec.train import epoch_order, lr_at, split_indices, TrainConfig
+from capdec.train import TrainConfig, epoch_order, lr_at, split_indices
 
 TINY_MAPPER = ["--prefix-length", "4", "--mapper-depth", "1", "--mapper-heads", "2", "--max-length", "24"]
 TINY_MODEL = [*TINY_MAPPER, "--lm-dim", "32", "--lm-depth", "2", "--lm-heads", "2", "--vocab-size", "400"]

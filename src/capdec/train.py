@@ -278,6 +278,7 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
     run_loss, run_n, t_log = 0.0, 0, time.time()
     order_epoch, order = -1, None
     bar = progress(total=total, initial=step, desc="train", show=show_progress)
+    t_seg = time.time()  # wall time since the last save, accumulated into state["seconds"]
     try:
         while step < total:
             epoch, within = divmod(step, steps_per_epoch)
@@ -315,7 +316,9 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
                 log.write(row)
             if step % save_every == 0 or step == total:
                 state = {"step": step, "total_steps": total, "train_loss": last_loss, "val_loss": val_loss,
-                         "peak_lr": peak, "warmup_steps": warmup}
+                         "peak_lr": peak, "warmup_steps": warmup,
+                         "seconds": state.get("seconds", 0.0) + time.time() - t_seg}
+                t_seg = time.time()
                 save_checkpoint(out_dir, model, training_state=state,
                                 optimizer_state={"optimizer": optimizer.state_dict(),
                                                  "scaler": scaler.state_dict() if scaler else None},

@@ -147,8 +147,9 @@ def run(args: argparse.Namespace) -> int:
     variance, offset, source = args.noise_variance, None, None
     if args.noise_file:
         from capdec.calibrate import read_noise_file
+        from capdec.store import EmbeddingStore
 
-        nf = read_noise_file(args.noise_file)
+        nf = read_noise_file(args.noise_file, encoder_identity=EmbeddingStore.open(args.stores[0]).encoder_identity)
         source = args.noise_file
         if variance is None:
             variance = float(nf["variance"])

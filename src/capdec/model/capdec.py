@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from capdec.errors import InputError
-from capdec.model.lm import lm_from_config, load_pretrained_lm, load_tokenizer, scratch_lm_config, train_tokenizer
+from capdec.model.lm import (
+    lm_from_config,
+    load_pretrained_lm,
+    load_tokenizer,
+    scratch_lm_config,
+    train_tokenizer,
+)
 from capdec.model.mapper import MLPMapper, RetrievalFusion, TransformerMapper
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,245 @@
+"""Toy-world experiments: train decoder variants on one budget and score them on held-out images.
+
+This is the measuring stick behind ``capdec demo`` (and its ``--compare``), ``capdec sweep`` and the
+method comparison: everything runs for real, offline, on the shipped mini-CLIP.
+
+- :func:`prepare_data` builds the text-only corpus (embedded with the CLIP *text* tower), held-out
+  test images with ≥5 references each (embedded with the *image* tower), and optionally paired
+  training images (for the supervised upper bound) and unlabelled images (for image means).
+- :func:`run_variant` trains one decoder (text-only with some noise, or supervised on image
+  embeddings) and evaluates it: COCO metrics with per-image bootstrap standard errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from capdec.checkpoint import InferenceConfig
+from capdec.decode import DecodeConfig
+from capdec.model import ModelConfig
+from capdec.noise import NoiseConfig, mean_embedding
+from capdec.train import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+REPORTED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def toy_model_config(**overrides: Any) -> ModelConfig:
+    """The small decoder used for toy-world experiments (fast on a CPU, ample for the grammar)."""
+    base = dict(mapper="transformer", prefix_length=6, mapper_depth=2, mapper_heads=4, lm_dim=128, lm_depth=2,
+                lm_heads=4, vocab_size=512, max_length=24, dropout=0.0)
+    return ModelConfig(**{**base, **overrides})
+
+
+@dataclass
+class ExperimentConfig:
+    """One toy-world experiment: data sizes, the shared training budget, decoding."""
+
+    seed: int = 0  # seeds the world's scenes and captions, and training
+    grammar: str = "default"  # caption grammar of the training corpus
+    test_grammar: str | None = None  # grammar of the test references (default: same as training)
+    n_captions: int = 20000  # text-only training captions
+    n_test: int = 300  # held-out test images (5 references each)
+    n_paired: int = 0  # paired training images for the supervised bound (0: none)
+    n_unlabelled: int = 0  # unlabelled training images (image mean for shifts and centering)
+    steps: int = 600  # training steps of every variant (one budget for all)
+    batch_size: int = 128
+    lr: float = 1e-3
+    noise_variance: float = 0.016  # CapDec's ε² (d=640 in the paper; the toy CLIP has d=128)
+    decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of toy_model_config()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ToyData:
+    """Everything a variant is trained and tested on (built once per experiment)."""
+
+    config: ExperimentConfig
+    encoder: Any
+    text_store: Any  # EmbeddingStore of the text-only corpus
+    test_images: list[Any]
+    test_embeddings: torch.Tensor  # (n_test, d) image embeddings
+    references: list[list[str]]
+    ids: list[str]
+    paired_store: Any = None  # EmbeddingStore of paired *image* embeddings and their captions
+    image_mean: torch.Tensor | None = None  # mean of unlabelled image embeddings
+    text_mean: torch.Tensor | None = None  # mean of the corpus text embeddings
+    seconds: float = 0.0
+
+
+def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any = None,
+                 show_progress: bool | None = None) -> ToyData:
+    """Generate and embed the corpus, the test set, and (if asked) paired and unlabelled images."""
+    from capdec import toyworld
+    from capdec.corpus import captions_from_list
+    from capdec.encoders import load_encoder
+    from capdec.store import EmbeddingStore
+
+    t0 = time.time()
+    workdir = Path(workdir)
+    encoder = encoder or load_encoder("toy", device="cpu")
+    logger.info("generating %d training captions (text only)", config.n_captions)
+    texts = list(toyworld.corpus(config.n_captions, seed=config.seed, split="train", grammar=config.grammar))
+    text_store = _embed_store(workdir / "text_store", captions_from_list(texts), encoder.encode_text, encoder,
+                              EmbeddingStore)
+
+    logger.info("rendering %d held-out test images", config.n_test)
+    images, refs = toyworld.test_set(config.n_test, seed=config.seed,
+                                     grammar=config.test_grammar or config.grammar)
+    test_emb = encoder.encode_image(images)
+    data = ToyData(config=config, encoder=encoder, text_store=text_store, test_images=images,
+                   test_embeddings=test_emb, references=refs, ids=[f"toy_{i:05d}" for i in range(len(images))],
+                   text_mean=mean_embedding(text_store.tensor()))
+    if config.n_paired:
+        logger.info("rendering %d paired training images (supervised bound)", config.n_paired)
+        p_images, p_caps = toyworld.paired(config.n_paired, seed=config.seed, split="train", grammar=config.grammar)
+        data.paired_store = _embed_store(workdir / "paired_store", captions_from_list(p_caps),
+                                         lambda _: encoder.encode_image(p_images), encoder, EmbeddingStore)
+    if config.n_unlabelled:
+        # unlabelled images of training scenes (another seed stream: no caption involved)
+        u_images, _ = toyworld.paired(config.n_unlabelled, seed=config.seed + 10_007, split="train")
+        data.image_mean = mean_embedding(encoder.encode_image(u_images))
+    data.seconds = time.time() - t0
+    return data
+
+
+def _embed_store(path: Path, corpus: Any, embed, encoder: Any, store_cls) -> Any:
+    if (path / "meta.json").is_file():
+        store = store_cls.open(path)
+        if store.captions == corpus.captions:
+            return store
+    emb = embed(corpus.captions)
+    return store_cls.from_arrays(corpus, emb, encoder=encoder).save(path, overwrite=True)
+
+
+@dataclass
+class VariantResult:
+    name: str
+    scores: dict[str, float | None]  # coco-caption metrics (×1)
+    se: dict[str, float]  # per-image bootstrap standard errors
+    predictions: list[str]
+    checkpoint: str
+    train_seconds: float
+    text_to_text: dict[str, float | None] | None = None
+    train_curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in REPORTED:
+            out[k] = self.scores.get(k)
+            if k in self.se:
+                out[f"{k}_se"] = self.se[k]
+        if self.text_to_text is not None:
+            out["text_to_text_CIDEr"] = self.text_to_text.get("CIDEr")
+        out["train_seconds"] = round(self.train_seconds, 1)
+        return out
+
+
+def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: bool = False,
+                  model: dict[str, Any] | None = None, inference: InferenceConfig | None = None,
+                  save_memory: bool = False, init_from: str | Path | None = None, stores: list[Any] | None = None,
+                  mix_weights: list[float] | None = None, steps: int | None = None,
+                  show_progress: bool | None = None) -> tuple[Path, float]:
+    """Train (or reuse a finished) checkpoint for one variant; returns (path, seconds)."""
+    from capdec.train import train
+
+    cfg = data.config
+    state_file = out / "training" / "state.json"
+    if state_file.is_file():  # a finished run of the same budget is reused (sweeps resume this way)
+        state = json.loads(state_file.read_text())
+        if state.get("step") == state.get("total_steps") == (steps or cfg.steps):
+            logger.info("reusing finished checkpoint %s", out)
+            return out, float(state.get("seconds", 0.0))
+    train_cfg = TrainConfig(epochs=10_000, max_steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                            seed=cfg.seed, val_fraction=0.02, val_max=500, eval_every=max(1, (steps or cfg.steps) // 4),
+                            save_every=steps or cfg.steps, log_every=20, save_memory=save_memory, device="cpu")
+    if stores is None:
+        stores = [data.paired_store if supervised else data.text_store]
+        if stores[0] is None:
+            raise ValueError("the supervised variant needs n_paired > 0")
+    model_cfg = None if init_from else toy_model_config(**{**cfg.model, **(model or {})})
+    result = train(stores, out, model_config=model_cfg, noise=noise, config=train_cfg, inference=inference,
+                   init_from=init_from, mix_weights=mix_weights, overwrite=True, show_progress=show_progress)
+    return out, result.seconds
+
+
+def evaluate_checkpoint(data: ToyData, ckpt: Path, name: str, *, train_seconds: float = 0.0,
+                        inference: dict[str, Any] | None = None, text_to_text: bool = False,
+                        references: list[list[str]] | None = None, embeddings: torch.Tensor | None = None,
+                        show_progress: bool | None = None) -> VariantResult:
+    """Caption the test images' embeddings with ``ckpt`` and score them (with bootstrap SEs)."""
+    from capdec.caption import Captioner
+
+    cfg = data.config
+    captioner = Captioner.from_pretrained(ckpt, encoder=data.encoder, device="cpu", **(inference or {}))
+    decode = DecodeConfig(**cfg.decode)
+    emb = data.test_embeddings if embeddings is None else embeddings
+    preds = captioner.caption_embeddings(emb, batch_size=128, show_progress=show_progress, **decode.to_dict())
+    refs = references or data.references
+    scores, se = score(preds, refs)
+    t2t = None
+    if text_to_text:
+        # decode the clean text embedding of one reference, score against the other references
+        first = data.encoder.encode_text([r[0] for r in refs])
+        t_preds = _decode_text(captioner, first, decode)
+        t2t, _ = score(t_preds, [r[1:] for r in refs])
+    curve = _read_curve(Path(ckpt))
+    return VariantResult(name=name, scores=scores, se=se, predictions=preds, checkpoint=str(ckpt),
+                         train_seconds=train_seconds, text_to_text=t2t, train_curve=curve)
+
+
+def _decode_text(captioner: Any, text_emb: torch.Tensor, decode: DecodeConfig) -> list[str]:
+    """Decode clean text embeddings (no image-side shift/projection: this is the text→text ceiling)."""
+    from capdec.decode import generate
+
+    ck = captioner.checkpoint
+    model = ck.model
+    q = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    if ck.noise.center and ck.noise.text_mean is not None:
+        q = torch.nn.functional.normalize(q - torch.tensor(ck.noise.text_mean), dim=-1)
+    extra = {}
+    if model.config.retrieval_k:
+        from capdec.retrieval import RetrievalContext
+
+        extra = RetrievalContext(captioner.memory or ck.memory, model)(q)
+    out: list[str] = []
+    with torch.inference_mode():
+        for s in range(0, len(q), 128):
+            sub = {k: v[s:s + 128] for k, v in extra.items()}
+            prefix = model.prefix(q[s:s + 128], **sub)
+            out.extend(model.decode_ids(generate(model, prefix, config=decode)))
+    return out
+
+
+def score(predictions: list[str], references: list[list[str]], *, n_boot: int = 1000,
+          seed: int = 0) -> tuple[dict[str, float | None], dict[str, float]]:
+    """coco-caption metrics of aligned predictions/references, and per-image bootstrap SEs."""
+    from capdec.metrics import bootstrap_se, evaluate
+
+    preds = {i: p for i, p in enumerate(predictions)}
+    refs = {i: r for i, r in enumerate(references)}
+    res = evaluate(preds, refs, per_image=True)
+    se = {k: bootstrap_se(v, n=n_boot, seed=seed) for k, v in res.per_image.items() if v}
+    return dict(res.scores), se
+
+
+def _read_curve(ckpt: Path) -> list[dict[str, Any]]:
+    path = ckpt / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
+
+
+def no_noise(noise: NoiseConfig | None = None) -> NoiseConfig:
+    return replace(noise or NoiseConfig(), variance=0.0)
