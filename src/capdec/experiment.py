@@ -193,7 +193,7 @@ def evaluate_checkpoint(data: ToyData, ckpt: Path, name: str, *, train_seconds: 
         # decode the clean text embedding of one reference, score against the other references
         first = data.encoder.encode_text([r[0] for r in refs])
         t_preds = _decode_text(captioner, first, decode)
-        t2t, _ = score(t_preds, [r[1:] for r in refs])
+        t2t, _ = score(t_preds, [r[1:] for r in refs], metrics=["CIDEr", "Bleu"])
     curve = _read_curve(Path(ckpt))
     return VariantResult(name=name, scores=scores, se=se, predictions=preds, checkpoint=str(ckpt),
                          train_seconds=train_seconds, text_to_text=t2t, train_curve=curve)
@@ -222,14 +222,14 @@ def _decode_text(captioner: Any, text_emb: torch.Tensor, decode: DecodeConfig) -
     return out
 
 
-def score(predictions: list[str], references: list[list[str]], *, n_boot: int = 1000,
-          seed: int = 0) -> tuple[dict[str, float | None], dict[str, float]]:
+def score(predictions: list[str], references: list[list[str]], *, n_boot: int = 1000, seed: int = 0,
+          metrics: list[str] | None = None) -> tuple[dict[str, float | None], dict[str, float]]:
     """coco-caption metrics of aligned predictions/references, and per-image bootstrap SEs."""
     from capdec.metrics import bootstrap_se, evaluate
 
     preds = {i: p for i, p in enumerate(predictions)}
     refs = {i: r for i, r in enumerate(references)}
-    res = evaluate(preds, refs, per_image=True)
+    res = evaluate(preds, refs, per_image=True, metrics=metrics)
     se = {k: bootstrap_se(v, n=n_boot, seed=seed) for k, v in res.per_image.items() if v}
     return dict(res.scores), se
 
