@@ -63,3 +63,13 @@ def tiny_gpt2_dir(tmp_path_factory, coco_caption_file) -> Path:
                                eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_store(tmp_path_factory, coco_caption_file, tiny_hf_clip) -> Path:
+    """An embedding store of 300 real COCO captions made with the tiny HF CLIP through the CLI."""
+    from capdec.cli import main
+
+    out = tmp_path_factory.mktemp("stores") / "hf"
+    assert main(["-q", "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip]) == 0
+    return out

@@ -27,13 +27,6 @@ def losses(ckpt: Path) -> tuple[list[float], list[float]]:
     return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-@pytest.fixture(scope="module")
-def hf_store(tmp_path_factory, coco_caption_file, tiny_hf_clip) -> Path:
-    out = tmp_path_factory.mktemp("stores") / "hf"
-    assert main(["-q", "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip]) == 0
-    return out
-
-
 # -- pure pieces ---------------------------------------------------------------------------------------
 def test_lr_schedule_warms_up_then_decays():
     lrs = [lr_at(s, peak=1.0, warmup=10, total=100, schedule="linear") for s in range(100)]

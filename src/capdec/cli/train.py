@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads_from_env()
     defaults = {a.dest: a.default for a in _parser_actions()}
     _apply_config_file(args, defaults)
+    _check_combinations(args)  # before reading any file: a refused combination costs nothing
 
     variance, offset, source = args.noise_variance, None, None
     if args.noise_file:
@@ -162,7 +163,6 @@ def run(args: argparse.Namespace) -> int:
     noise = NoiseConfig(variance=PAPER_VARIANCE if variance is None else variance,
                         distribution=args.noise_distribution, center=args.center, offset=offset, source=source)
 
-    _check_combinations(args)
     inference = InferenceConfig(project=args.project, tau=args.tau, project_k=args.project_k)
     if args.image_mean:
         from capdec.caption import read_vector
