@@ -61,6 +61,7 @@ def test_aggregate_and_verdict_on_hand_made_numbers():
 
     v = verdict(rows, "CIDEr", calibrated=0.012)
     assert v["best_variance"] == 1.6e-2 and v["best_mean"] == pytest.approx(1.12)
+    assert v["best_variance_per_seed"] == {"0": 1.6e-2, "1": 1.6e-2} and "Best per seed" in v["text"]
     # SE of each row ≈ 0.0245, of a difference ≈ 0.035: 4e-3 (−0.04) is out, 0.012 (−0.02) in, 4e-2 (−0.06) out
     assert v["within_1se"]["variances"] == [0.012, 1.6e-2]
     assert v["within_1se"]["range"] == [0.012, 1.6e-2] and v["within_1se"]["calibrated_in_range"] is True
@@ -70,7 +71,7 @@ def test_aggregate_and_verdict_on_hand_made_numbers():
     assert v["within_pct"]["epsilon_ratio"] == pytest.approx(math.sqrt(10.0))
     assert v["gain_over_no_noise"] == pytest.approx(1.12 - 0.82)
     assert v["calibrated_gap_to_best"] == pytest.approx(0.02)
-    assert "Best variance 0.016" in v["text"] and "inside it" in v["text"]
+    assert "Best variance 0.016" in v["text"] and "inside the range" in v["text"]
     assert v["claim"]["robust_over_10x"] is True and v["claim"]["calibrated_near_best"] is True
     # a calibrated value off the plateau is reported as outside
     assert verdict(rows, "CIDEr", calibrated=1e-1)["within_pct"]["calibrated_in_range"] is False
@@ -196,6 +197,7 @@ def test_tiny_sweep_through_cli_and_resume(tmp_path, tiny_clip, monkeypatch, cap
     assert summary["verdict"]["best_variance"] in (0.0, cal)
     md = (out / "sweep.md").read_text()
     assert md in printed + "\n" and "| 0 | 0 |" in md and "calibrated" in md
+    assert summary["decoder"]["max_length"] > 0 and "captions cut at" in md and "mini-CLIP weights sha256" in md
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
     for name in ("seed-0/var-0.0/model.safetensors", f"seed-0/var-{cal!r}/model.safetensors",
                  "results/seed-0_var-0.0.json"):

@@ -1,0 +1,85 @@
+"""``capdec sweep``: the noise-variance ablation, in the toy world."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "train and score decoders over a list of noise variances and seeds (toy world); table + plot"
+DESCRIPTION = """The ε ablation of CapDec, in the toy world (the only data source for now): for each seed,
+generate a text-only corpus and held-out test images, then for each noise variance ε² train a decoder on
+the same budget and score it (coco-caption metrics, per-image bootstrap SEs). Writes DIR/sweep.json,
+DIR/sweep.md (table: mean over seeds ± SE, per-seed values, best and calibrated rows, a verdict on how
+flat the curve is around the best) and DIR/sweep.png (metric vs variance, log x-axis). Resumable: rerun
+the same command and finished trainings and scores are reused; a rerun may add variances or seeds.
+--noise-file (a 'capdec calibrate' noise.json) or --calibrate-pairs N adds the calibrated variance."""
+
+logger = logging.getLogger("capdec.cli.sweep")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from capdec.sweep import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED
+
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
+    p.add_argument("--variances", nargs="+", type=float, default=list(DEFAULT_VARIANCES), metavar="V",
+                   help="noise variances ε² to train with (0 = no noise)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="S",
+                   help="seeds; each draws its own corpus, test set and training seed")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--noise-file", metavar="FILE",
+                     help="a noise.json from 'capdec calibrate' (toy encoder): its variance is added and marked "
+                          "as calibrated")
+    cal.add_argument("--calibrate-pairs", type=int, metavar="N",
+                     help=f"calibrate ε on the fly from N paired toy-world training images and captions "
+                          f"(scenes of seed {TOY_CALIBRATION_SEED}), write DIR/noise.json, add its variance")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every decoder (default 600)")
+    p.add_argument("--captions", type=int, default=None, help="text-only training captions per seed (default 20000)")
+    p.add_argument("--test-images", type=int, default=None, help="held-out test images per seed (default 300)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    p.add_argument("--strategy", choices=["beam", "greedy"], default="beam",
+                   help="decoding of the test images (beam: beam search of 3)")
+    p.add_argument("--metric", default="CIDEr", choices=["CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "Bleu_1"],
+                   help="the metric the verdict and plot use")
+    p.add_argument("--encoder", default="toy", metavar="SPEC",
+                   help="the mini-CLIP: toy (shipped weights) or toy:DIR (from 'capdec toyworld train-clip')")
+
+
+def run(args: argparse.Namespace) -> int:
+    from capdec.encoders import load_encoder
+    from capdec.errors import InputError
+    from capdec.experiment import ExperimentConfig
+    from capdec.sweep import calibrate_toy, check_variances, format_markdown, run_sweep
+    from capdec.utils import set_threads_from_env
+
+    set_threads_from_env()
+    check_variances(args.variances, "--variances")
+    for flag in ("steps", "captions", "test_images", "batch_size", "calibrate_pairs"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not args.encoder.split(":", 1)[0] == "toy":
+        raise InputError(f"--encoder {args.encoder!r}: capdec sweep runs in the toy world only; use toy or toy:DIR")
+
+    cfg = ExperimentConfig()
+    for flag, name in (("captions", "n_captions"), ("test_images", "n_test"), ("steps", "steps"),
+                       ("batch_size", "batch_size")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, name, getattr(args, flag))
+    if args.strategy == "greedy":
+        cfg.decode = {"strategy": "greedy"}
+    if args.noise_file:
+        from capdec.calibrate import read_noise_file
+
+        read_noise_file(args.noise_file)  # a bad file fails before any model is loaded
+    encoder = load_encoder(args.encoder, device="cpu")
+
+    calibrated = args.noise_file
+    if args.calibrate_pairs:
+        calibrated = calibrate_toy(encoder, args.calibrate_pairs)  # run_sweep writes it to DIR/noise.json
+        logger.info("calibrated from %d toy pairs: ε = %.5f, variance %.6f", calibrated["n_pairs"],
+                    calibrated["epsilon"], calibrated["variance"])
+    summary = run_sweep(args.out, variances=args.variances, seeds=args.seeds, config=cfg, calibrated=calibrated,
+                        metric=args.metric, encoder=encoder)
+    print(format_markdown(summary))
+    print(f"wrote {args.out}/sweep.json, sweep.md and sweep.png in {summary['seconds']:.0f} s")
+    return 0
