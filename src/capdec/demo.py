@@ -47,7 +47,7 @@ METHODS = ("projection", "capdec_projection", "centering", "retrieval", "retriev
 
 
 def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, compare: bool = False,
-             methods: Sequence[str] = (), show_progress: bool | None = None) -> dict[str, Any]:
+             methods: Sequence[str] = (), encoder: Any = None, show_progress: bool | None = None) -> dict[str, Any]:
     """Run the demo; writes ``metrics.json`` and ``report.html`` in ``out_dir`` and returns the metrics."""
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -61,7 +61,7 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
     needs_images = any(r in runs for r in ("shifted", "centering"))
     config = replace(config, n_paired=config.n_paired or (config.n_captions if "supervised" in runs else 0),
                      n_unlabelled=config.n_unlabelled or (1000 if needs_images else 0))
-    data = prepare_data(config, out_dir / "data", show_progress=show_progress)
+    data = prepare_data(config, out_dir / "data", encoder=encoder, show_progress=show_progress)
     logger.info("data ready in %.1fs: %d captions, %d test images", data.seconds, len(data.text_store),
                 len(data.test_images))
 
@@ -108,7 +108,8 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
         "results": {name: r.row() for name, r in results.items()},
         "descriptions": {name: DESCRIPTIONS[name] for name in results},
         "noise_variance": config.noise_variance,
-        "clip": _clip_card(),
+        "clip": _clip_card(data.encoder),
+        "encoder": data.encoder.spec,
         "config": config.to_dict(),
         "n_test_images": len(data.test_images),
         "seconds": round(time.time() - t0, 1),
@@ -119,13 +120,14 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
     return metrics
 
 
-def _clip_card() -> dict[str, Any]:
-    """The shipped mini-CLIP's card (retrieval accuracy and gap statistics), if present."""
+def _clip_card(encoder: Any) -> dict[str, Any]:
+    """The mini-CLIP's card (retrieval accuracy and gap statistics), if its weights directory has one."""
     from capdec.toyworld.miniclip import shipped_weights_dir
     from capdec.utils import read_json
 
-    for name in ("card.json", "miniclip.json", "model_card.json"):
-        p = shipped_weights_dir() / name
+    where = Path(encoder.spec.get("weights") or shipped_weights_dir())
+    for name in ("card.json",):
+        p = where / name
         if p.is_file():
             card = read_json(p)
             return card.get("stats", card)

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=[], choices=METHODS, metavar="METHOD",
                    help=f"later methods to add: {', '.join(METHODS)}")
     p.add_argument("--seed", type=int, default=0, help="seeds the world and training")
+    p.add_argument("--encoder", default="toy", help="toy-world CLIP: 'toy' (shipped) or 'toy:DIR' (e.g. from "
+                                                    "'capdec toyworld train-clip')")
     p.add_argument("--captions", type=int, default=None, help="training captions (default 20000)")
     p.add_argument("--test-images", type=int, default=None, help="held-out test images (default 300)")
     p.add_argument("--steps", type=int, default=None, help="training steps of each decoder (default 600)")
@@ -42,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
             setattr(cfg, field, getattr(args, flag))
     if args.strategy == "greedy":
         cfg.decode = {"strategy": "greedy"}
-    metrics = run_demo(args.out, config=cfg, compare=args.compare, methods=args.methods)
+    from capdec.encoders import load_encoder
+    from capdec.errors import InputError
+
+    if not args.encoder.split(":")[0] == "toy":
+        raise InputError("the demo runs in the toy world: --encoder must be 'toy' or 'toy:DIR'")
+    encoder = load_encoder(args.encoder, device="cpu")
+    metrics = run_demo(args.out, config=cfg, compare=args.compare, methods=args.methods, encoder=encoder)
     cols = ["CIDEr", "Bleu_4", "METEOR", "ROUGE_L"]
     print(f"{'run':<22}" + "".join(f"{c:>18}" for c in cols))
     for name, row in metrics["results"].items():
