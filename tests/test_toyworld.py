@@ -311,7 +311,7 @@ def toy_encoder():
 def test_shipped_encoder_loads_and_retrieves(toy_encoder):
     from capdec.encoders import load_encoder
     from capdec.toyworld.miniclip import WEIGHTS_FILE, shipped_weights_dir
-    from capdec.toyworld.stats import gap_stats
+    from capdec.toyworld.stats import gap_stats, hard_negative_stats
     from capdec.utils import sha256_file
 
     enc = toy_encoder
@@ -327,6 +327,9 @@ def test_shipped_encoder_loads_and_retrieves(toy_encoder):
     assert stats["text_to_image_r1"] > 0.6 and stats["image_to_text_r1"] > 0.6  # chance: 0.01
     assert stats["matched_cosine"] > stats["unmatched_cosine"] + 0.1
     assert stats["separability"] > 0.9  # a CLIP-like modality gap, not closed
+    # near-duplicates: it knows which colour goes with which shape, and where things are
+    hard = hard_negative_stats(enc.encode_image, enc.encode_text, n=100, seed=2024)
+    assert hard["swap_colours"] > 0.75 and hard["recolour"] > 0.9 and hard["move"] > 0.9, hard
     # images of another size are resized to the model's
     big = enc.encode_image([toyworld.render(toyworld.sample_scenes(1, 2024, "test")[0], 64)])
     assert torch.nn.functional.cosine_similarity(big, v[:1]).item() > 0.95
@@ -343,6 +346,7 @@ def test_shipped_card_records_how_and_how_well():
                 "separability"):
         assert key in card["stats"]
     assert card["stats"]["text_to_image_r1"] >= 0.8 and card["stats"]["separability"] >= 0.95
+    assert set(card["stats"]["hard_negative_accuracy"]) == {"swap_colours", "recolour", "reshape", "resize", "move"}
 
 
 # -- train-clip through the CLI -------------------------------------------------------------------
