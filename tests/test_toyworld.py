@@ -350,8 +350,8 @@ def test_shipped_card_records_how_and_how_well():
 
 
 # -- train-clip through the CLI -------------------------------------------------------------------
-TINY = ["--steps", "4", "--batch-size", "16", "--dim", "32", "--eval-every", "2", "--stats-pairs", "100",
-        "--save-every", "2"]
+TINY = ["--steps", "4", "--batch-size", "16", "--dim", "32", "--eval-every", "4", "--eval-pairs", "100",
+        "--stats-pairs", "100", "--stats-hard-negative-pairs", "10", "--save-every", "2"]
 
 
 def test_train_clip_cli_and_load(tmp_path, toy_encoder, capsys):
@@ -362,7 +362,7 @@ def test_train_clip_cli_and_load(tmp_path, toy_encoder, capsys):
     assert main(["-q", "toyworld", "train-clip", "--out", str(out), "--seed", "1", *TINY]) == 0
     assert "R@1 among 100" in capsys.readouterr().out
     card = json.loads((out / "card.json").read_text())
-    assert "--steps 4" in card["command"] and card["seed"] == 1 and len(card["history"]) == 2
+    assert "--steps 4" in card["command"] and card["seed"] == 1 and [h["step"] for h in card["history"]] == [4]
     assert not (out / "train_state.pt").exists()
     enc = load_encoder(f"toy:{out}", device="cpu")
     assert enc.dim == 32 and enc.encode_text(["a red circle"]).shape == (1, 32)
@@ -370,7 +370,8 @@ def test_train_clip_cli_and_load(tmp_path, toy_encoder, capsys):
         toy_encoder.check_compatible(enc.identity)
     # an existing model is not overwritten by accident
     assert main(["-q", "toyworld", "train-clip", "--out", str(out), *TINY]) == 2
-    assert main(["-q", "toyworld", "clip-stats", "--encoder", f"toy:{out}", "--n", "100", "--json"]) == 0
+    assert main(["-q", "toyworld", "clip-stats", "--encoder", f"toy:{out}", "--n", "100", "--hard-negative-pairs",
+                 "10", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs"] == 100
 
 
@@ -378,7 +379,7 @@ def test_train_clip_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     from capdec.toyworld import train_clip as T
     from capdec.toyworld.config import ClipTrainConfig, MiniCLIPConfig
 
-    cfg = ClipTrainConfig(steps=4, batch_size=8, eval_every=0, save_every=2, stats_pairs=100,
+    cfg = ClipTrainConfig(steps=4, batch_size=8, eval_every=0, save_every=2, stats_pairs=100, stats_hard_negative_pairs=0,
                           model=MiniCLIPConfig(dim=16, channels=(8, 8), image_hidden=16, text_width=16,
                                                text_layers=1, text_heads=2))
     T.train_clip(cfg, tmp_path / "straight")

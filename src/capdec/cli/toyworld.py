@@ -62,8 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fixed inverse temperature of the contrastive loss (CLIP ends training at 100); "
                         "it is not learned, so that a CLIP-like modality gap remains")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validation checks (0: never)")
+    p.add_argument("--eval-pairs", type=int, default=d.eval_pairs,
+                   help="validation pairs per check (multiple of 100)")
     p.add_argument("--save-every", type=int, default=d.save_every,
                    help="steps between resumable state saves (0: never)")
+    p.add_argument("--text-conv-kernel", type=int, default=d.model.text_conv_kernel,
+                   help="width of the word convolution before the text tower's attention (odd; 0: none, as in the "
+                        "shipped weights)")
     p.add_argument("--hard-negatives", type=float, default=d.hard_negatives,
                    help="fraction of each batch that are near-duplicates of other scenes in it (one colour, "
                         "shape, size or position changed, or two colours swapped)")
@@ -149,8 +154,10 @@ def _run_train_clip(args: argparse.Namespace) -> int:
     cfg = ClipTrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         seed=args.seed, grammar=args.grammar, hard_negatives=args.hard_negatives, eval_every=args.eval_every,
+        eval_pairs=args.eval_pairs,
         save_every=args.save_every, stats_pairs=args.stats_pairs,
-        stats_hard_negative_pairs=args.stats_hard_negative_pairs, model=MiniCLIPConfig(dim=args.dim, logit_scale=args.logit_scale, vocab=vocab),
+        stats_hard_negative_pairs=args.stats_hard_negative_pairs, model=MiniCLIPConfig(dim=args.dim, logit_scale=args.logit_scale, vocab=vocab,
+                                                  text_conv_kernel=args.text_conv_kernel),
     )
     # the fully resolved command (every option spelled out), so the card says exactly how to redo it
     command = "capdec toyworld train-clip " + shlex.join(_as_flags(args))
@@ -164,7 +171,7 @@ def _run_train_clip(args: argparse.Namespace) -> int:
 def _as_flags(args: argparse.Namespace) -> list[str]:
     flags = []
     for name in ("out", "seed", "steps", "batch_size", "lr", "warmup", "weight_decay", "dim", "logit_scale",
-                 "hard_negatives", "eval_every", "save_every", "stats_pairs", "stats_hard_negative_pairs",
+                 "hard_negatives", "eval_every", "eval_pairs", "save_every", "stats_pairs", "stats_hard_negative_pairs",
                  "grammar", "device"):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return flags  # --resume/--overwrite say how a run was started, not what it trains

@@ -32,6 +32,7 @@ from capdec.toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     DEFAULT_WORLD,
+    PERTURBATIONS,
     SHAPES,
     SIZES,
     SPLITS,
@@ -39,13 +40,14 @@ from capdec.toyworld.world import (
     ToyObject,
     WorldConfig,
     iter_scenes,
+    perturb_scene,
     sample_scenes,
     split_of,
 )
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "DEFAULT_GRAMMAR", "DEFAULT_WORLD", "SHAPES", "SIZES", "SPLITS", "Grammar", "Lexicon",
+    "BACKGROUNDS", "COLOURS", "DEFAULT_GRAMMAR", "DEFAULT_WORLD", "PERTURBATIONS", "SHAPES", "SIZES", "SPLITS", "Grammar", "Lexicon",
     "Scene", "ToyObject", "WorldConfig", "captions", "contact_sheet", "corpus", "get_grammar", "iter_scenes",
-    "list_grammars", "paired", "register_grammar", "render", "render_array", "sample_scenes", "split_of",
+    "list_grammars", "paired", "perturb_scene", "register_grammar", "render", "render_array", "sample_scenes", "split_of",
     "test_set", "tokenize_words",
 ]

@@ -69,7 +69,7 @@ class ClipTrainConfig:
     # hard negatives that teach colour-shape binding, sizes and positions
     hard_negatives: float = 0.25
     eval_every: int = 100  # steps between validation R@1 checks (0: never)
-    eval_pairs: int = 500  # val-split pairs for those checks
+    eval_pairs: int = 500  # val-split pairs for those checks (and a fifth as many near-duplicate pairs per kind)
     save_every: int = 100  # steps between resumable train_state.pt saves (0: never)
     stats_pairs: int = 1000  # test-split pairs for the final card statistics
     stats_hard_negative_pairs: int = 300  # test-split near-duplicate pairs per kind for the card (0: skip)

@@ -1,7 +1,8 @@
 """The mini-CLIP: a small conv image tower and a small text transformer in one embedding space.
 
-Read top to bottom: the word-level tokenizer, the config, the two towers, the model (with its
-contrastive loss), then saving and loading a weights directory.
+Read top to bottom: the word-level tokenizer, the two towers, the model (with its contrastive
+loss), then saving and loading a weights directory. The config (:class:`MiniCLIPConfig`) lives in
+:mod:`capdec.toyworld.config`, which does not import torch.
 
 Notation: b - batch, n - tokens, d - width, c - channels, h/w - spatial size.
 
@@ -27,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from capdec.errors import InputError
-from capdec.toyworld.config import MiniCLIPConfig
+from capdec.toyworld.config import MiniCLIPConfig  # noqa: F401  (re-exported: the model's config)
 from capdec.toyworld.grammar import tokenize_words
 from capdec.utils import read_json, sha256_file, write_json
 
@@ -190,7 +191,7 @@ class MiniCLIP(nn.Module):
         """
         if len(ids) < 2 * chunks:
             return self.text(ids)
-        order = (ids != PAD).sum(1).argsort()
+        order = (ids != PAD).sum(1).argsort(stable=True)
         out = torch.cat([self.text(ids[part]) for part in order.chunk(chunks)])
         return out[order.argsort()]
 

@@ -113,7 +113,7 @@ def _quick_eval(model: MiniCLIP, cfg: ClipTrainConfig) -> dict[str, float]:
     was_training = model.training
     model.eval()
     stats = clip_stats(lambda ims: embed_images(model, list(ims)), lambda ts: embed_texts(model, list(ts)),
-                       n=cfg.eval_pairs, seed=cfg.seed, split="val", hard_negatives=100)
+                       n=cfg.eval_pairs, seed=cfg.seed, split="val", hard_negatives=cfg.eval_pairs // 5)
     model.train(was_training)
     return _rounded({k: stats[k] for k in ("text_to_image_r1", "image_to_text_r1", "matched_cosine",
                                            "hard_negative_accuracy")})
