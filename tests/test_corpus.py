@@ -23,7 +23,7 @@ from capdec.errors import InputError
 
 DATA = Path(__file__).parent / "data"
 COCO_SAMPLE = DATA / "coco_captions_sample.json"
-SHARED_COCO = Path("/work/shared/data/coco/captions_val2017.json")
+SHARED_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco" / "captions_val2017.json"
 
 
 def write(path: Path, content: str | bytes) -> Path:
