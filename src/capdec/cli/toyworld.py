@@ -154,10 +154,10 @@ def _run_train_clip(args: argparse.Namespace) -> int:
     cfg = ClipTrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
         seed=args.seed, grammar=args.grammar, hard_negatives=args.hard_negatives, eval_every=args.eval_every,
-        eval_pairs=args.eval_pairs,
-        save_every=args.save_every, stats_pairs=args.stats_pairs,
-        stats_hard_negative_pairs=args.stats_hard_negative_pairs, model=MiniCLIPConfig(dim=args.dim, logit_scale=args.logit_scale, vocab=vocab,
-                                                  text_conv_kernel=args.text_conv_kernel),
+        eval_pairs=args.eval_pairs, save_every=args.save_every, stats_pairs=args.stats_pairs,
+        stats_hard_negative_pairs=args.stats_hard_negative_pairs,
+        model=MiniCLIPConfig(dim=args.dim, logit_scale=args.logit_scale, vocab=vocab,
+                             text_conv_kernel=args.text_conv_kernel),
     )
     # the fully resolved command (every option spelled out), so the card says exactly how to redo it
     command = "capdec toyworld train-clip " + shlex.join(_as_flags(args))
@@ -171,8 +171,8 @@ def _run_train_clip(args: argparse.Namespace) -> int:
 def _as_flags(args: argparse.Namespace) -> list[str]:
     flags = []
     for name in ("out", "seed", "steps", "batch_size", "lr", "warmup", "weight_decay", "dim", "logit_scale",
-                 "hard_negatives", "eval_every", "eval_pairs", "save_every", "stats_pairs", "stats_hard_negative_pairs",
-                 "grammar", "device"):
+                 "text_conv_kernel", "hard_negatives", "eval_every", "eval_pairs", "save_every", "stats_pairs",
+                 "stats_hard_negative_pairs", "grammar", "device"):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return flags  # --resume/--overwrite say how a run was started, not what it trains
 
