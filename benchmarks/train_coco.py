@@ -1,7 +1,7 @@
 """Benchmark: embed ~45k real COCO captions and train the from-scratch decoder on a fixed budget.
 
-Captions: COCO val2017 + the two val2014 subsets in ../shared/data/coco, deduplicated by annotation
-id. Encoder: a CLIP ViT-B/32-sized transformers model with *random* weights (no pretrained weights
+Captions: COCO val2017 + the first val2014 subset in ../shared/data/coco, deduplicated by annotation
+id (45,9xx captions; ``--all-subsets`` adds the second val2014 slice, ~67k). Encoder: a CLIP ViT-B/32-sized transformers model with *random* weights (no pretrained weights
 exist offline), saved to a temp dir with the real CLIP BPE tokenizer and loaded through ``hf:DIR``,
 the path a user's local copy takes. Prints one JSON object:
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import sys
@@ -30,9 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO = Path(os.environ.get("CAPDEC_COCO_DIR", ROOT.parent / "shared" / "data" / "coco"))
 
 
-def coco_captions(limit: int | None) -> list[str]:
+def coco_captions(limit: int | None, all_subsets: bool = False) -> list[str]:
     seen: dict[int, str] = {}
-    for name in ("captions_val2017.json", "captions_val2014_subset.json", "captions_val2014_subset2.json"):
+    names = ["captions_val2017.json", "captions_val2014_subset.json"]
+    if all_subsets:
+        names.append("captions_val2014_subset2.json")
+    for name in names:
         for ann in json.loads((COCO / name).read_text())["annotations"]:
             seen.setdefault(ann["id"], ann["caption"])
     caps = [seen[k] for k in sorted(seen)]
@@ -62,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--held-out", type=int, default=500, help="held-out captions for text→text CIDEr")
     p.add_argument("--limit", type=int, default=None, help="use only the first N captions (quick runs)")
+    p.add_argument("--all-subsets", action="store_true", help="also use the second val2014 slice (~67k captions)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default=None, help="keep artefacts here (default: a temp dir)")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
     from capdec.caption import Captioner
     from capdec.corpus import captions_from_list
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from capdec.train import TrainConfig, train
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="capdec-bench-"))
-    captions = coco_captions(args.limit)
+    captions = coco_captions(args.limit, args.all_subsets)
     held = captions[-args.held_out:]
     train_caps = captions[: -args.held_out]
     out: dict = {"captions": len(captions), "train_captions": len(train_caps), "held_out": len(held),

@@ -388,6 +388,28 @@ def test_meteor_process_is_closed_even_when_it_fails(monkeypatch):
     assert res.scores["Bleu_1"] is not None
 
 
+@needs_java
+def test_keep_scorers_open_reuses_one_meteor_jvm(monkeypatch):
+    opened = []
+    original = M._open_meteor
+
+    def spy():
+        opened.append(original())
+        return opened[-1]
+
+    monkeypatch.setattr(M, "_open_meteor", spy)
+    preds = [{1: "a dog runs", 2: "a red bus"}, {1: "two dogs", 2: "a bus on a street"}]
+    refs = {1: ["a dog runs on grass", "a brown dog"], 2: ["a red bus on a street", "a bus"]}
+    alone = [M.evaluate(p, refs, metrics="meteor").scores["METEOR"] for p in preds]
+    assert len(opened) == 2
+    opened.clear()
+    with M.keep_scorers_open():
+        shared = [M.evaluate(p, refs, metrics="meteor").scores["METEOR"] for p in preds]
+        assert len(opened) == 1 and opened[0].meteor_p.poll() is None  # still running between calls
+    assert shared == alone
+    assert opened[0].meteor_p is None  # closed on leaving the block
+
+
 # ---------------------------------------------------------------------------------------------
 # bootstrap, CLIPScore
 # ---------------------------------------------------------------------------------------------

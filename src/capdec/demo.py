@@ -25,6 +25,7 @@ from capdec.experiment import (
     prepare_data,
     train_variant,
 )
+from capdec.metrics import reusing_scorers
 from capdec.noise import NoiseConfig
 from capdec.utils import write_json
 
@@ -46,6 +47,7 @@ COMPARE = ("capdec", "no_noise", "supervised", "shifted")
 METHODS = ("projection", "capdec_projection", "centering", "retrieval", "retrieval_projection")
 
 
+@reusing_scorers
 def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, compare: bool = False,
              methods: Sequence[str] = (), encoder: Any = None, show_progress: bool | None = None) -> dict[str, Any]:
     """Run the demo; writes ``metrics.json`` and ``report.html`` in ``out_dir`` and returns the metrics."""

@@ -46,6 +46,8 @@ class ExperimentConfig:
     seed: int = 0  # seeds the world's scenes and captions, and training
     grammar: str = "default"  # caption grammar of the training corpus
     test_grammar: str | None = None  # grammar of the test references (default: same as training)
+    world: str = "default"  # scene distribution of the corpus (a name in capdec.toyworld.WORLDS)
+    test_world: str | None = None  # scene distribution of the test images (default: same as training)
     n_captions: int = 20000  # text-only training captions
     n_test: int = 300  # held-out test images (5 references each)
     n_paired: int = 0  # paired training images for the supervised bound (0: none)
@@ -90,25 +92,29 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
     workdir = Path(workdir)
     encoder = encoder or load_encoder("toy", device="cpu")
     logger.info("generating %d training captions (text only)", config.n_captions)
-    texts = list(toyworld.corpus(config.n_captions, seed=config.seed, split="train", grammar=config.grammar))
+    world = toyworld.get_world(config.world)
+    test_world = toyworld.get_world(config.test_world or config.world)
+    texts = list(toyworld.corpus(config.n_captions, seed=config.seed, split="train", grammar=config.grammar,
+                                 world=world))
     text_store = _embed_store(workdir / "text_store", captions_from_list(texts), encoder.encode_text, encoder,
                               EmbeddingStore)
 
     logger.info("rendering %d held-out test images", config.n_test)
     images, refs = toyworld.test_set(config.n_test, seed=config.seed,
-                                     grammar=config.test_grammar or config.grammar)
+                                     grammar=config.test_grammar or config.grammar, world=test_world)
     test_emb = encoder.encode_image(images)
     data = ToyData(config=config, encoder=encoder, text_store=text_store, test_images=images,
                    test_embeddings=test_emb, references=refs, ids=[f"toy_{i:05d}" for i in range(len(images))],
                    text_mean=mean_embedding(text_store.tensor()))
     if config.n_paired:
         logger.info("rendering %d paired training images (supervised bound)", config.n_paired)
-        p_images, p_caps = toyworld.paired(config.n_paired, seed=config.seed, split="train", grammar=config.grammar)
+        p_images, p_caps = toyworld.paired(config.n_paired, seed=config.seed, split="train", grammar=config.grammar,
+                                           world=world)
         data.paired_store = _embed_store(workdir / "paired_store", captions_from_list(p_caps),
                                          lambda _: encoder.encode_image(p_images), encoder, EmbeddingStore)
     if config.n_unlabelled:
         # unlabelled images of training scenes (another seed stream: no caption involved)
-        u_images, _ = toyworld.paired(config.n_unlabelled, seed=config.seed + 10_007, split="train")
+        u_images, _ = toyworld.paired(config.n_unlabelled, seed=config.seed + 10_007, split="train", world=world)
         data.image_mean = mean_embedding(encoder.encode_image(u_images))
     data.seconds = time.time() - t0
     return data
@@ -149,7 +155,7 @@ class VariantResult:
 def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: bool = False,
                   model: dict[str, Any] | None = None, inference: InferenceConfig | None = None,
                   save_memory: bool = False, init_from: str | Path | None = None, stores: list[Any] | None = None,
-                  mix_weights: list[float] | None = None, steps: int | None = None,
+                  mix_weights: list[float] | None = None, steps: int | None = None, lr: float | None = None,
                   show_progress: bool | None = None) -> tuple[Path, float]:
     """Train (or reuse a finished) checkpoint for one variant; returns (path, seconds)."""
     from capdec.train import train
@@ -161,7 +167,7 @@ def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: b
         if state.get("step") == state.get("total_steps") == (steps or cfg.steps):
             logger.info("reusing finished checkpoint %s", out)
             return out, float(state.get("seconds", 0.0))
-    train_cfg = TrainConfig(epochs=10_000, max_steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+    train_cfg = TrainConfig(epochs=10_000, max_steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=lr or cfg.lr,
                             seed=cfg.seed, val_fraction=0.02, val_max=500, eval_every=max(1, (steps or cfg.steps) // 4),
                             save_every=steps or cfg.steps, log_every=20, save_memory=save_memory, device="cpu")
     if stores is None:

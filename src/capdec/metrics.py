@@ -585,6 +585,38 @@ def resolve_metrics(metrics: str | Sequence[str] | None) -> list[str]:
     return [g for g in _GROUPS if g in groups]
 
 
+_SHARED: dict[str, Any] = {}  # scorers kept open by keep_scorers_open(): "depth", "meteor"
+
+
+@contextlib.contextmanager
+def keep_scorers_open():
+    """Reuse one METEOR JVM for every :func:`evaluate` inside the block (each start costs ~10 s).
+
+    Experiments that score many runs (``capdec demo --compare``, sweeps) wrap their loop in it.
+    """
+    _SHARED["depth"] = _SHARED.get("depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SHARED["depth"] -= 1
+        if not _SHARED["depth"]:
+            meteor = _SHARED.pop("meteor", None)
+            if meteor is not None:
+                meteor.close()
+
+
+def reusing_scorers(fn):
+    """Decorator: run ``fn`` inside :func:`keep_scorers_open`."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with keep_scorers_open():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _open_meteor():
     """pycocoevalcap's Meteor (JVM starts now), with a ``close()`` that always ends the process.
 
@@ -749,6 +781,8 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
         if "meteor" in groups:
             if java is None:
                 unavailable["METEOR"] = "Java is not installed (no 'java' on PATH); METEOR runs in the JVM"
+            elif _SHARED.get("depth"):  # inside keep_scorers_open(): one JVM for all calls
+                meteor = _SHARED.get("meteor") or _SHARED.setdefault("meteor", _open_meteor())
             else:  # the JVM loads its paraphrase table (~10 s) while Python tokenises and scores
                 meteor = _open_meteor()
         spice_reason = spice_unavailable_reason() if "spice" in groups else None
@@ -786,6 +820,8 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
             except Exception as e:  # the JVM died or refused: report it, keep the rest
                 logger.warning("METEOR failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
                 unavailable["METEOR"] = f"METEOR failed: {type(e).__name__}: {e}"
+                if _SHARED.get("meteor") is meteor:  # do not hand a broken JVM to the next call
+                    _SHARED.pop("meteor")
         if spice_future is not None:
             try:
                 with _timed("waiting for SPICE"):
@@ -794,7 +830,7 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
                 logger.warning("SPICE failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
                 unavailable["SPICE"] = f"SPICE failed: {type(e).__name__}: {e}"
     finally:
-        if meteor is not None:
+        if meteor is not None and _SHARED.get("meteor") is not meteor:
             meteor.close()
         pool.shutdown(wait=True)
 

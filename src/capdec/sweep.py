@@ -49,6 +49,7 @@ from capdec.experiment import (
     toy_model_config,
     train_variant,
 )
+from capdec.metrics import reusing_scorers
 from capdec.utils import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -324,6 +325,7 @@ def resolve_calibrated(calibrated: float | str | Path | dict[str, Any] | None, *
     return check_variances([calibrated], "calibrated")[0], "given"
 
 
+@reusing_scorers
 def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequence[int],
               config: ExperimentConfig | None = None,
               calibrated: float | str | Path | dict[str, Any] | None = None,

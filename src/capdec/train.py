@@ -420,10 +420,11 @@ def _init_from(path: str | os.PathLike, data: TextData, model_config: ModelConfi
                    what=f"--init-from checkpoint {path} (vs the embedding store)")
     model = load_checkpoint(path, device="cpu").model
     if model_config is not None:
-        want = ModelConfig.from_dict({**model_config.to_dict(), "lm_config": model.config.lm_config,
-                                      "embed_dim": model.config.embed_dim}).architecture()
-        have = model.config.architecture()
-        diffs = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
+        # every model option is the checkpoint's when fine-tuning; asking for another value is refused
+        want = {**model_config.to_dict(), "embed_dim": model.config.embed_dim}
+        have = model.config.to_dict()
+        diffs = {k: (have.get(k), want.get(k)) for k in set(have) | set(want)
+                 if k != "lm_config" and have.get(k) != want.get(k)}
         if diffs:
             raise InputError(f"--init-from {path}: its decoder architecture differs from the one asked for "
                              f"({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in sorted(diffs.items()))}); "

@@ -170,7 +170,14 @@ def run(args: argparse.Namespace) -> int:
         inference.image_mean = read_vector(args.image_mean, keys=("image_mean",))
 
     given = {f: getattr(args, a) for a, f in _MODEL_FLAGS.items() if getattr(args, a) is not None}
-    model_config = ModelConfig(**given) if (given or not args.init_from) else None
+    if args.init_from and given:
+        # flags not given take the checkpoint's values, so only the ones given can conflict with it
+        from capdec.checkpoint import read_config
+
+        recorded = ModelConfig.from_dict(read_config(args.init_from)["model"]).to_dict()
+        model_config = ModelConfig.from_dict({**recorded, **given})
+    else:
+        model_config = ModelConfig(**given) if (given or not args.init_from) else None
     args.save_memory = args.save_memory or args.project
     train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                                   if hasattr(args, f.name) and f.name != "val_max"})

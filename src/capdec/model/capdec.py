@@ -78,17 +78,6 @@ class ModelConfig:
             logger.warning("ignoring unknown model config fields: %s", ", ".join(sorted(unknown)))
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def architecture(self) -> dict[str, Any]:
-        """The fields that must agree for weights to be loadable into another model (for --init-from)."""
-        keys = ("embed_dim", "mapper", "prefix_length", "clip_length", "mapper_depth", "mapper_heads", "retrieval_k",
-                "entity_slots")
-        arch = {k: getattr(self, k) for k in keys}
-        lm = dict(self.lm_config or {})
-        for k in ("model_type", "vocab_size", "n_embd", "hidden_size", "n_layer", "num_hidden_layers", "n_head"):
-            if k in lm:
-                arch[f"lm.{k}"] = lm[k]
-        return arch
-
 
 class CapDecModel(nn.Module):
     """Prefix mapper + causal LM. ``forward`` returns the caption cross-entropy."""

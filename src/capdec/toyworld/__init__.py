@@ -19,6 +19,7 @@ from __future__ import annotations
 from capdec.toyworld.data import corpus, paired, test_set
 from capdec.toyworld.grammar import (
     DEFAULT_GRAMMAR,
+    STYLES,
     Grammar,
     Lexicon,
     captions,
@@ -36,9 +37,11 @@ from capdec.toyworld.world import (
     SHAPES,
     SIZES,
     SPLITS,
+    WORLDS,
     Scene,
     ToyObject,
     WorldConfig,
+    get_world,
     iter_scenes,
     perturb_scene,
     sample_scenes,
@@ -46,8 +49,8 @@ from capdec.toyworld.world import (
 )
 
 __all__ = [
-    "BACKGROUNDS", "COLOURS", "DEFAULT_GRAMMAR", "DEFAULT_WORLD", "PERTURBATIONS", "SHAPES", "SIZES", "SPLITS", "Grammar", "Lexicon",
-    "Scene", "ToyObject", "WorldConfig", "captions", "contact_sheet", "corpus", "get_grammar", "iter_scenes",
+    "BACKGROUNDS", "COLOURS", "DEFAULT_GRAMMAR", "DEFAULT_WORLD", "PERTURBATIONS", "SHAPES", "SIZES", "SPLITS", "STYLES", "WORLDS", "Grammar", "Lexicon",
+    "Scene", "ToyObject", "WorldConfig", "captions", "contact_sheet", "corpus", "get_grammar", "get_world", "iter_scenes",
     "list_grammars", "paired", "perturb_scene", "register_grammar", "render", "render_array", "sample_scenes", "split_of",
     "test_set", "tokenize_words",
 ]

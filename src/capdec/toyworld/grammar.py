@@ -169,6 +169,7 @@ class Grammar:
     openers: tuple[str, ...] = ()  # a styled grammar's lead-in phrases ("what a lovely sight:")
     closers: tuple[str, ...] = ()  # ... and closing phrases ("all in perfect harmony")
     p_styled: float = 0.0  # chance of adding an opener and/or closer
+    p_both: float = 0.0  # given a styled caption with both kinds available: chance of opener *and* closer
 
     def replace(self, **changes) -> Grammar:
         return replace(self, **changes)
@@ -258,7 +259,9 @@ class Grammar:
         family = rng.choices(list(usable), weights=list(usable.values()))[0]
         text = FAMILIES[family].build(self, scene, rng)
         if self.p_styled and rng.random() < self.p_styled:
-            if self.openers and (not self.closers or rng.random() < 0.5):
+            if self.openers and self.closers and rng.random() < self.p_both:
+                text = f"{rng.choice(self.openers)} {text} {rng.choice(self.closers)}"
+            elif self.openers and (not self.closers or rng.random() < 0.5):
                 text = f"{rng.choice(self.openers)} {text}"
             else:
                 text = f"{text} {rng.choice(self.closers)}"
@@ -397,6 +400,69 @@ _GRAMMARS: dict[str, Grammar] = {
     "descriptive": Grammar("descriptive", families=_frozen({"positions": 2.0, "relation": 1.0, "count": 1.0}),
                            p_size=1.0, p_position=1.0, p_background=1.0),
 }
+
+
+# -- styles: the facts of "default", said romantically or humorously (FlickrStyle10K's two styles) --
+# Styled phrases wrap the caption (openers, closers) and replace the relation words by styled ones
+# that keep the relation ("watching over" is still above). A styled caption is as true as a factual one.
+def _styled_lexicon(relations: dict[str, tuple[str, ...]], pairs: dict[str, tuple[str, ...]]) -> Lexicon:
+    return replace(Lexicon(), relations=_frozen(relations), pair_relations=_frozen(pairs))
+
+
+_GRAMMARS["romantic"] = Grammar(
+    "romantic",
+    lexicon=_styled_lexicon(
+        relations={"left": ("waiting to the left of", "dreaming to the left of"),
+                   "right": ("longing to the right of", "waiting to the right of"),
+                   "above": ("watching tenderly over", "gazing down above"),
+                   "below": ("resting softly below", "sighing beneath"),
+                   "adjacent": ("cuddling up next to", "holding close beside")},
+        pairs={"horizontal": ("side by side like lovers", "holding hands side by side"),
+               "vertical": ("one dreaming above the other", "stacked in a tender embrace")}),
+    openers=("in a dreamy moment,", "lovingly,", "under a soft glow,", "like a love letter,",
+             "in a tender scene,", "with all my heart,"),
+    closers=("in perfect harmony", "waiting for true love", "dreaming of each other", "sharing a tender moment",
+             "together forever", "longing for a sweet embrace", "as the evening falls gently"),
+    p_styled=1.0, p_both=0.3)
+
+_GRAMMARS["humorous"] = Grammar(
+    "humorous",
+    lexicon=_styled_lexicon(
+        relations={"left": ("sneaking to the left of", "hiding to the left of"),
+                   "right": ("showing off to the right of", "sulking to the right of"),
+                   "above": ("bossing around from above", "floating smugly over"),
+                   "below": ("grumbling below", "stuck under"),
+                   "adjacent": ("awkwardly standing next to", "photobombing beside")},
+        pairs={"horizontal": ("side by side like two nerds", "racing side by side"),
+               "vertical": ("doing a balancing act one above the other", "piled up like pancakes")}),
+    openers=("believe it or not,", "breaking news:", "plot twist:", "in a hilarious turn of events,",
+             "nobody asked, but", "guess what,"),
+    closers=("looking rather confused", "pretending to be a pizza", "probably up to no good",
+             "having a silly dance party", "trying very hard to look cool", "arguing about who is bigger",
+             "waiting for the punchline"),
+    p_styled=1.0, p_both=0.3)
+
+STYLES: tuple[str, ...] = ("romantic", "humorous")
+
+
+# -- domains: Flickr30k-like captions beside the COCO-like "default" --------------------------------
+# Longer sentences that state places and sizes, another intro habit, and other preferred words for the
+# same things (only words of the default lexicon, which the mini-CLIP knows).
+_GRAMMARS["flickr"] = Grammar(
+    "flickr",
+    lexicon=replace(
+        Lexicon(),
+        shapes=_frozen({"circle": (("disc", "discs"), ("dot", "dots")), "square": (("box", "boxes"),),
+                        "triangle": (("triangle", "triangles"),), "diamond": (("rhombus", "rhombuses"),),
+                        "cross": (("plus sign", "plus signs"),)}),
+        colours=_frozen({"red": ("red",), "orange": ("orange",), "yellow": ("yellow",), "green": ("green",),
+                         "blue": ("blue",), "purple": ("violet",), "pink": ("pink",)}),
+        backgrounds=_frozen({"white": ("white",), "gray": ("grey",), "black": ("dark",)}),
+        sizes=_frozen({"small": ("little", "tiny"), "large": ("big",)}),
+        intros=("we can see", "there is", "this picture shows", ""),
+    ),
+    families=_frozen({"positions": 2.0, "relation": 2.0, "count": 1.0, "background": 1.0}),
+    p_size=0.8, p_position=0.8, p_background=0.6)
 
 
 def register_grammar(grammar: Grammar, *, overwrite: bool = False) -> None:

@@ -131,6 +131,21 @@ class WorldConfig:
 
 DEFAULT_WORLD = WorldConfig()
 
+#: named worlds (scene distributions). "busy" is the Flickr30k-like domain's: busier scenes on grey or
+#: dark backgrounds, more repeated objects.
+WORLDS: dict[str, WorldConfig] = {
+    "default": DEFAULT_WORLD,
+    "busy": WorldConfig(backgrounds=("gray", "black"), count_weights=(0.25, 1.0, 1.5), p_repeat=0.4),
+}
+
+
+def get_world(world: str | WorldConfig) -> WorldConfig:
+    if isinstance(world, WorldConfig):
+        return world
+    if world not in WORLDS:
+        raise InputError(f"unknown world {world!r}; known: {', '.join(sorted(WORLDS))}")
+    return WORLDS[world]
+
 
 def random_scene(rng: random.Random, world: WorldConfig = DEFAULT_WORLD) -> Scene:
     """Draw one scene (objects in distinct cells)."""
