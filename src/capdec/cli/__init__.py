@@ -36,7 +36,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command``, only that subcommand's options are built (the others are
+    listed by name and help only, so ``capdec train ...`` does not import what ``demo`` needs)."""
     parser = argparse.ArgumentParser(
         prog="capdec",
         description="Text-only image captioning (CapDec): train a captioner from sentences alone, "
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=HelpFormatter)
-        mod.add_arguments(p)
+        if command is None or name == command:
+            mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -73,7 +76,11 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # options before the command are flags without values (-q, -v, --version), so the command is the
+    # first other word; "capdec --help" then builds no subcommand's options (demo/sweep import torch)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     try:
         return int(args._run(args) or 0)
