@@ -327,11 +327,11 @@ def test_shipped_encoder_loads_and_retrieves(toy_encoder):
     assert stats["text_to_image_r1"] > 0.6 and stats["image_to_text_r1"] > 0.6  # chance: 0.01
     assert stats["matched_cosine"] > stats["unmatched_cosine"] + 0.1
     assert stats["separability"] > 0.9  # a CLIP-like modality gap, not closed
-    # near-duplicates: a changed colour, shape or place is noticed. (Colour-shape binding, "swap_colours",
-    # is at chance for the shipped weights, which were trained without near-duplicate pairs; models
-    # trained with train-clip's defaults reach about 0.9 there.)
+    # near-duplicates: a changed colour, shape, size or place is noticed, and so is which colour goes with
+    # which shape ("swap_colours": the shipped weights were trained with near-duplicate negatives)
     hard = hard_negative_stats(enc.encode_image, enc.encode_text, n=100, seed=2024)
-    assert hard["recolour"] > 0.9 and hard["reshape"] > 0.8 and hard["move"] > 0.9, hard
+    assert hard["recolour"] > 0.9 and hard["reshape"] > 0.85 and hard["move"] > 0.9, hard
+    assert hard["swap_colours"] > 0.8 and hard["resize"] > 0.8, hard
     # images of another size are resized to the model's
     big = enc.encode_image([toyworld.render(toyworld.sample_scenes(1, 2024, "test")[0], 64)])
     assert torch.nn.functional.cosine_similarity(big, v[:1]).item() > 0.95

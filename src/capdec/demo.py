@@ -80,8 +80,10 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
 
     def evaluate(name: str, ckpt: tuple[Path, float], **kw: Any) -> None:
         logger.info("captioning and scoring %s", name)
-        results[name] = evaluate_checkpoint(data, ckpt[0], name, train_seconds=ckpt[1], show_progress=show_progress,
-                                            **kw)
+        results[name] = r = evaluate_checkpoint(data, ckpt[0], name, train_seconds=ckpt[1],
+                                                show_progress=show_progress, **kw)
+        logger.info("%s: CIDEr %.3f ± %.3f, BLEU-4 %.3f", name, r.scores.get("CIDEr") or 0.0, r.se.get("CIDEr", 0.0),
+                    r.scores.get("Bleu_4") or 0.0)
 
     memory_needed = any(r in runs for r in ("projection", "capdec_projection", "retrieval_projection"))
     for name in runs:
