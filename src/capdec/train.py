@@ -178,7 +178,9 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
     """Train a CapDec decoder on caption embeddings; returns where the checkpoint is.
 
     ``encoder``: optional spec or Encoder the stores must have been made with (checked, not used).
-    ``init_from``: start from a trained checkpoint's weights (fine-tuning, e.g. on a styled corpus).
+    ``init_from``: start from a trained checkpoint's weights, architecture and tokenizer (fine-tuning, e.g.
+    on a styled corpus); leave ``model_config`` None, or give one equal to the checkpoint's (else refused).
+    ``mix_weights``: one sampling weight per store (a store's captions share its weight equally).
     ``resume``: continue the run whose checkpoint is ``out_dir`` with its recorded configuration.
     ``overwrite``: replace an existing checkpoint at ``out_dir`` (it is kept until the first save).
     """
