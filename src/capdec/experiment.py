@@ -86,7 +86,6 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
     from capdec import toyworld
     from capdec.corpus import captions_from_list
     from capdec.encoders import load_encoder
-    from capdec.store import EmbeddingStore
 
     t0 = time.time()
     workdir = Path(workdir)
@@ -96,8 +95,7 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
     test_world = toyworld.get_world(config.test_world or config.world)
     texts = list(toyworld.corpus(config.n_captions, seed=config.seed, split="train", grammar=config.grammar,
                                  world=world))
-    text_store = _embed_store(workdir / "text_store", captions_from_list(texts), encoder.encode_text, encoder,
-                              EmbeddingStore)
+    text_store = embed_store(workdir / "text_store", captions_from_list(texts), encoder.encode_text, encoder)
 
     logger.info("rendering %d held-out test images", config.n_test)
     images, refs = toyworld.test_set(config.n_test, seed=config.seed,
@@ -110,8 +108,8 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
         logger.info("rendering %d paired training images (supervised bound)", config.n_paired)
         p_images, p_caps = toyworld.paired(config.n_paired, seed=config.seed, split="train", grammar=config.grammar,
                                            world=world)
-        data.paired_store = _embed_store(workdir / "paired_store", captions_from_list(p_caps),
-                                         lambda _: encoder.encode_image(p_images), encoder, EmbeddingStore)
+        data.paired_store = embed_store(workdir / "paired_store", captions_from_list(p_caps),
+                                        lambda _: encoder.encode_image(p_images), encoder)
     if config.n_unlabelled:
         # unlabelled images of training scenes (another seed stream: no caption involved)
         u_images, _ = toyworld.paired(config.n_unlabelled, seed=config.seed + 10_007, split="train", world=world)
@@ -120,13 +118,17 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
     return data
 
 
-def _embed_store(path: Path, corpus: Any, embed, encoder: Any, store_cls) -> Any:
+def embed_store(path: Path, corpus: Any, embed, encoder: Any) -> Any:
+    """The embedding store of ``corpus`` at ``path`` (reused when it holds the same captions);
+    ``embed`` maps the captions to their embeddings (text or paired image embeddings)."""
+    from capdec.store import EmbeddingStore
+
     if (path / "meta.json").is_file():
-        store = store_cls.open(path)
+        store = EmbeddingStore.open(path)
         if store.captions == corpus.captions:
             return store
     emb = embed(corpus.captions)
-    return store_cls.from_arrays(corpus, emb, encoder=encoder).save(path, overwrite=True)
+    return EmbeddingStore.from_arrays(corpus, emb, encoder=encoder).save(path, overwrite=True)
 
 
 @dataclass

@@ -782,7 +782,9 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
             if java is None:
                 unavailable["METEOR"] = "Java is not installed (no 'java' on PATH); METEOR runs in the JVM"
             elif _SHARED.get("depth"):  # inside keep_scorers_open(): one JVM for all calls
-                meteor = _SHARED.get("meteor") or _SHARED.setdefault("meteor", _open_meteor())
+                if "meteor" not in _SHARED:
+                    _SHARED["meteor"] = _open_meteor()
+                meteor = _SHARED["meteor"]
             else:  # the JVM loads its paraphrase table (~10 s) while Python tokenises and scores
                 meteor = _open_meteor()
         spice_reason = spice_unavailable_reason() if "spice" in groups else None

@@ -23,7 +23,7 @@ from typing import Any
 from capdec.experiment import (
     ExperimentConfig,
     VariantResult,
-    _embed_store,
+    embed_store,
     evaluate_checkpoint,
     prepare_data,
     train_variant,
@@ -65,8 +65,7 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
                encoder: Any = None, show_progress: bool | None = None) -> dict[str, Any]:
     """Style table: for each style, factual vs style-only vs factual + fine-tuning. Writes metrics.json, report.html."""
     from capdec.corpus import captions_from_list
-    from capdec.store import EmbeddingStore
-    from capdec.toyworld import STYLES, corpus, test_set
+    from capdec.toyworld import STYLES, captions, corpus, sample_scenes
     from capdec.toyworld.styles import train_style_classifier
 
     t0 = time.time()
@@ -77,6 +76,7 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
     finetune_lr = finetune_lr or config.lr / 2
     data = prepare_data(config, out_dir / "data", encoder=encoder, show_progress=show_progress)
     encoder = data.encoder
+    test_scenes = sample_scenes(config.n_test, config.seed, "test")
     classifier = train_style_classifier(seed=config.seed, styles=styles)
     noise = NoiseConfig(variance=config.noise_variance)
     logger.info("training the factual decoder (%d captions, %d steps)", len(data.text_store), config.steps)
@@ -88,9 +88,10 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
     classifier_check: dict[str, float] = {}
     for style in styles:
         texts = list(corpus(n_style, seed=config.seed, split="train", grammar=style))
-        store = _embed_store(out_dir / "data" / f"{style}_store", captions_from_list(texts), encoder.encode_text,
-                             encoder, EmbeddingStore)
-        _, refs = test_set(config.n_test, seed=config.seed, grammar=style)
+        store = embed_store(out_dir / "data" / f"{style}_store", captions_from_list(texts), encoder.encode_text,
+                            encoder)
+        # the test images' references, in this style (the scenes of test_set; no need to render them again)
+        refs = [captions(scene, 5, seed=config.seed, grammar=style) for scene in test_scenes]
         style_refs[style] = refs
         classifier_check[style] = classifier.accuracy([r for rs in refs for r in rs], style)
         logger.info("%s: training on %d styled sentences only (%d steps)", style, len(texts), config.steps)

@@ -174,8 +174,7 @@ def run(args: argparse.Namespace) -> int:
         # flags not given take the checkpoint's values, so only the ones given can conflict with it
         from capdec.checkpoint import read_config
 
-        recorded = ModelConfig.from_dict(read_config(args.init_from)["model"]).to_dict()
-        model_config = ModelConfig.from_dict({**recorded, **given})
+        model_config = ModelConfig.from_dict({**read_config(args.init_from)["model"], **given})
     else:
         model_config = ModelConfig(**given) if (given or not args.init_from) else None
     args.save_memory = args.save_memory or args.project

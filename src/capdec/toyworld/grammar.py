@@ -405,42 +405,41 @@ _GRAMMARS: dict[str, Grammar] = {
 # -- styles: the facts of "default", said romantically or humorously (FlickrStyle10K's two styles) --
 # Styled phrases wrap the caption (openers, closers) and replace the relation words by styled ones
 # that keep the relation ("watching over" is still above). A styled caption is as true as a factual one.
-def _styled_lexicon(relations: dict[str, tuple[str, ...]], pairs: dict[str, tuple[str, ...]]) -> Lexicon:
-    return replace(Lexicon(), relations=_frozen(relations), pair_relations=_frozen(pairs))
+def _styled(name: str, *, relations: dict[str, tuple[str, ...]], pairs: dict[str, tuple[str, ...]],
+            openers: tuple[str, ...], closers: tuple[str, ...]) -> Grammar:
+    """The default grammar with styled relation phrases; every caption gets an opener and/or a closer."""
+    lexicon = replace(Lexicon(), relations=_frozen(relations), pair_relations=_frozen(pairs))
+    return Grammar(name, lexicon=lexicon, openers=openers, closers=closers, p_styled=1.0, p_both=0.3)
 
 
-_GRAMMARS["romantic"] = Grammar(
+_GRAMMARS["romantic"] = _styled(
     "romantic",
-    lexicon=_styled_lexicon(
-        relations={"left": ("waiting to the left of", "dreaming to the left of"),
-                   "right": ("longing to the right of", "waiting to the right of"),
-                   "above": ("watching tenderly over", "gazing down above"),
-                   "below": ("resting softly below", "sighing beneath"),
-                   "adjacent": ("cuddling up next to", "holding close beside")},
-        pairs={"horizontal": ("side by side like lovers", "holding hands side by side"),
-               "vertical": ("one dreaming above the other", "stacked in a tender embrace")}),
+    relations={"left": ("waiting to the left of", "dreaming to the left of"),
+               "right": ("longing to the right of", "waiting to the right of"),
+               "above": ("watching tenderly over", "gazing down above"),
+               "below": ("resting softly below", "sighing beneath"),
+               "adjacent": ("cuddling up next to", "holding close beside")},
+    pairs={"horizontal": ("side by side like lovers", "holding hands side by side"),
+           "vertical": ("one dreaming above the other", "stacked in a tender embrace")},
     openers=("in a dreamy moment,", "lovingly,", "under a soft glow,", "like a love letter,",
              "in a tender scene,", "with all my heart,"),
     closers=("in perfect harmony", "waiting for true love", "dreaming of each other", "sharing a tender moment",
-             "together forever", "longing for a sweet embrace", "as the evening falls gently"),
-    p_styled=1.0, p_both=0.3)
+             "together forever", "longing for a sweet embrace", "as the evening falls gently"))
 
-_GRAMMARS["humorous"] = Grammar(
+_GRAMMARS["humorous"] = _styled(
     "humorous",
-    lexicon=_styled_lexicon(
-        relations={"left": ("sneaking to the left of", "hiding to the left of"),
-                   "right": ("showing off to the right of", "sulking to the right of"),
-                   "above": ("bossing around from above", "floating smugly over"),
-                   "below": ("grumbling below", "stuck under"),
-                   "adjacent": ("awkwardly standing next to", "photobombing beside")},
-        pairs={"horizontal": ("side by side like two nerds", "racing side by side"),
-               "vertical": ("doing a balancing act one above the other", "piled up like pancakes")}),
+    relations={"left": ("sneaking to the left of", "hiding to the left of"),
+               "right": ("showing off to the right of", "sulking to the right of"),
+               "above": ("bossing around from above", "floating smugly over"),
+               "below": ("grumbling below", "stuck under"),
+               "adjacent": ("awkwardly standing next to", "photobombing beside")},
+    pairs={"horizontal": ("side by side like two nerds", "racing side by side"),
+           "vertical": ("doing a balancing act one above the other", "piled up like pancakes")},
     openers=("believe it or not,", "breaking news:", "plot twist:", "in a hilarious turn of events,",
              "nobody asked, but", "guess what,"),
     closers=("looking rather confused", "pretending to be a pizza", "probably up to no good",
              "having a silly dance party", "trying very hard to look cool", "arguing about who is bigger",
-             "waiting for the punchline"),
-    p_styled=1.0, p_both=0.3)
+             "waiting for the punchline"))
 
 STYLES: tuple[str, ...] = ("romantic", "humorous")
 
