@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from capdec.cli import main
+from capdec.toyworld.config import TOY_NOISE_VARIANCE
 
 TINY = ["--captions", "400", "--test-images", "12", "--steps", "12", "--batch-size", "32", "--strategy", "greedy"]
 
@@ -16,7 +17,7 @@ def test_demo_tiny_budget_writes_metrics_and_report(tmp_path):
     row = metrics["results"]["capdec"]
     for k in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr_se", "text_to_text_CIDEr"):
         assert k in row and row[k] is not None and row[k] >= 0
-    assert metrics["noise_variance"] == 0.016 and metrics["n_test_images"] == 12
+    assert metrics["noise_variance"] == TOY_NOISE_VARIANCE and metrics["n_test_images"] == 12
     assert metrics["clip"]["text_to_image_r1"] > 0.5  # the shipped mini-CLIP's card
     html = (out / "report.html").read_text()
     assert html.count("<img alt='test image'") == 12 and "CIDEr" in html and "training curves" in html

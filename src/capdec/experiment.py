@@ -25,6 +25,7 @@ from capdec.checkpoint import InferenceConfig
 from capdec.decode import DecodeConfig
 from capdec.model import ModelConfig
 from capdec.noise import NoiseConfig, mean_embedding
+from capdec.toyworld.config import TOY_NOISE_VARIANCE
 from capdec.train import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class ExperimentConfig:
     steps: int = 600  # training steps of every variant (one budget for all)
     batch_size: int = 128
     lr: float = 1e-3
-    noise_variance: float = 0.016  # CapDec's ε² (d=640 in the paper; the toy CLIP has d=128)
+    noise_variance: float = TOY_NOISE_VARIANCE  # CapDec's ε² for the shipped mini-CLIP (see its definition)
     decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
     model: dict[str, Any] = field(default_factory=dict)  # overrides of toy_model_config()
 

@@ -573,6 +573,7 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path | None:
         ax.set_xlabel("noise variance ε² (log scale)")
         xlim = (pos[0]["variance"] / 2, pos[-1]["variance"] * 2)
         ax.set_xlim(*xlim)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # on a short axis they collide
         lo, hi = v["within_1se"]["range"]
         if hi > 0:  # the band of variances within 1 SE of the best (from the left edge when it reaches 0)
             ax.axvspan(lo / 1.15 if lo > 0 else xlim[0], hi * 1.15, color="C2", alpha=0.10,
