@@ -136,21 +136,47 @@ def test_parity_coco_val2017_leave_one_out(val2017, n_images, metrics, tmp_path,
 
 
 def test_tokenizer_runs_once_per_call(monkeypatch):
-    from pycocoevalcap.tokenizer import ptbtokenizer
+    import subprocess
 
-    calls = []
-    original = ptbtokenizer.PTBTokenizer.tokenize
-
-    def counting(self, captions):
-        calls.append(len(captions))
-        return original(self, captions)
-
-    monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", counting)
     if M._java() is None:
         pytest.skip("Java is not installed")
+    calls = []
+    original = subprocess.run
+
+    def counting(cmd, *args, **kwargs):
+        if M._PTB_CLASS in cmd:
+            calls.append(len(open(cmd[-1], encoding="utf-8").read().split("\n")))
+        return original(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", counting)
     refs = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["a red car on a street", "a car"]}
     M.evaluate({1: "a dog runs", 2: "a red car"}, refs, metrics=FAST)
-    assert calls == [4]  # one run, references and predictions together
+    assert calls == [6]  # one run, references and predictions together
+
+
+@needs_java
+def test_ptb_tokenizer_matches_pycocoevalcap_and_writes_nothing_beside_its_jar(monkeypatch):
+    """Our Java call tokenises exactly as pycocoevalcap's PTBTokenizer, without its temp file in
+    site-packages (which fails where that is read-only)."""
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    captions = {1: ["A man's bike, isn't it?", "Two dogs (brown) play -- outside...", ""],
+                2: ["Café crème on a table; \"quoted\" text!", "   spaces   around  ", "U.S. flag at 3:30 p.m."],
+                3: ["a caption with a\rcarriage return and a\u2028line separator", "e-mail & co. `tick`"]}
+    with monkeypatch.context() as m:  # a read-only site-packages, as far as pycocoevalcap's wrapper goes
+        def read_only(*args, **kwargs):
+            raise PermissionError("site-packages is read-only")
+
+        m.setattr(ptbtokenizer.tempfile, "NamedTemporaryFile", read_only)
+        with pytest.raises(PermissionError):
+            ptbtokenizer.PTBTokenizer().tokenize({1: [{"caption": "a dog"}]})
+        ours = M._tokenize_ptb(captions)
+    assert ptbtokenizer.tempfile.NamedTemporaryFile is tempfile.NamedTemporaryFile
+    clean = {k: [{"caption": M._LINE_BREAKS.sub(" ", c)} for c in caps] for k, caps in captions.items()}
+    assert ours == ptbtokenizer.PTBTokenizer().tokenize(clean)
+    assert ours[1][0] == "a man 's bike is n't it" and ours[1][2] == ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Caption metrics: coco-caption's BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE), plus CLIPScore.
 
-The n-gram metrics are *pycocoevalcap 1.2's own scorers* fed by its own PTB tokenizer; nothing here
+The n-gram metrics are *pycocoevalcap 1.2's own scorers* fed by its PTB tokenizer's jar; nothing here
 re-implements their maths, so the numbers equal what the coco-caption toolkit reports (names and
 scale too: ``Bleu_1``..``Bleu_4``, ``METEOR``, ``ROUGE_L``, ``CIDEr``, ``SPICE``; ×1, not ×100).
 What this module adds around them:
@@ -10,6 +10,8 @@ What this module adds around them:
   same). Characters Java treats as line breaks (``\\r``, ``\\v``, ``\\f``, U+2028/2029, ...) are
   replaced by spaces first: pycocoevalcap only replaces ``\\n``, and any other break shifts every
   later caption onto the wrong image.
+  The tokenizer's input file goes to the temp directory (pycocoevalcap writes it next to its
+  jar, which fails where site-packages is read-only); the command line and punctuation removal are its.
 - **Image order.** Images are scored in the references' order (the ``images`` list of a COCO
   annotation file), as ``COCOEvalCap`` does; that fixes the floating-point summation order, so the
   corpus scores are bit-identical to coco-caption's.
@@ -50,7 +52,7 @@ import math
 import os
 import re
 import shutil
-import sys
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -516,47 +518,41 @@ def simple_tokenize(caption: str) -> str:
     return " ".join(t for t in tokens if t not in drop)
 
 
-@contextlib.contextmanager
-def _stderr_to_file():
-    """Send file descriptor 2 (the Java tokenizer's stderr, which it inherits) to a temp file.
-
-    The JVM prints a progress line and per-character warnings there; we log them at DEBUG and put
-    them in the error message when tokenisation fails, instead of on the user's terminal.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        captured = bytearray()
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            captured.extend(tmp.read())
+_PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
 
 def _tokenize_ptb(captions: dict[int, list[str]]) -> dict[int, list[str]]:
-    """pycocoevalcap's PTBTokenizer over every caption in one Java run."""
-    from pycocoevalcap.tokenizer import ptbtokenizer
+    """coco-caption's PTB tokenisation over every caption in one Java run.
 
-    jar_dir = Path(ptbtokenizer.__file__).parent
-    if not os.access(jar_dir, os.W_OK):
-        raise CapdecError(f"pycocoevalcap's PTB tokenizer writes a temporary file next to its jar, in "
-                          f"{jar_dir}, which is not writable; install pycocoevalcap where it can write, "
-                          f"or use the approximate Python tokenizer (--tokenizer simple)")
-    data = {k: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in caps] for k, caps in captions.items()}
-    with _stderr_to_file() as java_stderr:
-        out = ptbtokenizer.PTBTokenizer().tokenize(data)
-    messages = java_stderr.decode("utf-8", "replace").strip()
+    The same jar, command line (``-preserveLines -lowerCase``) and punctuation removal as
+    pycocoevalcap 1.2's ``PTBTokenizer`` (the parity tests compare the two), with one difference:
+    its input file goes to the temp directory, where ``PTBTokenizer`` writes it next to its jar and
+    fails wherever site-packages is read-only (system, conda or container installs). Java's stderr
+    (a progress line, per-character warnings) is logged at DEBUG, not shown on the terminal.
+    """
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    jar = Path(ptb.__file__).resolve().parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    keys = [k for k, caps in captions.items() for _ in caps]
+    text = "\n".join(_LINE_BREAKS.sub(" ", c) for caps in captions.values() for c in caps)
+    with tempfile.TemporaryDirectory(prefix="capdec-ptb-") as tmp:
+        path = Path(tmp) / "captions.txt"
+        path.write_bytes(text.encode())
+        cmd = [_java() or "java", "-cp", str(jar), _PTB_CLASS, "-preserveLines", "-lowerCase", str(path)]
+        proc = subprocess.run(cmd, capture_output=True, check=False)
+    messages = proc.stderr.decode("utf-8", "replace").strip()
     if messages:
         logger.debug("PTB tokenizer (java) said:\n%s", messages)
-    bad = [k for k, caps in captions.items() if len(out.get(k, ())) != len(caps)]
-    if bad:  # Java failed or split a line: refuse rather than score captions against wrong images
-        raise CapdecError(f"the PTB tokenizer (java, {jar_dir}) returned output that does not line up "
-                          f"with its input ({len(bad)} images affected); check that 'java -version' "
-                          f"works. Java said: {messages[-1000:] or '(nothing)'}")
+    lines = proc.stdout.decode().split("\n")
+    if proc.returncode != 0 or len(lines) < len(keys) or any(line.strip() for line in lines[len(keys):]):
+        # Java failed or split a line: refuse rather than score captions against the wrong images
+        raise CapdecError(f"the PTB tokenizer (java, {jar}) returned {len(lines)} lines for {len(keys)} "
+                          f"captions (exit status {proc.returncode}); check that 'java -version' works. "
+                          f"Java said: {messages[-1000:] or '(nothing)'}")
+    drop = set(ptb.PUNCTUATIONS)
+    out: dict[int, list[str]] = {k: [] for k in captions}
+    for k, line in zip(keys, lines):
+        out[k].append(" ".join(w for w in line.rstrip().split(" ") if w not in drop))
     return out
 
 
