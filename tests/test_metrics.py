@@ -155,6 +155,21 @@ def test_tokenizer_runs_once_per_call(monkeypatch):
 
 
 @needs_java
+def test_ptb_tokenizer_refuses_misaligned_or_failed_java(monkeypatch):
+    import re
+
+    from capdec.errors import CapdecError
+
+    with monkeypatch.context() as m:  # without our line-break cleaning, "\r" splits a caption in two
+        m.setattr(M, "_LINE_BREAKS", re.compile("(?!)"))
+        with pytest.raises(CapdecError, match="returned 3 lines for 2 captions"):
+            M._tokenize_ptb({1: ["a red\rcar"], 2: ["a dog"]})
+    monkeypatch.setattr(M, "_PTB_CLASS", "edu.stanford.nlp.process.NoSuchTokenizer")
+    with pytest.raises(CapdecError, match="exit status 1"):
+        M._tokenize_ptb({1: ["a red car"]})
+
+
+@needs_java
 def test_ptb_tokenizer_matches_pycocoevalcap_and_writes_nothing_beside_its_jar(monkeypatch):
     """Our Java call tokenises exactly as pycocoevalcap's PTBTokenizer, without its temp file in
     site-packages (which fails where that is read-only)."""
