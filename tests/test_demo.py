@@ -21,6 +21,7 @@ def test_demo_tiny_budget_writes_metrics_and_report(tmp_path):
     assert metrics["clip"]["text_to_image_r1"] > 0.5  # the shipped mini-CLIP's card
     html = (out / "report.html").read_text()
     assert html.count("<img alt='test image'") == 12 and "CIDEr" in html and "training curves" in html
+    assert "<th>statistic</th><th>value</th>" in html  # the CLIP card's table
     rows = [json.loads(r) for r in (out / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(len(r["references"]) == 5 and isinstance(r["capdec"], str) for r in rows)
 

@@ -160,7 +160,7 @@ def _report(path: Path, data: Any, results: dict[str, VariantResult], metrics: d
                metrics_table(rows, columns, descriptions=DESCRIPTIONS))]
     if clip_rows:
         tables.append(("The mini-CLIP (shipped) and its modality gap",
-                       metrics_table({k: {"value": v} for k, v in clip_rows.items()}, ["value"])))
+                       metrics_table({k: {"value": v} for k, v in clip_rows.items()}, ["value"], row_header="statistic")))
     intro = (f"A decoder was trained on <b>{len(data.text_store):,} captions and no images</b> "
              f"({cfg.steps} steps of batch {cfg.batch_size}, noise variance {cfg.noise_variance}), then captioned "
              f"{len(data.test_images)} held-out test images from their mini-CLIP image embeddings. "

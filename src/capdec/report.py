@@ -69,9 +69,9 @@ def curve_data_uri(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> str | N
 
 
 def metrics_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], *,
-                  descriptions: Mapping[str, str] | None = None) -> str:
+                  descriptions: Mapping[str, str] | None = None, row_header: str = "run") -> str:
     """An HTML table of ``rows`` (name -> metric -> value), with ``METRIC_se`` shown as ± when present."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["run", *columns])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [row_header, *columns])
     body = []
     for name, row in rows.items():
         cells = [f"<td><b>{html.escape(name)}</b>"

@@ -202,7 +202,7 @@ def _styles_report(path: Path, data: Any, metrics: dict[str, Any], predictions: 
     check = metrics["classifier_accuracy_on_styled_references"]
     tables.append(("The style classifier (naive Bayes on word uni/bigrams, trained on val-split captions)",
                    metrics_table({s: {"accuracy on the styled references": a} for s, a in check.items()},
-                                 ["accuracy on the styled references"])))
+                                 ["accuracy on the styled references"], row_header="style")))
     intro = (f"Text only: {len(data.text_store):,} factual captions and {metrics['style_sentences']:,} styled "
              f"sentences per style, no images. Factual and style-only decoders: {data.config.steps} steps; fine-tuning: "
              f"{metrics['finetune_steps']} steps from the factual checkpoint at lr {metrics['finetune_lr']}. Noise "
@@ -233,10 +233,11 @@ def _domains_report(path: Path, datas: dict[str, Any], metrics: dict[str, Any],
                                       "CIDEr with noise": row["CIDEr"], "CIDEr with noise_se": row.get("CIDEr_se"),
                                       "gain": round(row["CIDEr"] - base["CIDEr"], 4)}
     tables = [("CIDEr, train domain → test domain", metrics_table(summary, ["CIDEr no noise", "CIDEr with noise",
-                                                                             "gain"])),
+                                                                             "gain"], row_header="train → test")),
               ("All scores (×1, ± per-image bootstrap SE)", metrics_table(results, list(DOMAIN_METRICS))),
               ("The domains", metrics_table(metrics["domains"], ["grammar", "world", "mean_caption_words",
-                                                                 "vocabulary", "mean_objects_per_scene"]))]
+                                                                 "vocabulary", "mean_objects_per_scene"],
+                                                   row_header="domain"))]
     first = next(iter(datas.values()))
     intro = (f"Each decoder is trained on one domain's {len(first.text_store):,} captions (no images), "
              f"{first.config.steps} steps, with noise variance {metrics['noise_variance']} or none, and captions "
