@@ -137,6 +137,7 @@ def test_parity_coco_val2017_leave_one_out(val2017, n_images, metrics, tmp_path,
 
 def test_tokenizer_runs_once_per_call(monkeypatch):
     import subprocess
+    from pathlib import Path
 
     if M._java() is None:
         pytest.skip("Java is not installed")
@@ -145,7 +146,7 @@ def test_tokenizer_runs_once_per_call(monkeypatch):
 
     def counting(cmd, *args, **kwargs):
         if M._PTB_CLASS in cmd:
-            calls.append(len(open(cmd[-1], encoding="utf-8").read().split("\n")))
+            calls.append(len(Path(cmd[-1]).read_text(encoding="utf-8").split("\n")))
         return original(cmd, *args, **kwargs)
 
     monkeypatch.setattr(subprocess, "run", counting)

@@ -36,7 +36,7 @@ from capdec.toyworld.miniclip import (
     weights_fingerprint,
 )
 from capdec.toyworld.render import render_array
-from capdec.toyworld.stats import clip_stats, format_stats
+from capdec.toyworld.stats import clip_stats
 from capdec.toyworld.world import (
     DEFAULT_WORLD,
     PERTURBATIONS,
@@ -192,7 +192,6 @@ def train_clip(cfg: ClipTrainConfig, out_dir: str | Path, *, resume: bool = Fals
     shipped = load_pretrained(out_dir)
     stats = clip_stats(lambda ims: embed_images(shipped, list(ims)), lambda ts: embed_texts(shipped, list(ts)),
                        n=cfg.stats_pairs, seed=cfg.seed, hard_negatives=cfg.stats_hard_negative_pairs)
-    logger.debug("final statistics (test split):\n%s", format_stats(stats))  # the CLI prints them
     card = {
         "name": "capdec toy-world mini-CLIP",
         "description": "Conv image tower + 2-layer text transformer trained contrastively on procedural toy "
