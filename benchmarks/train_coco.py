@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from capdec.corpus import captions_from_list
     from capdec.decode import DecodeConfig
     from capdec.encoders import load_encoder
-    from capdec.experiment import score
+    from capdec.lab.experiment import score
     from capdec.model import ModelConfig
     from capdec.noise import NoiseConfig
     from capdec.store import embed_corpus

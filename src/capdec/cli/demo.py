@@ -18,8 +18,8 @@ without noise); each writes its own tables to DIR/metrics.json and DIR/report.ht
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from capdec.demo import METHODS
-    from capdec.toyworld.config import TOY_NOISE_VARIANCE
+    from capdec.lab.demo import METHODS
+    from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
 
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--compare", action="store_true", help="also train no-noise, supervised and shifted baselines")
@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from capdec.demo import run_demo
-    from capdec.experiment import ExperimentConfig
+    from capdec.lab.demo import run_demo
+    from capdec.lab.experiment import ExperimentConfig
     from capdec.utils import set_threads_from_env
 
     set_threads_from_env()
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_transfer(args: argparse.Namespace, cfg, encoder) -> int:
-    from capdec import transfer
+    from capdec.lab import transfer
 
     if args.styles:
         if args.style_sentences < 1:

@@ -18,7 +18,7 @@ logger = logging.getLogger("capdec.cli.sweep")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from capdec.sweep import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED
+    from capdec.lab.sweep import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED
 
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
     p.add_argument("--variances", nargs="+", type=float, default=list(DEFAULT_VARIANCES), metavar="V",
@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
-    from capdec.experiment import ExperimentConfig
-    from capdec.sweep import calibrate_toy, check_variances, format_markdown, run_sweep
+    from capdec.lab.experiment import ExperimentConfig
+    from capdec.lab.sweep import calibrate_toy, check_variances, format_markdown, run_sweep
     from capdec.utils import set_threads_from_env
 
     set_threads_from_env()

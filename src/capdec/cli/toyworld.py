@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _grammar_arg(p)
     p.set_defaults(_toy_run=_run_corpus)
 
-    from capdec.toyworld.config import ClipTrainConfig  # light: no torch
+    from capdec.lab.toyworld.config import ClipTrainConfig  # light: no torch
 
     d = ClipTrainConfig()
     p = sub.add_parser("train-clip", formatter_class=_FORMATTER,
@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _grammar_arg(p: argparse.ArgumentParser) -> None:
-    from capdec.toyworld.grammar import list_grammars
+    from capdec.lab.toyworld.grammar import list_grammars
 
     p.add_argument("--grammar", default="default", choices=list_grammars(), help="caption grammar")
 
@@ -113,9 +113,9 @@ def _run_sample(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from capdec.toyworld.grammar import captions
-    from capdec.toyworld.render import render
-    from capdec.toyworld.world import sample_scenes
+    from capdec.lab.toyworld.grammar import captions
+    from capdec.lab.toyworld.render import render
+    from capdec.lab.toyworld.world import sample_scenes
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +132,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _run_corpus(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from capdec.toyworld.data import corpus
+    from capdec.lab.toyworld.data import corpus
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
@@ -144,10 +144,10 @@ def _run_corpus(args: argparse.Namespace) -> int:
 
 def _run_train_clip(args: argparse.Namespace) -> int:
     from capdec.encoders.base import resolve_device
-    from capdec.toyworld.config import ClipTrainConfig, MiniCLIPConfig
-    from capdec.toyworld.grammar import get_grammar
-    from capdec.toyworld.stats import format_stats
-    from capdec.toyworld.train_clip import train_clip
+    from capdec.lab.toyworld.config import ClipTrainConfig, MiniCLIPConfig
+    from capdec.lab.toyworld.grammar import get_grammar
+    from capdec.lab.toyworld.stats import format_stats
+    from capdec.lab.toyworld.train_clip import train_clip
 
     # the default grammar's words, plus any a styled grammar adds
     vocab = sorted(set(get_grammar("default").vocabulary()) | set(get_grammar(args.grammar).vocabulary()))
@@ -182,11 +182,11 @@ def _run_clip_stats(args: argparse.Namespace) -> int:
 
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
-    from capdec.toyworld.stats import clip_stats, format_stats
+    from capdec.lab.toyworld.stats import clip_stats, format_stats
 
     if args.card:
         from capdec.encoders import parse_spec
-        from capdec.toyworld.miniclip import CARD_FILE, shipped_weights_dir
+        from capdec.encoders.miniclip import CARD_FILE, shipped_weights_dir
         from capdec.utils import read_json
 
         spec = parse_spec(args.encoder)

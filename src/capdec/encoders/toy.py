@@ -1,4 +1,4 @@
-"""Encoder ``toy``: the mini-CLIP of the toy world (:mod:`capdec.toyworld.miniclip`).
+"""Encoder ``toy``: the mini-CLIP of the toy world (:mod:`capdec.encoders.miniclip`).
 
 Spec strings: ``toy`` (the weights shipped in the package) or ``toy:DIR`` (a directory written by
 ``capdec toyworld train-clip --out DIR``). Spec dict: ``{"kind": "toy", "weights": null | "DIR"}``.
@@ -26,7 +26,7 @@ class ToyEncoder(Encoder):
     def __init__(self, weights: str | Path | None = None, *, device: str | torch.device | None = "auto",
                  precision: str = "auto", batch_size: int = 256):
         super().__init__(device=device, precision=precision, batch_size=batch_size)
-        from capdec.toyworld.miniclip import load_pretrained, weights_fingerprint
+        from capdec.encoders.miniclip import load_pretrained, weights_fingerprint
 
         self.weights = None if weights is None else str(weights)
         try:
@@ -80,7 +80,7 @@ class ToyEncoder(Encoder):
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
     def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
-        from capdec.toyworld.miniclip import pixels_from_images
+        from capdec.encoders.miniclip import pixels_from_images
 
         pixels = pixels_from_images(images, self.model.cfg)  # resized to the model's size if needed
         return self.model.encode_image(pixels.to(self.device, self.dtype))

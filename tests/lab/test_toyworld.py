@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from capdec import toyworld
 from capdec.errors import InputError
-from capdec.toyworld import grammar as G
-from capdec.toyworld.world import BACKGROUNDS, COLOURS, SHAPES, Scene, ToyObject
+from capdec.lab import toyworld
+from capdec.lab.toyworld import grammar as G
+from capdec.lab.toyworld.world import BACKGROUNDS, COLOURS, SHAPES, Scene, ToyObject
 
 LEX = G.Lexicon()
 
@@ -65,7 +65,7 @@ def test_splits_are_disjoint_and_follow_the_scene_hash():
 def test_perturbations_change_exactly_one_fact():
     import random
 
-    from capdec.toyworld.world import PERTURBATIONS, perturb_scene
+    from capdec.lab.toyworld.world import PERTURBATIONS, perturb_scene
 
     rng = random.Random(0)
     scenes = toyworld.sample_scenes(300, seed=3, split=None)
@@ -96,8 +96,8 @@ def test_perturbations_change_exactly_one_fact():
 
 
 def test_training_batches_hold_train_scenes_and_true_hard_negatives():
-    from capdec.toyworld.config import ClipTrainConfig
-    from capdec.toyworld.train_clip import make_batch
+    from capdec.lab.toyworld.config import ClipTrainConfig
+    from capdec.lab.toyworld.train_clip import make_batch
 
     cfg = ClipTrainConfig(batch_size=64, hard_negatives=0.25)
     pixels, texts, same = make_batch(0, cfg)
@@ -209,8 +209,8 @@ def test_vocabulary_covers_every_caption_and_fits_the_context():
     assert 60 <= len(vocab) <= 200
     texts = list(toyworld.corpus(3000, seed=5))
     assert {w for t in texts for w in G.tokenize_words(t)} <= vocab
-    from capdec.toyworld.config import MiniCLIPConfig
-    from capdec.toyworld.miniclip import ToyTokenizer
+    from capdec.encoders.miniclip import ToyTokenizer
+    from capdec.lab.toyworld.config import MiniCLIPConfig
 
     tok = ToyTokenizer(MiniCLIPConfig().vocab, MiniCLIPConfig().context_length)
     assert tok.count_unknown(texts) == 0 and tok.count_truncated(texts) == 0
@@ -260,7 +260,7 @@ def test_corpus_and_test_set():
 
 # -- the mini-CLIP --------------------------------------------------------------------------------
 def test_tokenizer():
-    from capdec.toyworld.miniclip import CLS, PAD, UNK, ToyTokenizer
+    from capdec.encoders.miniclip import CLS, PAD, UNK, ToyTokenizer
 
     tok = ToyTokenizer(["a", "red", "circle"], context_length=4)
     ids = tok(["A RED, circle!", "a zebra", ""])
@@ -269,8 +269,8 @@ def test_tokenizer():
 
 
 def test_model_save_load_round_trip(tmp_path):
-    from capdec.toyworld.config import MiniCLIPConfig
-    from capdec.toyworld.miniclip import MiniCLIP, embed_texts, load_pretrained, save_pretrained
+    from capdec.encoders.miniclip import MiniCLIP, embed_texts, load_pretrained, save_pretrained
+    from capdec.lab.toyworld.config import MiniCLIPConfig
 
     torch.manual_seed(0)
     model = MiniCLIP(MiniCLIPConfig(dim=16, channels=(8, 8), image_hidden=16, text_width=16, text_layers=1,
@@ -290,7 +290,7 @@ def test_model_save_load_round_trip(tmp_path):
 
 
 def test_gap_stats_maths():
-    from capdec.toyworld.stats import gap_stats
+    from capdec.lab.toyworld.stats import gap_stats
 
     g = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(200, 16, generator=g), dim=-1)
@@ -310,8 +310,8 @@ def toy_encoder():
 
 def test_shipped_encoder_loads_and_retrieves(toy_encoder):
     from capdec.encoders import load_encoder
-    from capdec.toyworld.miniclip import WEIGHTS_FILE, shipped_weights_dir
-    from capdec.toyworld.stats import gap_stats, hard_negative_stats
+    from capdec.encoders.miniclip import WEIGHTS_FILE, shipped_weights_dir
+    from capdec.lab.toyworld.stats import gap_stats, hard_negative_stats
     from capdec.utils import sha256_file
 
     enc = toy_encoder
@@ -339,7 +339,7 @@ def test_shipped_encoder_loads_and_retrieves(toy_encoder):
 
 
 def test_shipped_card_records_how_and_how_well():
-    from capdec.toyworld.miniclip import CARD_FILE, shipped_weights_dir, weights_fingerprint
+    from capdec.encoders.miniclip import CARD_FILE, shipped_weights_dir, weights_fingerprint
 
     card = json.loads((shipped_weights_dir() / CARD_FILE).read_text())
     assert card["command"].startswith("capdec toyworld train-clip") and "--seed" in card["command"]
@@ -378,8 +378,8 @@ def test_train_clip_cli_and_load(tmp_path, toy_encoder, capsys):
 
 
 def test_train_clip_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    from capdec.toyworld import train_clip as T
-    from capdec.toyworld.config import ClipTrainConfig, MiniCLIPConfig
+    from capdec.lab.toyworld import train_clip as T
+    from capdec.lab.toyworld.config import ClipTrainConfig, MiniCLIPConfig
 
     cfg = ClipTrainConfig(steps=4, batch_size=8, eval_every=0, save_every=2, stats_pairs=100, stats_hard_negative_pairs=0,
                           model=MiniCLIPConfig(dim=16, channels=(8, 8), image_hidden=16, text_width=16,

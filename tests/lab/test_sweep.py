@@ -8,7 +8,7 @@ import math
 import pytest
 
 from capdec.errors import InputError
-from capdec.sweep import (
+from capdec.lab.sweep import (
     RunResult,
     aggregate,
     combined_se,
@@ -150,8 +150,8 @@ def tiny_clip(tmp_path_factory) -> str:
     """A random mini-CLIP (d=16) saved like `capdec toyworld train-clip` output: encoder spec toy:DIR."""
     import torch
 
-    from capdec.toyworld.config import MiniCLIPConfig
-    from capdec.toyworld.miniclip import MiniCLIP, save_pretrained
+    from capdec.encoders.miniclip import MiniCLIP, save_pretrained
+    from capdec.lab.toyworld.config import MiniCLIPConfig
 
     out = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from capdec.encoders.miniclip_config import tokenize_words  # noqa: F401  (re-exported)
 from capdec.errors import InputError
-from capdec.toyworld.world import Scene, ToyObject
+from capdec.lab.toyworld.world import Scene, ToyObject
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ class Lexicon:
             for singular, plural in options:
                 phrases += [singular, plural]
         return {w for p in phrases for w in tokenize_words(p)}
-
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def tokenize_words(text: str) -> list[str]:
-    """Lowercased words with punctuation stripped: the unit the toy tokenizer and tests work in."""
-    return _WORD.findall(text.lower())
 
 
 def region(obj: ToyObject, grid: int) -> tuple[str, str]:

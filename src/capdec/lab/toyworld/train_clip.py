@@ -21,10 +21,7 @@ from typing import Any
 
 import torch
 
-from capdec.errors import InputError, TrainingError
-from capdec.toyworld.config import ClipTrainConfig
-from capdec.toyworld.grammar import captions, get_grammar
-from capdec.toyworld.miniclip import (
+from capdec.encoders.miniclip import (
     CARD_FILE,
     WEIGHTS_FILE,
     MiniCLIP,
@@ -35,9 +32,12 @@ from capdec.toyworld.miniclip import (
     save_pretrained,
     weights_fingerprint,
 )
-from capdec.toyworld.render import render_array
-from capdec.toyworld.stats import clip_stats
-from capdec.toyworld.world import (
+from capdec.errors import InputError, TrainingError
+from capdec.lab.toyworld.config import ClipTrainConfig
+from capdec.lab.toyworld.grammar import captions, get_grammar
+from capdec.lab.toyworld.render import render_array
+from capdec.lab.toyworld.stats import clip_stats
+from capdec.lab.toyworld.world import (
     DEFAULT_WORLD,
     PERTURBATIONS,
     Scene,
@@ -71,7 +71,7 @@ def make_batch(step: int, cfg: ClipTrainConfig, world: WorldConfig = DEFAULT_WOR
     """Step ``step``'s batch: (b, h, w, 3) uint8 pixels, one caption per scene, (b, b) same-scene mask.
 
     A fraction ``cfg.hard_negatives`` of the batch are near-duplicates of other scenes in it
-    (:func:`~capdec.toyworld.world.perturb_scene`), captioned so that each caption is true of its
+    (:func:`~capdec.lab.toyworld.world.perturb_scene`), captioned so that each caption is true of its
     own scene only; the rest are independent scenes. Every scene is a train-split scene.
     """
     rng = random.Random(f"capdec.toyworld/train-clip/{cfg.seed}/{step}")

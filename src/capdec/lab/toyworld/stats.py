@@ -93,16 +93,16 @@ def hard_negative_stats(encode_image: Callable[[Sequence[Any]], torch.Tensor],
     """How well an encoder tells a scene from its near-duplicate, per kind of change.
 
     For ``n`` pairs (scene, the scene with one fact changed: see
-    :func:`~capdec.toyworld.world.perturb_scene`), both from ``split``, each captioned so that the
+    :func:`~capdec.lab.toyworld.world.perturb_scene`), both from ``split``, each captioned so that the
     caption states the changed fact: the fraction of the four choices (each caption between the two
     images, each image between the two captions) that pick the right one. 0.5 is chance;
     ``swap_colours`` measures colour-shape binding, which retrieval among random scenes hardly tests.
     """
     import random
 
-    from capdec.toyworld.grammar import DEFAULT_GRAMMAR, captions
-    from capdec.toyworld.render import render
-    from capdec.toyworld.world import PERTURBATIONS, iter_scenes, perturb_scene, split_of
+    from capdec.lab.toyworld.grammar import DEFAULT_GRAMMAR, captions
+    from capdec.lab.toyworld.render import render
+    from capdec.lab.toyworld.world import PERTURBATIONS, iter_scenes, perturb_scene, split_of
 
     def dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (x * y).sum(1)
@@ -132,7 +132,7 @@ def clip_stats(encode_image: Callable[[Sequence[Any]], torch.Tensor],
 
     With ``hard_negatives`` > 0, also :func:`hard_negative_stats` on that many pairs per kind.
     """
-    from capdec.toyworld.data import paired
+    from capdec.lab.toyworld.data import paired
 
     images, texts = paired(n, seed, split)
     stats = gap_stats(encode_image(images), encode_text(texts), block=block, seed=seed)

@@ -23,9 +23,9 @@ import torch
 
 from capdec.checkpoint import InferenceConfig
 from capdec.decode import DecodeConfig
+from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
 from capdec.model import ModelConfig
 from capdec.noise import NoiseConfig, mean_embedding
-from capdec.toyworld.config import TOY_NOISE_VARIANCE
 from capdec.train import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class ExperimentConfig:
     seed: int = 0  # seeds the world's scenes and captions, and training
     grammar: str = "default"  # caption grammar of the training corpus
     test_grammar: str | None = None  # grammar of the test references (default: same as training)
-    world: str = "default"  # scene distribution of the corpus (a name in capdec.toyworld.WORLDS)
+    world: str = "default"  # scene distribution of the corpus (a name in capdec.lab.toyworld.WORLDS)
     test_world: str | None = None  # scene distribution of the test images (default: same as training)
     n_captions: int = 20000  # text-only training captions
     n_test: int = 300  # held-out test images (5 references each)
@@ -84,9 +84,9 @@ class ToyData:
 def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any = None,
                  show_progress: bool | None = None) -> ToyData:
     """Generate and embed the corpus, the test set, and (if asked) paired and unlabelled images."""
-    from capdec import toyworld
     from capdec.corpus import captions_from_list
     from capdec.encoders import load_encoder
+    from capdec.lab import toyworld
 
     t0 = time.time()
     workdir = Path(workdir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from capdec.cli import main
-from capdec.toyworld.config import TOY_NOISE_VARIANCE
+from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
 
 TINY = ["--captions", "400", "--test-images", "12", "--steps", "12", "--batch-size", "32", "--strategy", "greedy"]
 

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from capdec.experiment import (
+from capdec.lab.experiment import (
     ExperimentConfig,
     VariantResult,
     embed_store,
@@ -65,8 +65,8 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
                encoder: Any = None, show_progress: bool | None = None) -> dict[str, Any]:
     """Style table: for each style, factual vs style-only vs factual + fine-tuning. Writes metrics.json, report.html."""
     from capdec.corpus import captions_from_list
-    from capdec.toyworld import STYLES, captions, corpus, sample_scenes
-    from capdec.toyworld.styles import train_style_classifier
+    from capdec.lab.toyworld import STYLES, captions, corpus, sample_scenes
+    from capdec.lab.toyworld.styles import train_style_classifier
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -135,7 +135,7 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
                      domains: tuple[str, ...] = ("coco", "flickr"), encoder: Any = None,
                      show_progress: bool | None = None) -> dict[str, Any]:
     """Cross-domain table: train on each domain's captions (with and without noise), test on every domain."""
-    from capdec.toyworld.styles import get_domain
+    from capdec.lab.toyworld.styles import get_domain
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -177,7 +177,7 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
 
 
 def _domain_stats(data: Any) -> dict[str, Any]:
-    from capdec.toyworld import get_world, tokenize_words
+    from capdec.lab.toyworld import get_world, tokenize_words
 
     caps = data.text_store.captions
     words = [tokenize_words(c) for c in caps]
@@ -193,7 +193,7 @@ def _domain_stats(data: Any) -> dict[str, Any]:
 # -- reports --------------------------------------------------------------------------------------
 def _styles_report(path: Path, data: Any, metrics: dict[str, Any], predictions: dict[str, dict[str, list[str]]],
                    style_refs: dict[str, list[list[str]]]) -> None:
-    from capdec.report import metrics_table, write_report
+    from capdec.lab.report import metrics_table, write_report
 
     cols = [*STYLE_METRICS, "style_accuracy"]
     tables = [(f"Style “{style}” — scored against {style} references (×1, ± per-image bootstrap SE; style accuracy "
@@ -221,7 +221,7 @@ def _styles_report(path: Path, data: Any, metrics: dict[str, Any], predictions: 
 
 def _domains_report(path: Path, datas: dict[str, Any], metrics: dict[str, Any],
                     predictions: dict[str, list[str]]) -> None:
-    from capdec.report import metrics_table, write_report
+    from capdec.lab.report import metrics_table, write_report
 
     results = metrics["results"]
     summary = {}

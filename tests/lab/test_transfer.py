@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from capdec import toyworld
 from capdec.cli import main
-from capdec.toyworld.styles import DOMAINS, StyleClassifier, train_style_classifier
+from capdec.lab import toyworld
+from capdec.lab.toyworld.styles import DOMAINS, StyleClassifier, train_style_classifier
 
 TINY_MODEL = ["--prefix-length", "4", "--mapper-depth", "1", "--mapper-heads", "2", "--max-length", "32",
               "--lm-dim", "32", "--lm-depth", "2", "--lm-heads", "2", "--vocab-size", "400"]
@@ -149,7 +149,7 @@ def test_domains_differ_like_coco_and_flickr():
     assert n_obj["flickr"] > n_obj["coco"] + 0.3
     assert all(s.background != "white" for s in scenes["flickr"])
     # the mini-CLIP knows every word of both domains
-    from capdec.toyworld.miniclip import load_pretrained
+    from capdec.encoders.miniclip import load_pretrained
 
     tok = load_pretrained().tokenizer
     assert tok.count_unknown([" ".join(ws) for v in words.values() for ws in v]) == 0

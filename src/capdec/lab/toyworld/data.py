@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from PIL import Image
 
 from capdec.errors import InputError
-from capdec.toyworld.grammar import Grammar, captions, get_grammar
-from capdec.toyworld.render import render
-from capdec.toyworld.world import DEFAULT_WORLD, WorldConfig, iter_scenes, sample_scenes
+from capdec.lab.toyworld.grammar import Grammar, captions, get_grammar
+from capdec.lab.toyworld.render import render
+from capdec.lab.toyworld.world import DEFAULT_WORLD, WorldConfig, iter_scenes, sample_scenes
 
 logger = logging.getLogger(__name__)
 

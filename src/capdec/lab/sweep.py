@@ -3,8 +3,8 @@
 CapDec's claim (Nukrai et al. 2022, §3 and Fig. 3): results are robust to the noise level unless it
 is off by about an order of magnitude, and ε calibrated from ~15 image/caption pairs lands near the
 best. :func:`run_sweep` measures this: for each seed it prepares the data once, then for each
-variance trains a decoder on the shared budget (:func:`capdec.experiment.train_variant`) and scores
-it on held-out images (:func:`capdec.experiment.evaluate_checkpoint`).
+variance trains a decoder on the shared budget (:func:`capdec.lab.experiment.train_variant`) and scores
+it on held-out images (:func:`capdec.lab.experiment.evaluate_checkpoint`).
 
 It is resumable at two levels: a finished checkpoint of the same budget is reused by
 ``train_variant``, and each (seed, variance) score is written to ``results/`` as soon as it exists, so a
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
-from capdec.experiment import (
+from capdec.lab.experiment import (
     REPORTED,
     ExperimentConfig,
     ToyData,
@@ -265,8 +265,8 @@ def _verdict_text(v: dict[str, Any]) -> str:
 def calibrate_toy(encoder: Any, n_pairs: int, *, seed: int = TOY_CALIBRATION_SEED,
                   grammar: str = "default") -> dict[str, Any]:
     """CapDec's ε from ``n_pairs`` paired *training* scenes of the toy world (a noise.json dict)."""
-    from capdec import toyworld
     from capdec.calibrate import calibrate
+    from capdec.lab import toyworld
 
     if n_pairs < 1:
         raise InputError(f"calibration needs at least 1 pair, got {n_pairs}")
@@ -339,7 +339,7 @@ def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequenc
     a noise.json path, or a :func:`capdec.calibrate.calibrate` result (e.g. :func:`calibrate_toy`; written
     to ``out_dir/noise.json``); its variance is added to the grid and marked. ``encoder``:
     the CLIP (default: the shipped mini-CLIP). ``prepare(config, workdir, encoder=...)`` builds a
-    seed's data (default: the toy world's :func:`capdec.experiment.prepare_data`; swap it for another
+    seed's data (default: the toy world's :func:`capdec.lab.experiment.prepare_data`; swap it for another
     data source returning a :class:`ToyData`). Returns the sweep.json dict.
     """
     t0 = time.time()

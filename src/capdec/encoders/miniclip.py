@@ -2,7 +2,8 @@
 
 Read top to bottom: the word-level tokenizer, the two towers, the model (with its contrastive
 loss), then saving and loading a weights directory. The config (:class:`MiniCLIPConfig`) lives in
-:mod:`capdec.toyworld.config`, which does not import torch.
+:mod:`capdec.encoders.miniclip_config`, which does not import torch. This is the model the ``toy``
+encoder (:mod:`capdec.encoders.toy`) runs; *training* it is the lab's (:mod:`capdec.lab.toyworld.train_clip`).
 
 Notation: b - batch, n - tokens, d - width, c - channels, h/w - spatial size.
 
@@ -27,14 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from capdec.encoders.miniclip_config import MiniCLIPConfig, tokenize_words
 from capdec.errors import InputError
-from capdec.toyworld.config import MiniCLIPConfig  # noqa: F401  (re-exported: the model's config)
-from capdec.toyworld.grammar import tokenize_words
 from capdec.utils import read_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "capdec.toyworld.miniclip/1"
+FORMAT = "capdec.toyworld.miniclip/1"  # a format id (kept from the module's first home), not a module path
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
@@ -44,7 +44,7 @@ PAD, UNK, CLS = 0, 1, 2
 
 def shipped_weights_dir() -> Path:
     """Directory of the mini-CLIP shipped inside the package."""
-    return Path(__file__).resolve().parent / "weights"
+    return Path(__file__).resolve().parent / "miniclip_weights"
 
 
 # -- tokenizer --------------------------------------------------------------------------------------

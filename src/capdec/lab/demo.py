@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from capdec.checkpoint import InferenceConfig
-from capdec.experiment import (
+from capdec.lab.experiment import (
     REPORTED,
     ExperimentConfig,
     VariantResult,
@@ -126,7 +126,7 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
 
 def _clip_card(encoder: Any) -> dict[str, Any]:
     """The mini-CLIP's card (retrieval accuracy and gap statistics), if its weights directory has one."""
-    from capdec.toyworld.miniclip import shipped_weights_dir
+    from capdec.encoders.miniclip import shipped_weights_dir
     from capdec.utils import read_json
 
     where = Path(encoder.spec.get("weights") or shipped_weights_dir())
@@ -149,7 +149,7 @@ def _write_predictions(path: Path, data: Any, results: dict[str, VariantResult])
 
 
 def _report(path: Path, data: Any, results: dict[str, VariantResult], metrics: dict[str, Any]) -> None:
-    from capdec.report import metrics_table, write_report
+    from capdec.lab.report import metrics_table, write_report
 
     cfg = data.config
     rows = {name: metrics["results"][name] for name in results}

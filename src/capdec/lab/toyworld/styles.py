@@ -1,7 +1,7 @@
 """Styles and domains of the toy world, and a style classifier to measure captions with.
 
 - Styles (FlickrStyle10K's two): grammars ``"romantic"`` and ``"humorous"`` say the same facts as
-  ``"default"`` in a styled way (see :data:`capdec.toyworld.grammar.STYLES`).
+  ``"default"`` in a styled way (see :data:`capdec.lab.toyworld.grammar.STYLES`).
 - Domains (COCO vs Flickr30k): a domain is a world (what scenes look like) plus a grammar (how people
   describe them). ``"coco"`` is the default world and grammar; ``"flickr"`` has busier, darker scenes
   and longer captions with other preferred words.
@@ -17,14 +17,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from capdec.errors import InputError
-from capdec.toyworld.grammar import STYLES, tokenize_words
-from capdec.toyworld.world import WorldConfig, get_world
+from capdec.lab.toyworld.grammar import STYLES, tokenize_words
+from capdec.lab.toyworld.world import WorldConfig, get_world
 
 
 @dataclass(frozen=True)
 class Domain:
     name: str
-    world: str  # a name in capdec.toyworld.WORLDS
+    world: str  # a name in capdec.lab.toyworld.WORLDS
     grammar: str  # a registered grammar
 
     @property
@@ -97,7 +97,7 @@ class StyleClassifier:
 def train_style_classifier(n_per_style: int = 2000, seed: int = 0, styles: Sequence[str] = STYLES,
                            factual: str = "default") -> StyleClassifier:
     """A classifier of ``factual`` vs each style, trained on captions of the *val* split (not the test split)."""
-    from capdec.toyworld.data import corpus
+    from capdec.lab.toyworld.data import corpus
 
     texts: list[str] = []
     labels: list[str] = []

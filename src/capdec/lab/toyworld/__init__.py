@@ -3,7 +3,7 @@
 It is capdec's built-in benchmark: a world small enough to train everything on a laptop CPU, rich
 enough that captions must get colours, shapes, sizes, counts and positions right.
 
->>> from capdec import toyworld
+>>> from capdec.lab import toyworld
 >>> scene = toyworld.sample_scenes(1, seed=0, split="test")[0]
 >>> image = toyworld.render(scene)            # 32x32 PIL image
 >>> refs = toyworld.captions(scene, n=5)      # five true, differently worded captions
@@ -11,13 +11,13 @@ enough that captions must get colours, shapes, sizes, counts and positions right
 >>> images, references = toyworld.test_set(100, seed=0)
 
 The shipped mini-CLIP is encoder ``"toy"`` (``capdec.load_encoder("toy")``); the model code is in
-:mod:`capdec.toyworld.miniclip` (imported on demand: this package does not import torch).
+:mod:`capdec.encoders.miniclip` (imported on demand: this package does not import torch).
 """
 
 from __future__ import annotations
 
-from capdec.toyworld.data import corpus, paired, test_set
-from capdec.toyworld.grammar import (
+from capdec.lab.toyworld.data import corpus, paired, test_set
+from capdec.lab.toyworld.grammar import (
     DEFAULT_GRAMMAR,
     STYLES,
     Grammar,
@@ -28,8 +28,8 @@ from capdec.toyworld.grammar import (
     register_grammar,
     tokenize_words,
 )
-from capdec.toyworld.render import contact_sheet, render, render_array
-from capdec.toyworld.world import (
+from capdec.lab.toyworld.render import contact_sheet, render, render_array
+from capdec.lab.toyworld.world import (
     BACKGROUNDS,
     COLOURS,
     DEFAULT_WORLD,

@@ -1,4 +1,4 @@
-"""Drawing scenes: a pure function from :class:`~capdec.toyworld.world.Scene` to a PIL image.
+"""Drawing scenes: a pure function from :class:`~capdec.lab.toyworld.world.Scene` to a PIL image.
 
 Shapes are drawn at ``supersample`` times the target size and box-filtered down, so that small
 shapes keep legible, anti-aliased outlines even at 32x32 (a 5-pixel circle and a 5-pixel diamond
@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from capdec.errors import InputError
-from capdec.toyworld.world import BACKGROUNDS, COLOURS, Scene, ToyObject
+from capdec.lab.toyworld.world import BACKGROUNDS, COLOURS, Scene, ToyObject
 
 logger = logging.getLogger(__name__)
 
