@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from capdec.errors import InputError
+from capdec.formats import read_image_ids
 from capdec.images import (
     ImageLoadError,
     find_images,
@@ -19,7 +20,6 @@ from capdec.images import (
     iter_image_batches,
     load_image,
     lookup_image_id,
-    read_image_ids,
     try_load_image,
 )
 

@@ -478,8 +478,8 @@ def photos(coco_dir):
 def test_clip_score_matches_hand_computation(tiny_hf_clip, photos):
     import torch
 
-    from capdec.calibrate import load_image
     from capdec.encoders import load_encoder
+    from capdec.images import load_image
 
     enc = load_encoder(tiny_hf_clip, device="cpu")
     paths, caps = photos

@@ -20,7 +20,6 @@ asked to use it).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,108 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
+from capdec.formats import read_json, read_pairs  # noqa: F401  (read_pairs re-exported)
+from capdec.images import list_images, load_image  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 NOISE_FORMAT = "capdec.noise/1"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike):
-    """Open an image as RGB; a missing or unreadable file is an :class:`InputError` naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these
-        raise InputError(f"{path}: cannot read the image ({e})") from e
-
-
-def list_images(directory: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
-    """Image files (by extension) under ``directory``, sorted."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(f"{directory}: not a directory of images")
-    walk = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None = None,
-               images_root: str | os.PathLike | None = None) -> tuple[list[Path], list[list[str]]]:
-    """Paired images and captions: ``(image paths, captions of each image)``.
-
-    ``source`` is either a JSON Lines file of ``{"image": path, "caption": str}`` (or ``"captions":
-    [...]``; relative paths are under ``images_root``, default the file's folder), or a folder of
-    images with ``captions`` a file mapping file names to caption(s): ``{file name: [captions]}``, a
-    COCO caption annotation JSON, or JSON Lines (any format ``capdec.metrics.read_references``
-    reads). Every file is checked to exist before any model is loaded.
-    """
-    from capdec.metrics import _load_json_or_jsonl, _read_text, _where, image_key, load_references
-
-    source = Path(source)
-    if source.is_dir():
-        if captions is None:
-            raise InputError(f"{source} is a folder: also give the captions file (--captions) that maps "
-                             f"its file names to captions")
-        refs = load_references(captions)
-        aliases = refs.alias_table()
-        paths, caps = [], []
-        unmatched = []
-        for p in list_images(source, recursive=False):
-            key = aliases[p.name] if p.name in aliases else image_key(p.name)
-            if key in refs.captions:
-                paths.append(p)
-                caps.append(list(refs.captions[key]))
-            else:
-                unmatched.append(p.name)
-        if unmatched:
-            logger.warning("%d images in %s have no captions in %s and are not used (e.g. %s)",
-                           len(unmatched), source, captions, unmatched[0])
-        if not paths:
-            raise InputError(f"no image in {source} has captions in {captions} (matched by file name or "
-                             f"COCO id)")
-        return paths, caps
-
-    if captions is not None:
-        raise InputError(f"--captions is for a folder of images; {source} is a pairs file")
-    text = _read_text(source)
-    data, lines = _load_json_or_jsonl(source, text)
-    records = [data] if isinstance(data, dict) else data
-    if not isinstance(records, list):
-        raise InputError(f"{source}: expected JSON Lines of {{'image': path, 'caption': text}}")
-    root = Path(images_root) if images_root is not None else source.parent
-    order: dict[Path, int] = {}
-    paths, caps = [], []
-    for i, rec in enumerate(records):
-        where = _where(source, i, lines)
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise InputError(f"{where}: expected an object with an 'image' path and a 'caption'")
-        value = rec.get("captions", rec.get("caption"))
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
-            raise InputError(f"{where}: 'caption' must be a non-empty string (or 'captions' a list of them)")
-        path = Path(rec["image"]).expanduser()
-        path = path if path.is_absolute() else root / path
-        if not path.is_file():
-            raise InputError(f"{where}: image file not found: {path}")
-        if path in order:  # several lines for one image: one image, several pairs
-            caps[order[path]].extend(value)
-        else:
-            order[path] = len(paths)
-            paths.append(path)
-            caps.append(list(value))
-    if not paths:
-        raise InputError(f"{source}: no image/caption pairs in the file")
-    return paths, caps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,12 +192,7 @@ def read_noise_file(path: str | os.PathLike, *, encoder_identity: dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: noise file not found (make one with 'capdec calibrate')")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from e
+    data = read_json(path)
     out = _validate_noise(data, str(path))
     if encoder_identity is not None:
         from capdec.encoders.base import check_identity

@@ -295,7 +295,6 @@ class CaptionStream:
 def read_vector(path: str | os.PathLike, *, keys: Sequence[str] = ()) -> list[float]:
     """A 1-D vector from a ``.npy`` file, a JSON list, or a JSON object holding it under one of ``keys``
     (e.g. the ``offset``/``image_mean`` of ``capdec calibrate``'s noise.json)."""
-    import json
 
     import numpy as np
 
@@ -309,10 +308,9 @@ def read_vector(path: str | os.PathLike, *, keys: Sequence[str] = ()) -> list[fl
         except (ValueError, OSError) as e:
             raise InputError(f"{path} is not a readable .npy array: {e}") from e
     elif suffix == ".json":
-        try:
-            value = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path} is not valid JSON: {e}") from e
+        from capdec.formats import read_json
+
+        value = read_json(path)
         if isinstance(value, dict):
             key = next((k for k in keys if value.get(k) is not None), None)
             if key is None:

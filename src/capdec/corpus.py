@@ -19,25 +19,21 @@ them, and ``source`` (the file) when several files are read together.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
+from capdec.formats import FORMATS, check_utf8, detect_format, iter_caption_file  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("txt", "jsonl", "csv", "tsv", "coco")
-_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-               ".json": "coco"}
 # JSONL fields / CSV columns copied into a caption's metadata when present (evaluation joins on them)
-_KEPT_KEYS = ("image_id", "id")
 
 PathLike = str | os.PathLike
 
@@ -93,121 +89,7 @@ def captions_sha256(captions: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def detect_format(path: PathLike) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in _EXTENSIONS:
-        known = ", ".join(f"{ext} ({fmt})" for ext, fmt in _EXTENSIONS.items())
-        raise InputError(f"{path}: cannot tell the corpus format from the extension {suffix or '(none)'!r} "
-                         f"(known: {known}); pass format= (--format) explicitly")
-    return _EXTENSIONS[suffix]
-
-
 # -- one function per format: yield (raw caption, metadata) ----------------------------------------
-
-def _iter_txt(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    # split on "\n" only so that line numbers match what an editor shows (str.splitlines also
-    # splits on form feeds and U+2028; those are whitespace and get normalised away instead)
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            yield line, {"line": lineno}
-
-
-def _iter_jsonl(path: Path, field_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig", newline="\n") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                 f"a JSONL file needs one JSON object per line") from e
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with a {field_name!r} field, "
-                                 f"got a JSON {type(record).__name__}")
-            if field_name not in record:
-                raise InputError(f"{path}:{lineno}: no field {field_name!r} (fields: "
-                                 f"{', '.join(map(repr, record)) or 'none'}); choose it with field= (--field)")
-            text = record[field_name]
-            if not isinstance(text, str):
-                raise InputError(f"{path}:{lineno}: field {field_name!r} is a JSON "
-                                 f"{'null' if text is None else type(text).__name__}, expected a string")
-            yield text, {"line": lineno, **{k: record[k] for k in _KEPT_KEYS if k in record and k != field_name}}
-
-
-def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
-        last_line = 0  # reader.line_num after the previous record: a record starts on the next line
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise InputError(f"{path}: empty file, expected a header row naming a {column!r} column")
-            if column not in header:
-                raise InputError(f"{path}:1: no column {column!r} in the header (columns: "
-                                 f"{', '.join(map(repr, header))}); choose it with column= (--column)")
-            index = header.index(column)
-            kept = {k: header.index(k) for k in _KEPT_KEYS if k in header and k != column}
-            last_line = reader.line_num
-            for row in reader:
-                start = last_line + 1
-                last_line = reader.line_num
-                if not row:  # a blank line is no record
-                    continue
-                if len(row) != len(header):
-                    raise InputError(f"{path}:{start}: {len(row)} fields but the header has {len(header)}; "
-                                     f"quote captions that contain {delimiter!r}")
-                yield row[index], {"line": start, **{k: row[i] for k, i in kept.items()}}
-        except csv.Error as e:
-            raise InputError(f"{path}:{last_line + 1}: not valid CSV ({e}); check the quoting of that "
-                             f"record") from e
-
-
-def _iter_coco(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
-    annotations = data.get("annotations") if isinstance(data, dict) else None
-    if not isinstance(annotations, list):
-        found = f"keys: {', '.join(map(repr, data))}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise InputError(f"{path}: not a COCO caption annotation file: no 'annotations' list ({found}). "
-                         f"For one caption per line use a .txt/.jsonl file, or pass format= (--format)")
-    for i, ann in enumerate(annotations):
-        where = f"{path}: annotations[{i}]"
-        if not isinstance(ann, dict) or "caption" not in ann:
-            raise InputError(f"{where} has no 'caption' field")
-        if not isinstance(ann["caption"], str):
-            raise InputError(f"{where} (id {ann.get('id')}): 'caption' is not a string")
-        yield ann["caption"], {k: ann[k] for k in ("image_id", "id") if k in ann}
-
-
-def _check_utf8(path: Path) -> str:
-    """Fail with the line and column of the first byte that is not UTF-8; return the file's sha256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        # byte 0x0A never occurs inside a multi-byte UTF-8 sequence, so lines decode independently
-        for lineno, line in enumerate(f, start=1):
-            h.update(line)
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
-                                 f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
-    return h.hexdigest()
-
-
-def _iter_file(path: Path, fmt: str, field_name: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    if fmt == "txt":
-        return _iter_txt(path)
-    if fmt == "jsonl":
-        return _iter_jsonl(path, field_name)
-    if fmt in ("csv", "tsv"):
-        return _iter_csv(path, column, "\t" if fmt == "tsv" else ",")
-    if fmt == "coco":
-        return _iter_coco(path)
-    raise InputError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
 
 
 class _Collector:
@@ -261,9 +143,9 @@ def read_corpus(paths: PathLike | Sequence[PathLike], *, format: str = "auto", f
     collector = _Collector(dedupe)
     digests = []
     for p, fmt in zip(paths, formats):
-        digests.append(_check_utf8(p))
+        digests.append(check_utf8(p))
         before = collector.stats.read
-        for raw, meta in _iter_file(p, fmt, field, column):
+        for raw, meta in iter_caption_file(p, fmt, field, column):
             if len(paths) > 1:
                 meta["source"] = str(p)
             collector.add(raw, meta)

@@ -25,9 +25,7 @@ with a bounded read-ahead so memory stays flat however many files there are.
 from __future__ import annotations
 
 import collections
-import csv
 import glob
-import json
 import logging
 import os
 import re
@@ -36,6 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from capdec.errors import InputError
 
@@ -76,6 +76,14 @@ def is_image_name(path: str | os.PathLike) -> bool:
 def _scan_dir(directory: Path, recursive: bool) -> list[Path]:
     walk = directory.rglob("*") if recursive else directory.iterdir()
     return [p for p in walk if is_image_name(p) and not p.name.startswith(".") and p.is_file()]
+
+
+def list_images(directory: str | os.PathLike, *, recursive: bool = True) -> list[Path]:
+    """Image files (by extension) under ``directory``, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"{directory}: not a directory of images")
+    return sorted(_scan_dir(directory, recursive))
 
 
 def _glob(pattern: str, recursive: bool) -> list[Path]:
@@ -140,60 +148,47 @@ def find_images(inputs: Sequence[str | os.PathLike] | str | os.PathLike, *, recu
 
 # -- image ids ----------------------------------------------------------------------------------------
 
-_COCO_ID = re.compile(r"(?:^|_)(\d+)$")  # COCO_val2014_000000000257 -> 257, 000000000785 -> 785
+ImageId = int | str
+
+# The one rule for turning a file name into an image id (captioning, metrics and calibration use it):
+# - image_key: the id an image is *matched* by: an int stays an int; a name whose stem is a COCO-style
+#   number (COCO_val2014_000000000257.jpg, 000000000785.jpg) becomes that int; any other name its base name;
+# - image_id_from_name: the number a COCO results file gives an image without an id map: the trailing
+#   number of the stem (COCO_val2014_000000000257 -> 257, img_12 -> 12), or None.
+_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+[0-9]*_)?([0-9]+)", re.ASCII)
+_TRAILING_NUMBER = re.compile(r"(?:^|_)([0-9]+)$", re.ASCII)
+
+
+def basename(name: str) -> str:
+    """The last component of a path written with / or \\ (the file name an id map or a reference names)."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def image_key(name: int | str) -> ImageId:
+    """The id an image is matched by (see the module docstring for the rule).
+
+    >>> image_key("val2014/COCO_val2014_000000000257.jpg"), image_key("000000000785.jpg")
+    (257, 785)
+    >>> image_key(" 42 "), image_key("photos/dog.jpg")
+    (42, 'dog.jpg')
+    """
+    if isinstance(name, bool) or not isinstance(name, (int, np.integer, str, os.PathLike)):
+        raise TypeError(f"an image id must be an int or a string, not {type(name).__name__}")
+    if isinstance(name, (int, np.integer)):
+        return int(name)
+    text = os.fspath(name).strip()
+    if re.fullmatch(r"[0-9]+", text, re.ASCII):
+        return int(text)
+    base = basename(text)
+    stem = base.rsplit(".", 1)[0] if "." in base[1:] else base
+    match = _COCO_STEM.fullmatch(stem)
+    return int(match.group(1)) if match else base
 
 
 def image_id_from_name(path: str | os.PathLike) -> int | None:
     """The COCO image id in a file name (``COCO_val2014_000000000257.jpg``, ``000000000785.jpg``), or None."""
-    m = _COCO_ID.search(Path(path).stem)
+    m = _TRAILING_NUMBER.search(Path(basename(os.fspath(path))).stem)
     return int(m.group(1)) if m else None
-
-
-def read_image_ids(path: str | os.PathLike) -> dict[str, Any]:
-    """A mapping file name -> image id, from
-
-    - a COCO annotation JSON (``{"images": [{"id", "file_name"}, ...]}``),
-    - a JSON object ``{"file_name": id, ...}`` or list ``[{"file_name"/"image", "image_id"/"id"}, ...]``,
-    - a CSV/TSV file with two columns ``file_name,image_id`` (a header row is allowed).
-
-    Keys are file names as written (matched against the full path, then the base name).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image id map {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    mapping: dict[str, Any] = {}
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path} is not valid JSON: {e}") from e
-        rows = data.get("images") if isinstance(data, dict) and "images" in data else data
-        if isinstance(rows, dict):
-            mapping = {str(k): v for k, v in rows.items()}
-        elif isinstance(rows, list):
-            for n, row in enumerate(rows):
-                name = row.get("file_name", row.get("image")) if isinstance(row, dict) else None
-                image_id = row.get("image_id", row.get("id")) if isinstance(row, dict) else None
-                if name is None or image_id is None:
-                    raise InputError(f"{path}: entry {n} needs 'file_name' (or 'image') and 'id' (or 'image_id')")
-                mapping[str(name)] = image_id
-        else:
-            raise InputError(f"{path}: expected a JSON object or list mapping file names to image ids")
-    else:
-        dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
-        for lineno, row in enumerate(csv.reader(text.splitlines(), dialect=dialect), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise InputError(f"{path}, line {lineno}: expected two columns 'file_name,image_id'")
-            name, image_id = row[0].strip(), row[1].strip()
-            if lineno == 1 and not image_id.lstrip("-").isdigit() and image_id.lower() in ("image_id", "id"):
-                continue  # header
-            mapping[name] = int(image_id) if image_id.lstrip("-").isdigit() else image_id
-    if not mapping:
-        raise InputError(f"{path} maps no file names to image ids")
-    return mapping
 
 
 def lookup_image_id(path: str | os.PathLike, mapping: dict[str, Any] | None = None) -> Any:

@@ -39,7 +39,6 @@ Notation: b - batch of queries, n - memory rows, c - rows in one chunk, d - embe
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from capdec.artifacts import check_rows, load_matrix, read_meta, read_rows, write_rows
 from capdec.errors import InputError
 from capdec.utils import atomic_dir, progress, read_json, write_json
 
@@ -75,7 +75,6 @@ AUTO_IVF_MIN_ROWS = 100_000
 # work space per chunk (the float32 copy of the rows and the (b, c) scores); small enough to stay in cache
 CHUNK_BYTES = 16 << 20
 # row norms further than this from 1 mean the caller forgot to normalise (float16 is ~1e-3 off)
-_NORM_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -359,7 +358,7 @@ class TextMemory:
         self.source = source or "(memory)"  # where it came from, for messages
         self._emb = _as_tensor(embeddings, self.source)  # (n, d)
         if validate:
-            _check_rows(self._emb, self.source)
+            check_rows(self._emb, f"{self.source}: embeddings")
         self._captions: list[str] | None = None
         self._caption_loader: Callable[[], list[str]] | None = None
         if captions is not None:
@@ -400,28 +399,20 @@ class TextMemory:
         if not (path / META).is_file():
             raise InputError(f"{path}: not a text memory (no {META}); make one with TextMemory.save, or pass an "
                              f"embedding store made by 'capdec embed'")
-        try:
-            meta = read_json(path / META)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path / META}: not valid JSON ({e}); re-create the memory") from e
+        meta = read_meta(path / META, redo="re-create the memory")
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
             return cls.from_store(path, config=config, mmap=mmap)
         if fmt != FORMAT:
             raise InputError(f"{path / META}: format {fmt!r} is not a text memory ({FORMAT!r}) or embedding store")
-        try:
-            emb = np.load(path / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{path / EMBEDDINGS}: cannot be read as a .npy array ({e}); re-create the memory") from e
-        expected = (int(meta["count"]), int(meta["dim"]))
-        if emb.shape != expected:
-            raise InputError(f"{path / EMBEDDINGS}: shape {emb.shape} but {META} says {expected}; re-create the memory")
+        emb = load_matrix(path / EMBEDDINGS, (int(meta["count"]), int(meta["dim"])), mmap=mmap,
+                          redo="re-create the memory", meta_name=META)
         memory = cls(emb, None, meta.get("encoder_identity"), encoder_spec=meta.get("encoder"),
                      config=config or MemoryConfig.from_dict(meta.get("config")), validate=False, source=str(path))
         if meta.get("captions"):
             if not (path / CAPTIONS).is_file():
                 raise InputError(f"{path}: {CAPTIONS} is missing though {META} lists captions; re-create the memory")
-            memory._caption_loader = lambda: _read_captions(path / CAPTIONS, len(memory))
+            memory._caption_loader = lambda: [r["caption"] for r in read_rows(path / CAPTIONS, len(memory), redo="re-create the memory", holder="the memory")]
         for kind, name in INDEX_FILES.items():
             if (path / name).is_file() and faiss_available():
                 memory._faiss[kind] = _read_faiss_index(path / name, memory)
@@ -457,10 +448,7 @@ class TextMemory:
             arr.flush()
             del arr
             if captions is not None:
-                with open(tmp / CAPTIONS, "w", encoding="utf-8") as f:
-                    for c in captions:
-                        f.write(json.dumps({"caption": c}, ensure_ascii=False))
-                        f.write("\n")
+                write_rows(tmp / CAPTIONS, [{"caption": c} for c in captions])
             if index and self._faiss:
                 faiss = _import_faiss()
                 for kind, idx in self._faiss.items():
@@ -689,19 +677,6 @@ def _as_tensor(embeddings: np.ndarray | torch.Tensor, source: str) -> torch.Tens
     return t
 
 
-def _check_rows(emb: torch.Tensor, source: str) -> None:
-    step = 65536
-    lo_norm, hi_norm = math.inf, -math.inf
-    for lo in range(0, emb.shape[0], step):
-        norms = emb[lo : lo + step].float().norm(dim=1)
-        if not torch.isfinite(norms).all():
-            raise InputError(f"{source}: embeddings contain NaN or infinite values")
-        lo_norm, hi_norm = min(lo_norm, norms.min().item()), max(hi_norm, norms.max().item())
-    if max(abs(lo_norm - 1), abs(hi_norm - 1)) > _NORM_TOLERANCE:
-        raise InputError(f"{source}: embeddings are not L2-normalised (row norms from {lo_norm:.3f} to "
-                         f"{hi_norm:.3f}); normalise them first (torch.nn.functional.normalize(x, dim=-1))")
-
-
 def _is_memory_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
@@ -711,20 +686,6 @@ def _is_memory_dir(path: Path) -> bool:
         return read_json(path / META).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def _read_captions(path: Path, count: int) -> list[str]:
-    captions = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                caption = json.loads(line)["caption"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{path}:{lineno}: expected {{\"caption\": ...}} ({e}); re-create the memory") from e
-            captions.append(caption)
-    if len(captions) != count:
-        raise InputError(f"{path}: {len(captions)} captions for {count} embeddings; re-create the memory")
-    return captions
 
 
 def _read_faiss_index(path: Path, memory: TextMemory):

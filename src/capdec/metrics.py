@@ -30,7 +30,7 @@ What this module adds around them:
 
 Image ids and matching (``read_predictions``/``read_references`` and the CLI)
 -----------------------------------------------------------------------------
-Every image gets one id by :func:`image_key`: an integer ``image_id`` stays an int; a file name or
+Every image gets one id by :func:`capdec.images.image_key`: an integer ``image_id`` stays an int; a file name or
 path whose stem is a COCO-style number (``COCO_val2014_000000000257.jpg`` → 257,
 ``000000000785.jpg`` → 785, ``1000092795.jpg`` → 1000092795) becomes that int; any other path becomes
 its file name (``photos/dog.jpg`` → ``"dog.jpg"``). A prediction that names an image *path* is matched
@@ -45,11 +45,8 @@ logged (``EvalResult.missing``); ``strict=True`` makes them an error.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -64,10 +61,18 @@ from typing import Any
 import numpy as np
 
 from capdec.errors import CapdecError, InputError
+from capdec.formats import (  # noqa: F401  (the readers, re-exported: capdec.metrics.read_references etc.)
+    Prediction,
+    ReferenceSet,
+    load_predictions,
+    load_references,
+    read_predictions,
+    read_references,
+)
+from capdec.images import ImageId, basename, image_key  # noqa: F401  (image_key re-exported)
 
 logger = logging.getLogger(__name__)
 
-ImageId = int | str
 
 #: every metric this module reports, in coco-caption's spelling and order
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -87,8 +92,6 @@ _ALIASES = {"bleu": "bleu", "bleu_1": "bleu", "bleu_2": "bleu", "bleu_3": "bleu"
 
 # every character the Java PTB tokenizer (or Python) treats as a line break; see module docstring
 _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+[0-9]*_)?([0-9]+)", re.ASCII)
-_TRAILING_NUMBER = re.compile(r"(?:^|_)([0-9]+)$", re.ASCII)  # capdec.images.image_id_from_name's rule
 _SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 _MAX_EXAMPLES = 10
 
@@ -154,314 +157,6 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------
 # ids and readers
 # ---------------------------------------------------------------------------------------------
-def _basename(name: str) -> str:
-    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-
-
-def image_key(name: int | str) -> ImageId:
-    """The id an image is matched by (see the module docstring for the rule).
-
-    >>> image_key("val2014/COCO_val2014_000000000257.jpg"), image_key("000000000785.jpg")
-    (257, 785)
-    >>> image_key(" 42 "), image_key("photos/dog.jpg")
-    (42, 'dog.jpg')
-    """
-    if isinstance(name, bool) or not isinstance(name, (int, np.integer, str, os.PathLike)):
-        raise TypeError(f"an image id must be an int or a string, not {type(name).__name__}")
-    if isinstance(name, (int, np.integer)):
-        return int(name)
-    text = os.fspath(name).strip()
-    if re.fullmatch(r"[0-9]+", text, re.ASCII):
-        return int(text)
-    base = _basename(text)
-    stem = base.rsplit(".", 1)[0] if "." in base[1:] else base
-    match = _COCO_STEM.fullmatch(stem)
-    return int(match.group(1)) if match else base
-
-
-@dataclass
-class Prediction:
-    """One generated caption as read from a file (``where`` is ``file:line`` for messages)."""
-
-    caption: str | None
-    image_id: ImageId | None = None
-    image: str | None = None
-    where: str = ""
-
-    @property
-    def key(self) -> ImageId:
-        return image_key(self.image_id if self.image_id is not None else self.image)  # type: ignore[arg-type]
-
-
-@dataclass
-class ReferenceSet:
-    """Reference captions by image id (in file order) and the file names that name each image."""
-
-    captions: dict[ImageId, list[str]]
-    file_names: dict[ImageId, str] = field(default_factory=dict)  # id -> file name/path as given
-    source: str = ""
-
-    def alias_table(self) -> dict[str, ImageId]:
-        """file name -> id, leaving out names that two images share (ambiguous)."""
-        return _unique((_basename(name), image_id) for image_id, name in self.file_names.items())
-
-    def number_table(self) -> dict[int, ImageId]:
-        """Trailing number of a file name -> id (``img_12.jpg`` -> 12), leaving out clashes.
-
-        ``capdec caption --format coco`` numbers images this way when it has no id map, so an
-        ``image_id`` that is no reference id is looked up here.
-        """
-        pairs = []
-        for image_id, name in self.file_names.items():
-            match = _TRAILING_NUMBER.search(_basename(name).rsplit(".", 1)[0])
-            if match:
-                pairs.append((int(match.group(1)), image_id))
-        return _unique(pairs)
-
-
-def _unique(pairs: Iterable[tuple[Any, ImageId]]) -> dict[Any, ImageId]:
-    """Build alias -> id, dropping aliases that name two different images."""
-    table: dict[Any, ImageId] = {}
-    clashes = set()
-    for alias, image_id in pairs:
-        if alias in table and table[alias] != image_id:
-            clashes.add(alias)
-        table[alias] = image_id
-    for alias in clashes:
-        del table[alias]
-    return table
-
-
-def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from e
-    if not text.strip():
-        raise InputError(f"{path}: the file is empty")
-    return text
-
-
-def _load_json_or_jsonl(path: Path, text: str) -> tuple[Any, list[int] | None]:
-    """Parse a JSON document or JSON Lines; errors name the file and line.
-
-    Returns ``(data, lines)``: for JSON Lines (or a one-line document) ``data`` is the list of
-    records (the one object) and ``lines`` their line numbers; for a JSON document ``lines`` is None.
-    """
-    lines = text.split("\n")  # not splitlines(): U+2028 may sit raw inside a JSON string
-    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
-    try:
-        data = json.loads(text)
-        return data, ([numbered[0][0]] if len(numbered) == 1 and isinstance(data, dict) else None)
-    except json.JSONDecodeError as whole:
-        try:
-            json.loads(numbered[0][1])
-        except json.JSONDecodeError:
-            raise InputError(f"{path}: line {whole.lineno} column {whole.colno}: malformed JSON "
-                             f"({whole.msg})") from whole
-        records = []
-        for lineno, line in numbered:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {lineno} column {e.colno}: malformed JSON line "
-                                 f"({e.msg})") from e
-        return records, [lineno for lineno, _ in numbered]
-
-
-def _where(path: Path, index: int, lines: list[int] | None) -> str:
-    return f"{path}: line {lines[index]}" if lines else f"{path}: item {index}"
-
-
-def _prediction_from_record(rec: Any, where: str) -> Prediction:
-    if not isinstance(rec, dict):
-        raise InputError(f"{where}: expected an object with 'caption' and 'image' (or 'image_id'), "
-                         f"got {type(rec).__name__}")
-    if "caption" not in rec:
-        raise InputError(f"{where}: no 'caption' field (fields: {', '.join(map(str, rec)) or 'none'})")
-    caption = rec["caption"]
-    if caption is not None and not isinstance(caption, str):
-        raise InputError(f"{where}: 'caption' must be a string, got {type(caption).__name__}")
-    image_id = rec.get("image_id")
-    image = rec.get("image", rec.get("file_name"))
-    if image_id is None and image is None:
-        raise InputError(f"{where}: no 'image' (path) or 'image_id' field")
-    try:
-        image_id = image_key(image_id) if image_id is not None else None
-    except TypeError as e:
-        raise InputError(f"{where}: bad 'image_id' {image_id!r}: {e}") from e
-    if image is not None and not isinstance(image, str):
-        raise InputError(f"{where}: 'image' must be a path string, got {type(image).__name__}")
-    return Prediction(caption=caption, image_id=image_id, image=image, where=where)
-
-
-def load_predictions(path: str | os.PathLike) -> list[Prediction]:
-    """Read generated captions, keeping where each came from (for matching and messages).
-
-    Formats (what ``capdec caption`` writes, and more): JSON Lines ``{"image": path, "caption": ...}``
-    (or ``"image_id"``); a COCO results JSON list ``[{"image_id": ..., "caption": ...}]``; a CSV with a
-    header ``image,caption`` (or ``image_id,caption``). A ``"caption": null`` line (an image the
-    captioner could not read) is kept with ``caption=None``.
-    """
-    path = Path(path)
-    text = _read_text(path)
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return _load_predictions_csv(path, text)
-    data, lines = _load_json_or_jsonl(path, text)
-    if isinstance(data, dict):
-        # a COCO results file wrapped as {"annotations": [...]}, or a one-line JSONL file
-        data, lines = (data["annotations"], None) if "annotations" in data else ([data], lines)
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a list of {{'image_id', 'caption'}} objects or JSON Lines, "
-                         f"got a JSON {type(data).__name__}")
-    preds = [_prediction_from_record(rec, _where(path, i, lines)) for i, rec in enumerate(data)]
-    if not preds:
-        raise InputError(f"{path}: no predictions in the file")
-    return preds
-
-
-def _load_predictions_csv(path: Path, text: str) -> list[Prediction]:
-    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
-    reader = csv.DictReader(text.splitlines(), dialect=dialect)
-    fields = reader.fieldnames or []
-    if "caption" not in fields or not ({"image", "image_id", "file_name"} & set(fields)):
-        raise InputError(f"{path}: line 1: a CSV of predictions needs a header with 'caption' and "
-                         f"'image' (or 'image_id'); found {fields}")
-    preds = []
-    for row in reader:
-        rec = {"caption": row.get("caption")}
-        rec.update({k: row[k] for k in ("image", "image_id", "file_name") if row.get(k)})
-        preds.append(_prediction_from_record(rec, f"{path}: line {reader.line_num}"))
-    if not preds:
-        raise InputError(f"{path}: no predictions in the file")
-    return preds
-
-
-def read_predictions(path: str | os.PathLike) -> dict[ImageId, str]:
-    """Generated captions by image id (:func:`image_key`); null captions are left out.
-
-    Two predictions for one image are an error naming both lines.
-    """
-    out: dict[ImageId, str] = {}
-    seen: dict[ImageId, str] = {}
-    for p in load_predictions(path):
-        key = p.key
-        if key in seen:
-            raise InputError(f"{p.where}: a second prediction for image {key!r} (first at {seen[key]})")
-        seen[key] = p.where
-        if p.caption is not None:
-            out[key] = p.caption
-    return out
-
-
-def _as_caption_list(value: Any, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(c, str) for c in value):
-        return list(value)
-    if isinstance(value, list) and all(isinstance(c, dict) and isinstance(c.get("raw", c.get("caption")), str)
-                                       for c in value):
-        return [c.get("raw", c.get("caption")) for c in value]  # Karpathy-style [{"raw": ...}]
-    raise InputError(f"{where}: captions must be a string or a list of strings")
-
-
-def load_references(path: str | os.PathLike) -> ReferenceSet:
-    """Read reference captions; see :func:`read_references` for the formats."""
-    path = Path(path)
-    text = _read_text(path)
-    data, lines = _load_json_or_jsonl(path, text)
-    if isinstance(data, dict) and "annotations" in data:
-        refs = _references_from_coco(path, data)
-    elif isinstance(data, dict) and data and all(isinstance(v, (str, list)) for v in data.values()) \
-            and not ({"image", "image_id", "caption", "captions"} & set(data)):
-        refs = ReferenceSet({}, {}, str(path))
-        for name, caps in data.items():
-            _add_references(refs, image_key(name), name, _as_caption_list(caps, f"{path}: key {name!r}"),
-                            f"{path}: key {name!r}")
-    else:
-        records = [data] if isinstance(data, dict) else data
-        if not isinstance(records, list):
-            raise InputError(f"{path}: unrecognised references format; expected COCO annotations "
-                             f"({{'images', 'annotations'}}), a list or JSON Lines of "
-                             f"{{'image' or 'image_id', 'captions'}}, or {{file name: [captions]}}")
-        refs = ReferenceSet({}, {}, str(path))
-        for i, rec in enumerate(records):
-            where = _where(path, i, lines)
-            if not isinstance(rec, dict):
-                raise InputError(f"{where}: expected an object with 'image' (or 'image_id') and 'captions'")
-            name = rec.get("file_name", rec.get("image", rec.get("filename")))
-            ident = rec.get("image_id", name)
-            if ident is None:
-                raise InputError(f"{where}: no 'image_id', 'image' or 'file_name' field")
-            if "captions" in rec:
-                caps = rec["captions"]
-            elif "caption" in rec:
-                caps = rec["caption"]
-            elif "sentences" in rec:
-                caps = rec["sentences"]
-            else:
-                raise InputError(f"{where}: no 'captions' (or 'caption') field")
-            try:
-                key = image_key(ident)
-            except TypeError as e:
-                raise InputError(f"{where}: bad image id {ident!r}: {e}") from e
-            _add_references(refs, key, name, _as_caption_list(caps, where), where)
-    if not refs.captions:
-        raise InputError(f"{path}: no reference captions in the file")
-    return refs
-
-
-def _add_references(refs: ReferenceSet, key: ImageId, name: str | None, caps: list[str], where: str) -> None:
-    if not caps:
-        raise InputError(f"{where}: an empty list of captions")
-    if name is not None:
-        if not isinstance(name, str):
-            raise InputError(f"{where}: the image name must be a string, got {type(name).__name__}")
-        known = refs.file_names.get(key)
-        if known is not None and os.path.normpath(known) != os.path.normpath(name):
-            raise InputError(f"{where}: images {known!r} and {name!r} both get the id {key!r} "
-                             f"(ids come from file names; give each image a unique name or an image_id)")
-        refs.file_names[key] = name
-    refs.captions.setdefault(key, []).extend(caps)
-
-
-def _references_from_coco(path: Path, data: dict[str, Any]) -> ReferenceSet:
-    images = data.get("images") or []
-    anns = data["annotations"]
-    if not isinstance(anns, list) or not isinstance(images, list):
-        raise InputError(f"{path}: 'annotations' and 'images' must be lists (COCO caption format)")
-    by_image: dict[ImageId, list[str]] = {}
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise InputError(f"{path}: annotation {i}: needs 'image_id' and a string 'caption'")
-        by_image.setdefault(image_key(ann["image_id"]), []).append(ann["caption"])
-    refs = ReferenceSet({}, {}, str(path))
-    # COCOEvalCap's order: the images list (pycocotools getImgIds), captions in annotation order
-    for i, img in enumerate(images):
-        if not isinstance(img, dict) or "id" not in img:
-            raise InputError(f"{path}: image {i}: needs an 'id'")
-        key = image_key(img["id"])
-        if key in by_image:
-            refs.captions[key] = by_image.pop(key)
-            if isinstance(img.get("file_name"), str):
-                refs.file_names[key] = img["file_name"]
-    refs.captions.update(by_image)  # annotations of images the 'images' list does not name
-    return refs
-
-
-def read_references(path: str | os.PathLike) -> dict[ImageId, list[str]]:
-    """Reference captions by image id (:func:`image_key`), images in file order.
-
-    Formats: a COCO caption annotation JSON (``images`` + ``annotations``); a JSON list or JSON Lines
-    of ``{"image" or "image_id" or "file_name", "captions": [...]}`` (one ``"caption"`` per line also
-    works; lines of one image are merged), which covers ``karpathy_test_refs.json``; or a JSON object
-    ``{file name: [captions]}``.
-    """
-    return load_references(path).captions
 
 
 def align_predictions(predictions: Iterable[Prediction], references: ReferenceSet,
@@ -484,7 +179,7 @@ def align_predictions(predictions: Iterable[Prediction], references: ReferenceSe
             if key not in references.captions and key in numbers:
                 key = numbers[key]
         else:
-            base = _basename(p.image)  # type: ignore[arg-type]
+            base = basename(p.image)  # type: ignore[arg-type]
             key = aliases[base] if base in aliases else image_key(p.image)  # type: ignore[arg-type]
         if key in seen:
             raise InputError(f"{p.where}: a second prediction for image {key!r} (first at {seen[key]})")
@@ -751,7 +446,7 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
         raise InputError(
             f"no prediction matches a reference image ({len(predictions)} predictions, e.g. "
             f"{list(predictions)[:3]}; {len(references)} references, e.g. {list(references)[:3]}); "
-            f"ids come from image_id fields or file names (see capdec.metrics.image_key)")
+            f"ids come from image_id fields or file names (see capdec.images.image_key)")
 
     if "cider" in groups and len(ids) < 10:
         logger.warning("CIDEr weighs n-grams by IDF over the references of the images scored; with %d "
@@ -899,7 +594,7 @@ def clip_score(encoder: Any, images: Sequence[Any], captions: Sequence[str],
     ``"A photo depicts "`` (pass ``prefix=""`` to turn that off). The numbers depend on the encoder:
     compare them only between runs with the same one.
     """
-    from capdec.calibrate import load_image
+    from capdec.images import load_image
     from capdec.utils import progress
 
     if len(images) != len(captions):

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capdec.artifacts import check_rows, jsonable, load_matrix, read_meta, read_rows, write_rows
 from capdec.corpus import Corpus, captions_sha256, read_corpus
 from capdec.encoders.base import EncoderError, check_identity
 from capdec.errors import InputError
@@ -45,7 +46,6 @@ _PARTIAL_FORMAT = "capdec.embeddings.partial/1"
 DTYPES = ("float16", "float32")
 META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
 # rows whose norm is further than this from 1 mean the caller forgot to normalise (fp16 is ~1e-3 off)
-_NORM_TOLERANCE = 1e-2
 
 
 @dataclass
@@ -80,10 +80,7 @@ class EmbeddingStore:
             raise InputError(f"{path}: no such embedding store (a directory made by 'capdec embed'){hint}")
         if not (path / META).is_file():
             raise InputError(f"{path}: not an embedding store, no {META}{hint}; create one with 'capdec embed'")
-        try:
-            meta = read_json(path / META)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{path / META}: not valid JSON ({e}); the store is damaged, re-create it") from e
+        meta = read_meta(path / META, redo="the store is damaged, re-create it")
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if fmt != FORMAT:
             if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
@@ -98,14 +95,8 @@ class EmbeddingStore:
             if not (path / name).is_file():
                 raise InputError(f"{path}: incomplete embedding store, {name} is missing; re-create it "
                                  f"with 'capdec embed --overwrite'")
-        try:
-            embeddings = np.load(path / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise InputError(f"{path / EMBEDDINGS}: cannot be read as a .npy array ({e}); re-create the store") from e
-        expected = (int(meta["count"]), int(meta["dim"]))
-        if embeddings.shape != expected:
-            raise InputError(f"{path / EMBEDDINGS}: shape {embeddings.shape} but {META} says {expected}; "
-                             f"the store is damaged, re-create it")
+        embeddings = load_matrix(path / EMBEDDINGS, (int(meta["count"]), int(meta["dim"])), mmap=mmap,
+                                 redo="the store is damaged, re-create it", meta_name=META)
         return cls(meta, embeddings, path=path)
 
     @classmethod
@@ -149,7 +140,7 @@ class EmbeddingStore:
                              f"{len(caption_list)} captions; expected ({len(caption_list)}, dim)")
         if embeddings.dtype not in (np.float16, np.float32):
             embeddings = embeddings.astype(np.float32)
-        _check_rows(embeddings, "embeddings")
+        check_rows(embeddings, "embeddings")
         rows = [{"caption": c, **{k: v for k, v in (records[i] if records is not None else {}).items()
                                   if k != "caption"}}
                 for i, c in enumerate(caption_list)]
@@ -161,7 +152,7 @@ class EmbeddingStore:
     def records(self) -> list[dict[str, Any]]:
         """One dict per row: ``{"caption": ..., **metadata}`` (loaded on first use)."""
         if self._records is None:
-            self._records = _read_records(self.path / CAPTIONS, len(self))
+            self._records = read_rows(self.path / CAPTIONS, len(self), redo="the store is damaged, re-create it")
         return self._records
 
     @property
@@ -209,7 +200,7 @@ class EmbeddingStore:
                 arr[lo : lo + 65536] = self.embeddings[lo : lo + 65536]
             arr.flush()
             del arr
-            _write_records(tmp / CAPTIONS, self.records)
+            write_rows(tmp / CAPTIONS, self.records)
             write_json(tmp / META, meta)  # last: its presence marks a complete store
         return EmbeddingStore.open(out_dir)
 
@@ -258,7 +249,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                          f"{corpus.stats.empty_skipped} empty)")
 
     out_dir = Path(out_dir)
-    identity = _jsonable(encoder.identity)  # compared with what JSON files recorded
+    identity = jsonable(encoder.identity)  # compared with what JSON files recorded
     wanted = {"captions_sha256": corpus.captions_sha256, "encoder_identity": identity, "dtype": dtype}
     replace = _check_target(out_dir, overwrite=overwrite, what=wanted)
     if replace is None:  # already up to date
@@ -315,7 +306,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
             arr[lo:hi] = _load_shard(partial, i, hi - lo, encoder.dim)
         arr.flush()
         del arr
-        _write_records(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
+        write_rows(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
         write_json(tmp / META, meta)  # last: its presence marks a complete store
     shutil.rmtree(partial, ignore_errors=True)
 
@@ -328,10 +319,6 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def _jsonable(obj: Any) -> Any:
-    """``obj`` as it reads back from JSON (tuples become lists), for comparing with recorded metadata."""
-    return json.loads(json.dumps(obj))
 
 
 def _make_meta(spec: dict[str, Any], identity: dict[str, Any], shape: tuple[int, ...], dtype: str,
@@ -356,17 +343,6 @@ def _make_meta(spec: dict[str, Any], identity: dict[str, Any], shape: tuple[int,
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
         raise InputError(f"unknown store dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-
-
-def _check_rows(embeddings: np.ndarray, what: str) -> None:
-    if embeddings.size == 0:
-        return
-    norms = np.linalg.norm(embeddings.astype(np.float32), axis=1)
-    if not np.isfinite(norms).all():
-        raise InputError(f"{what} contain NaN or infinite values")
-    if np.abs(norms - 1).max() > _NORM_TOLERANCE:
-        raise InputError(f"{what} are not L2-normalised (row norms from {norms.min():.3f} to {norms.max():.3f}); "
-                         f"normalise them first (torch.nn.functional.normalize(x, dim=-1))")
 
 
 def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None) -> bool | None:
@@ -451,30 +427,6 @@ def _load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None
 
 def _shard_truncated(partial: Path, i: int) -> int:
     return int(read_json(partial / f"shard-{i:06d}.json")["truncated"])
-
-
-def _write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False))
-            f.write("\n")
-
-
-def _read_records(path: Path, count: int) -> list[dict[str, Any]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); the store is damaged, re-create it") from e
-            if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
-                raise InputError(f"{path}:{lineno}: expected an object with a 'caption' string")
-            records.append(record)
-    if len(records) != count:
-        raise InputError(f"{path}: {len(records)} captions but the store holds {count} embeddings; "
-                         f"the store is damaged, re-create it")
-    return records
 
 
 __all__ = ["DTYPES", "FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus", "write_store"]

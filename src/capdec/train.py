@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capdec.artifacts import read_jsonl
 from capdec.checkpoint import (
     InferenceConfig,
     load_checkpoint,
@@ -394,8 +395,7 @@ class _MetricsLog:
         self.live = bool(resume_step)  # append to the file only once it belongs to this run
         self.rows: list[str] = []
         if resume_step and self.path.exists():  # keep the rows up to the step we resume from
-            self.rows = [r for r in self.path.read_text().splitlines()
-                         if r.strip() and json.loads(r).get("step", 0) <= resume_step]
+            self.rows = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
 
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row)

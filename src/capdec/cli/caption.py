@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
     from capdec.caption import Captioner
     from capdec.decode import DecodeConfig
     from capdec.errors import InputError
-    from capdec.images import find_images, lookup_image_id, read_image_ids
+    from capdec.formats import read_image_ids
+    from capdec.images import find_images, lookup_image_id
     from capdec.utils import set_threads_from_env
 
     log = logging.getLogger("capdec.caption")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import fields
 
@@ -119,11 +118,14 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
 
     if not args.config:
         return
+    from capdec.formats import read_json
+
     try:
-        with open(args.config, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
+        values = read_json(args.config)
+    except InputError as e:
         raise InputError(f"cannot read --config {args.config}: {e}") from e
+    if not isinstance(values, dict):
+        raise InputError(f"--config {args.config}: expected a JSON object of option names and values")
     for k, v in values.items():
         k = k.replace("-", "_")
         if not hasattr(args, k):

@@ -14,7 +14,6 @@ checkpoints record), so artefacts rebuild the encoder that made them.
 from __future__ import annotations
 
 import importlib
-import json
 from typing import Any
 
 from capdec.encoders.base import (
@@ -24,6 +23,7 @@ from capdec.encoders.base import (
     check_identity,
     resolve_device,
 )
+from capdec.errors import InputError
 
 __all__ = [
     "Encoder", "EncoderError", "EncoderMismatchError", "check_identity", "load_encoder",
@@ -57,10 +57,13 @@ def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
         return dict(spec)
     spec = spec.strip()
     if spec.startswith("{"):
+        from capdec.formats import parse_json
+
         try:
-            return parse_spec(json.loads(spec))
-        except json.JSONDecodeError as e:
+            data = parse_json(spec, "encoder spec")
+        except InputError as e:
             raise EncoderError(f"encoder spec looks like JSON but does not parse: {e}") from e
+        return parse_spec(data)
     kind, _, rest = spec.partition(":")
     return _backend(kind).parse_spec_string(rest)
 

@@ -18,13 +18,13 @@ the precision asked for) and then cast to ``self.dtype``.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from capdec.artifacts import jsonable
 from capdec.encoders.base import Encoder, EncoderError
 from capdec.encoders.hf import looks_like_path, weights_fingerprint
 
@@ -129,7 +129,7 @@ class OpenCLIPEncoder(Encoder):
     def identity(self) -> dict[str, Any]:
         pre = self._preprocess_cfg
         # JSON round trip: the identity is compared with one read back from a JSON file
-        return json.loads(json.dumps({
+        return jsonable({
             "kind": self.kind,
             "dim": self.dim,
             "model_cfg": self.model_cfg,
@@ -137,7 +137,7 @@ class OpenCLIPEncoder(Encoder):
             "tokenizer": type(self.tokenizer).__name__,
             "context_length": self.context_length,
             "weights_sha256": self._fingerprint,
-        }, sort_keys=True))
+        }, sort_keys=True)
 
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))

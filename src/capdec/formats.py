@@ -1,0 +1,613 @@
+"""The input layer: every file a *user* hands capdec is read here, with errors that name the file and line.
+
+Artefacts capdec writes itself (stores, memories, noise files, checkpoints) are read by the artefact
+layer (:mod:`capdec.artifacts`); images are found and decoded by :mod:`capdec.images`, which also owns
+the rule that turns a file name into an image id.
+
+Sections, top to bottom:
+
+- text and JSON: :func:`read_text`, :func:`parse_json`, :func:`read_json`, :func:`parse_json_or_jsonl`
+  (one JSON document or JSON Lines; ``lines`` says where each record came from, :func:`location`);
+- caption corpora (``capdec embed``, ``read_corpus``): txt / jsonl / csv / tsv / COCO annotations,
+  format from the extension (:func:`detect_format`), one ``_iter_*`` reader per format;
+- reference captions (``capdec evaluate``, calibration): :func:`detect_references_format` picks the
+  reader of a parsed file (COCO annotations, ``{file name: [captions]}``, records); add a format by
+  adding a case there and a reader to ``_REFERENCE_READERS``;
+- predictions (``capdec evaluate``): what ``capdec caption`` writes (JSONL, COCO results, CSV);
+- image id maps (``capdec caption --image-ids``) and image/caption pairs (``capdec calibrate``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capdec.errors import InputError
+from capdec.images import ImageId, basename, image_id_from_name, image_key, list_images
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# text and JSON
+# ---------------------------------------------------------------------------------------------
+
+def read_text(path: Path) -> str:
+    """A user's text file (UTF-8, a BOM allowed); missing, a directory, not UTF-8 or empty is an error."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from e
+    if not text.strip():
+        raise InputError(f"{path}: the file is empty")
+    return text
+
+
+def parse_json(text: str, where: str | os.PathLike) -> Any:
+    """One JSON document; a syntax error names ``where`` (a file, or what the text is), line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A user's JSON file (UTF-8, a BOM allowed), parsed; errors name the file and line."""
+    path = Path(path)
+    return parse_json(read_text(path), path)
+
+
+def parse_json_or_jsonl(path: Path, text: str) -> tuple[Any, list[int] | None]:
+    """Parse a JSON document or JSON Lines; errors name the file and line.
+
+    Returns ``(data, lines)``: for JSON Lines (or a one-line document) ``data`` is the list of
+    records (the one object) and ``lines`` their line numbers; for a JSON document ``lines`` is None.
+    """
+    lines = text.split("\n")  # not splitlines(): U+2028 may sit raw inside a JSON string
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    try:
+        data = json.loads(text)
+        return data, ([numbered[0][0]] if len(numbered) == 1 and isinstance(data, dict) else None)
+    except json.JSONDecodeError as whole:
+        try:
+            json.loads(numbered[0][1])
+        except json.JSONDecodeError:
+            raise InputError(f"{path}: line {whole.lineno} column {whole.colno}: malformed JSON "
+                             f"({whole.msg})") from whole
+        records = []
+        for lineno, line in numbered:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}: line {lineno} column {e.colno}: malformed JSON line "
+                                 f"({e.msg})") from e
+        return records, [lineno for lineno, _ in numbered]
+
+def location(path: Path, index: int, lines: list[int] | None) -> str:
+    return f"{path}: line {lines[index]}" if lines else f"{path}: item {index}"
+
+
+# ---------------------------------------------------------------------------------------------
+# caption corpora
+# ---------------------------------------------------------------------------------------------
+
+FORMATS = ("txt", "jsonl", "csv", "tsv", "coco")
+_EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+               ".json": "coco"}
+# JSONL fields / CSV columns copied into a caption's metadata when present (evaluation joins on them)
+_KEPT_KEYS = ("image_id", "id")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        known = ", ".join(f"{ext} ({fmt})" for ext, fmt in _EXTENSIONS.items())
+        raise InputError(f"{path}: cannot tell the corpus format from the extension {suffix or '(none)'!r} "
+                         f"(known: {known}); pass format= (--format) explicitly")
+    return _EXTENSIONS[suffix]
+
+
+def iter_caption_file(path: Path, fmt: str, field_name: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if fmt == "txt":
+        return _iter_txt(path)
+    if fmt == "jsonl":
+        return _iter_jsonl(path, field_name)
+    if fmt in ("csv", "tsv"):
+        return _iter_csv(path, column, "\t" if fmt == "tsv" else ",")
+    if fmt == "coco":
+        return _iter_coco(path)
+    raise InputError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+
+
+def _iter_txt(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    # split on "\n" only so that line numbers match what an editor shows (str.splitlines also
+    # splits on form feeds and U+2028; those are whitespace and get normalised away instead)
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            yield line, {"line": lineno}
+
+
+def _iter_jsonl(path: Path, field_name: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                                 f"a JSONL file needs one JSON object per line") from e
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object with a {field_name!r} field, "
+                                 f"got a JSON {type(record).__name__}")
+            if field_name not in record:
+                raise InputError(f"{path}:{lineno}: no field {field_name!r} (fields: "
+                                 f"{', '.join(map(repr, record)) or 'none'}); choose it with field= (--field)")
+            text = record[field_name]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{lineno}: field {field_name!r} is a JSON "
+                                 f"{'null' if text is None else type(text).__name__}, expected a string")
+            yield text, {"line": lineno, **{k: record[k] for k in _KEPT_KEYS if k in record and k != field_name}}
+
+
+def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        last_line = 0  # reader.line_num after the previous record: a record starts on the next line
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise InputError(f"{path}: empty file, expected a header row naming a {column!r} column")
+            if column not in header:
+                raise InputError(f"{path}:1: no column {column!r} in the header (columns: "
+                                 f"{', '.join(map(repr, header))}); choose it with column= (--column)")
+            index = header.index(column)
+            kept = {k: header.index(k) for k in _KEPT_KEYS if k in header and k != column}
+            last_line = reader.line_num
+            for row in reader:
+                start = last_line + 1
+                last_line = reader.line_num
+                if not row:  # a blank line is no record
+                    continue
+                if len(row) != len(header):
+                    raise InputError(f"{path}:{start}: {len(row)} fields but the header has {len(header)}; "
+                                     f"quote captions that contain {delimiter!r}")
+                yield row[index], {"line": start, **{k: row[i] for k, i in kept.items()}}
+        except csv.Error as e:
+            raise InputError(f"{path}:{last_line + 1}: not valid CSV ({e}); check the quoting of that "
+                             f"record") from e
+
+
+def _iter_coco(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        found = f"keys: {', '.join(map(repr, data))}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise InputError(f"{path}: not a COCO caption annotation file: no 'annotations' list ({found}). "
+                         f"For one caption per line use a .txt/.jsonl file, or pass format= (--format)")
+    for i, ann in enumerate(annotations):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict) or "caption" not in ann:
+            raise InputError(f"{where} has no 'caption' field")
+        if not isinstance(ann["caption"], str):
+            raise InputError(f"{where} (id {ann.get('id')}): 'caption' is not a string")
+        yield ann["caption"], {k: ann[k] for k in ("image_id", "id") if k in ann}
+
+
+def check_utf8(path: Path) -> str:
+    """Fail with the line and column of the first byte that is not UTF-8; return the file's sha256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        # byte 0x0A never occurs inside a multi-byte UTF-8 sequence, so lines decode independently
+        for lineno, line in enumerate(f, start=1):
+            h.update(line)
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
+                                 f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# reference captions
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ReferenceSet:
+    """Reference captions by image id (in file order) and the file names that name each image."""
+
+    captions: dict[ImageId, list[str]]
+    file_names: dict[ImageId, str] = field(default_factory=dict)  # id -> file name/path as given
+    source: str = ""
+
+    def alias_table(self) -> dict[str, ImageId]:
+        """file name -> id, leaving out names that two images share (ambiguous)."""
+        return _unique((basename(name), image_id) for image_id, name in self.file_names.items())
+
+    def number_table(self) -> dict[int, ImageId]:
+        """Trailing number of a file name -> id (``img_12.jpg`` -> 12), leaving out clashes.
+
+        ``capdec caption --format coco`` numbers images this way when it has no id map, so an
+        ``image_id`` that is no reference id is looked up here.
+        """
+        pairs = []
+        for image_id, name in self.file_names.items():
+            number = image_id_from_name(name)
+            if number is not None:
+                pairs.append((number, image_id))
+        return _unique(pairs)
+
+
+def _unique(pairs: Iterable[tuple[Any, ImageId]]) -> dict[Any, ImageId]:
+    """Build alias -> id, dropping aliases that name two different images."""
+    table: dict[Any, ImageId] = {}
+    clashes = set()
+    for alias, image_id in pairs:
+        if alias in table and table[alias] != image_id:
+            clashes.add(alias)
+        table[alias] = image_id
+    for alias in clashes:
+        del table[alias]
+    return table
+
+
+def _as_caption_list(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return list(value)
+    if isinstance(value, list) and all(isinstance(c, dict) and isinstance(c.get("raw", c.get("caption")), str)
+                                       for c in value):
+        return [c.get("raw", c.get("caption")) for c in value]  # Karpathy-style [{"raw": ...}]
+    raise InputError(f"{where}: captions must be a string or a list of strings")
+
+
+def detect_references_format(path: Path, data: Any) -> str:
+    """Which reader a parsed references file needs: ``"coco"`` (``images`` + ``annotations``),
+    ``"mapping"`` (``{file name: [captions]}``) or ``"records"`` (a list / JSON Lines of objects).
+
+    To read a new format, recognise it here and add its reader to ``_REFERENCE_READERS``.
+    """
+    if isinstance(data, dict) and "annotations" in data:
+        return "coco"
+    if isinstance(data, dict) and data and all(isinstance(v, (str, list)) for v in data.values()) \
+            and not ({"image", "image_id", "caption", "captions"} & set(data)):
+        return "mapping"
+    if isinstance(data, (dict, list)):
+        return "records"
+    raise InputError(f"{path}: unrecognised references format; expected COCO annotations "
+                     f"({{'images', 'annotations'}}), a list or JSON Lines of "
+                     f"{{'image' or 'image_id', 'captions'}}, or {{file name: [captions]}}")
+
+
+def load_references(path: str | os.PathLike) -> ReferenceSet:
+    """Read reference captions; see :func:`read_references` for the formats."""
+    path = Path(path)
+    data, lines = parse_json_or_jsonl(path, read_text(path))
+    refs = _REFERENCE_READERS[detect_references_format(path, data)](path, data, lines)
+    if not refs.captions:
+        raise InputError(f"{path}: no reference captions in the file")
+    return refs
+
+
+def _references_from_mapping(path: Path, data: dict[str, Any], lines: list[int] | None) -> ReferenceSet:
+    refs = ReferenceSet({}, {}, str(path))
+    for name, caps in data.items():
+        _add_references(refs, image_key(name), name, _as_caption_list(caps, f"{path}: key {name!r}"),
+                        f"{path}: key {name!r}")
+    return refs
+
+
+def _references_from_records(path: Path, data: Any, lines: list[int] | None) -> ReferenceSet:
+    records = [data] if isinstance(data, dict) else data
+    refs = ReferenceSet({}, {}, str(path))
+    for i, rec in enumerate(records):
+        where = location(path, i, lines)
+        if not isinstance(rec, dict):
+            raise InputError(f"{where}: expected an object with 'image' (or 'image_id') and 'captions'")
+        name = rec.get("file_name", rec.get("image", rec.get("filename")))
+        ident = rec.get("image_id", name)
+        if ident is None:
+            raise InputError(f"{where}: no 'image_id', 'image' or 'file_name' field")
+        if "captions" in rec:
+            caps = rec["captions"]
+        elif "caption" in rec:
+            caps = rec["caption"]
+        elif "sentences" in rec:
+            caps = rec["sentences"]
+        else:
+            raise InputError(f"{where}: no 'captions' (or 'caption') field")
+        try:
+            key = image_key(ident)
+        except TypeError as e:
+            raise InputError(f"{where}: bad image id {ident!r}: {e}") from e
+        _add_references(refs, key, name, _as_caption_list(caps, where), where)
+    return refs
+
+
+def _add_references(refs: ReferenceSet, key: ImageId, name: str | None, caps: list[str], where: str) -> None:
+    if not caps:
+        raise InputError(f"{where}: an empty list of captions")
+    if name is not None:
+        if not isinstance(name, str):
+            raise InputError(f"{where}: the image name must be a string, got {type(name).__name__}")
+        known = refs.file_names.get(key)
+        if known is not None and os.path.normpath(known) != os.path.normpath(name):
+            raise InputError(f"{where}: images {known!r} and {name!r} both get the id {key!r} "
+                             f"(ids come from file names; give each image a unique name or an image_id)")
+        refs.file_names[key] = name
+    refs.captions.setdefault(key, []).extend(caps)
+
+
+def _references_from_coco(path: Path, data: dict[str, Any], lines: list[int] | None = None) -> ReferenceSet:
+    images = data.get("images") or []
+    anns = data["annotations"]
+    if not isinstance(anns, list) or not isinstance(images, list):
+        raise InputError(f"{path}: 'annotations' and 'images' must be lists (COCO caption format)")
+    by_image: dict[ImageId, list[str]] = {}
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise InputError(f"{path}: annotation {i}: needs 'image_id' and a string 'caption'")
+        by_image.setdefault(image_key(ann["image_id"]), []).append(ann["caption"])
+    refs = ReferenceSet({}, {}, str(path))
+    # COCOEvalCap's order: the images list (pycocotools getImgIds), captions in annotation order
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or "id" not in img:
+            raise InputError(f"{path}: image {i}: needs an 'id'")
+        key = image_key(img["id"])
+        if key in by_image:
+            refs.captions[key] = by_image.pop(key)
+            if isinstance(img.get("file_name"), str):
+                refs.file_names[key] = img["file_name"]
+    refs.captions.update(by_image)  # annotations of images the 'images' list does not name
+    return refs
+
+
+def read_references(path: str | os.PathLike) -> dict[ImageId, list[str]]:
+    """Reference captions by image id (:func:`image_key`), images in file order.
+
+    Formats: a COCO caption annotation JSON (``images`` + ``annotations``); a JSON list or JSON Lines
+    of ``{"image" or "image_id" or "file_name", "captions": [...]}`` (one ``"caption"`` per line also
+    works; lines of one image are merged), which covers ``karpathy_test_refs.json``; or a JSON object
+    ``{file name: [captions]}``.
+    """
+    return load_references(path).captions
+
+
+# format name (detect_references_format) -> reader(path, parsed data, line numbers or None)
+_REFERENCE_READERS = {"coco": _references_from_coco, "mapping": _references_from_mapping,
+                      "records": _references_from_records}
+
+
+# ---------------------------------------------------------------------------------------------
+# predictions
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    """One generated caption as read from a file (``where`` is ``file:line`` for messages)."""
+
+    caption: str | None
+    image_id: ImageId | None = None
+    image: str | None = None
+    where: str = ""
+
+    @property
+    def key(self) -> ImageId:
+        return image_key(self.image_id if self.image_id is not None else self.image)  # type: ignore[arg-type]
+
+
+def _prediction_from_record(rec: Any, where: str) -> Prediction:
+    if not isinstance(rec, dict):
+        raise InputError(f"{where}: expected an object with 'caption' and 'image' (or 'image_id'), "
+                         f"got {type(rec).__name__}")
+    if "caption" not in rec:
+        raise InputError(f"{where}: no 'caption' field (fields: {', '.join(map(str, rec)) or 'none'})")
+    caption = rec["caption"]
+    if caption is not None and not isinstance(caption, str):
+        raise InputError(f"{where}: 'caption' must be a string, got {type(caption).__name__}")
+    image_id = rec.get("image_id")
+    image = rec.get("image", rec.get("file_name"))
+    if image_id is None and image is None:
+        raise InputError(f"{where}: no 'image' (path) or 'image_id' field")
+    try:
+        image_id = image_key(image_id) if image_id is not None else None
+    except TypeError as e:
+        raise InputError(f"{where}: bad 'image_id' {image_id!r}: {e}") from e
+    if image is not None and not isinstance(image, str):
+        raise InputError(f"{where}: 'image' must be a path string, got {type(image).__name__}")
+    return Prediction(caption=caption, image_id=image_id, image=image, where=where)
+
+
+def load_predictions(path: str | os.PathLike) -> list[Prediction]:
+    """Read generated captions, keeping where each came from (for matching and messages).
+
+    Formats (what ``capdec caption`` writes, and more): JSON Lines ``{"image": path, "caption": ...}``
+    (or ``"image_id"``); a COCO results JSON list ``[{"image_id": ..., "caption": ...}]``; a CSV with a
+    header ``image,caption`` (or ``image_id,caption``). A ``"caption": null`` line (an image the
+    captioner could not read) is kept with ``caption=None``.
+    """
+    path = Path(path)
+    text = read_text(path)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return _load_predictions_csv(path, text)
+    data, lines = parse_json_or_jsonl(path, text)
+    if isinstance(data, dict):
+        # a COCO results file wrapped as {"annotations": [...]}, or a one-line JSONL file
+        data, lines = (data["annotations"], None) if "annotations" in data else ([data], lines)
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of {{'image_id', 'caption'}} objects or JSON Lines, "
+                         f"got a JSON {type(data).__name__}")
+    preds = [_prediction_from_record(rec, location(path, i, lines)) for i, rec in enumerate(data)]
+    if not preds:
+        raise InputError(f"{path}: no predictions in the file")
+    return preds
+
+
+def _load_predictions_csv(path: Path, text: str) -> list[Prediction]:
+    dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
+    reader = csv.DictReader(text.splitlines(), dialect=dialect)
+    fields = reader.fieldnames or []
+    if "caption" not in fields or not ({"image", "image_id", "file_name"} & set(fields)):
+        raise InputError(f"{path}: line 1: a CSV of predictions needs a header with 'caption' and "
+                         f"'image' (or 'image_id'); found {fields}")
+    preds = []
+    for row in reader:
+        rec = {"caption": row.get("caption")}
+        rec.update({k: row[k] for k in ("image", "image_id", "file_name") if row.get(k)})
+        preds.append(_prediction_from_record(rec, f"{path}: line {reader.line_num}"))
+    if not preds:
+        raise InputError(f"{path}: no predictions in the file")
+    return preds
+
+
+def read_predictions(path: str | os.PathLike) -> dict[ImageId, str]:
+    """Generated captions by image id (:func:`image_key`); null captions are left out.
+
+    Two predictions for one image are an error naming both lines.
+    """
+    out: dict[ImageId, str] = {}
+    seen: dict[ImageId, str] = {}
+    for p in load_predictions(path):
+        key = p.key
+        if key in seen:
+            raise InputError(f"{p.where}: a second prediction for image {key!r} (first at {seen[key]})")
+        seen[key] = p.where
+        if p.caption is not None:
+            out[key] = p.caption
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# image id maps and image/caption pairs
+# ---------------------------------------------------------------------------------------------
+
+def read_image_ids(path: str | os.PathLike) -> dict[str, Any]:
+    """A mapping file name -> image id, from
+
+    - a COCO annotation JSON (``{"images": [{"id", "file_name"}, ...]}``),
+    - a JSON object ``{"file_name": id, ...}`` or list ``[{"file_name"/"image", "image_id"/"id"}, ...]``,
+    - a CSV/TSV file with two columns ``file_name,image_id`` (a header row is allowed).
+
+    Keys are file names as written (matched against the full path, then the base name).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image id map {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    mapping: dict[str, Any] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not valid JSON: {e}") from e
+        rows = data.get("images") if isinstance(data, dict) and "images" in data else data
+        if isinstance(rows, dict):
+            mapping = {str(k): v for k, v in rows.items()}
+        elif isinstance(rows, list):
+            for n, row in enumerate(rows):
+                name = row.get("file_name", row.get("image")) if isinstance(row, dict) else None
+                image_id = row.get("image_id", row.get("id")) if isinstance(row, dict) else None
+                if name is None or image_id is None:
+                    raise InputError(f"{path}: entry {n} needs 'file_name' (or 'image') and 'id' (or 'image_id')")
+                mapping[str(name)] = image_id
+        else:
+            raise InputError(f"{path}: expected a JSON object or list mapping file names to image ids")
+    else:
+        dialect = "excel-tab" if "\t" in text.split("\n", 1)[0] else "excel"
+        for lineno, row in enumerate(csv.reader(text.splitlines(), dialect=dialect), 1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise InputError(f"{path}, line {lineno}: expected two columns 'file_name,image_id'")
+            name, image_id = row[0].strip(), row[1].strip()
+            if lineno == 1 and not image_id.lstrip("-").isdigit() and image_id.lower() in ("image_id", "id"):
+                continue  # header
+            mapping[name] = int(image_id) if image_id.lstrip("-").isdigit() else image_id
+    if not mapping:
+        raise InputError(f"{path} maps no file names to image ids")
+    return mapping
+
+
+def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None = None,
+               images_root: str | os.PathLike | None = None) -> tuple[list[Path], list[list[str]]]:
+    """Paired images and captions: ``(image paths, captions of each image)``.
+
+    ``source`` is either a JSON Lines file of ``{"image": path, "caption": str}`` (or ``"captions":
+    [...]``; relative paths are under ``images_root``, default the file's folder), or a folder of
+    images with ``captions`` a file mapping file names to caption(s): ``{file name: [captions]}``, a
+    COCO caption annotation JSON, or JSON Lines (any format :func:`read_references`
+    reads). Every file is checked to exist before any model is loaded.
+    """
+    source = Path(source)
+    if source.is_dir():
+        if captions is None:
+            raise InputError(f"{source} is a folder: also give the captions file (--captions) that maps "
+                             f"its file names to captions")
+        refs = load_references(captions)
+        aliases = refs.alias_table()
+        paths, caps = [], []
+        unmatched = []
+        for p in list_images(source, recursive=False):
+            key = aliases[p.name] if p.name in aliases else image_key(p.name)
+            if key in refs.captions:
+                paths.append(p)
+                caps.append(list(refs.captions[key]))
+            else:
+                unmatched.append(p.name)
+        if unmatched:
+            logger.warning("%d images in %s have no captions in %s and are not used (e.g. %s)",
+                           len(unmatched), source, captions, unmatched[0])
+        if not paths:
+            raise InputError(f"no image in {source} has captions in {captions} (matched by file name or "
+                             f"COCO id)")
+        return paths, caps
+
+    if captions is not None:
+        raise InputError(f"--captions is for a folder of images; {source} is a pairs file")
+    text = read_text(source)
+    data, lines = parse_json_or_jsonl(source, text)
+    records = [data] if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise InputError(f"{source}: expected JSON Lines of {{'image': path, 'caption': text}}")
+    root = Path(images_root) if images_root is not None else source.parent
+    order: dict[Path, int] = {}
+    paths, caps = [], []
+    for i, rec in enumerate(records):
+        where = location(source, i, lines)
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            raise InputError(f"{where}: expected an object with an 'image' path and a 'caption'")
+        value = rec.get("captions", rec.get("caption"))
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
+            raise InputError(f"{where}: 'caption' must be a non-empty string (or 'captions' a list of them)")
+        path = Path(rec["image"]).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.is_file():
+            raise InputError(f"{where}: image file not found: {path}")
+        if path in order:  # several lines for one image: one image, several pairs
+            caps[order[path]].extend(value)
+        else:
+            order[path] = len(paths)
+            paths.append(path)
+            caps.append(list(value))
+    if not paths:
+        raise InputError(f"{source}: no image/caption pairs in the file")
+    return paths, caps
