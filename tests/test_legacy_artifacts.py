@@ -1,0 +1,100 @@
+"""Artefacts written by the pre-restructure capdec (tests/data/legacy, see its README) still load, are
+accepted as made by the same encoder, and give the same outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from capdec.calibrate import read_noise_file
+from capdec.caption import Captioner
+from capdec.checkpoint import load_checkpoint, load_training_state
+from capdec.cli import main
+from capdec.encoders import check_identity, load_encoder
+from capdec.images import load_image
+from capdec.memory import TextMemory
+from capdec.store import EmbeddingStore
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_encoder("toy", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory) -> Path:
+    """A copy (captioning and resuming write next to the files)."""
+    out = tmp_path_factory.mktemp("legacy") / "legacy"
+    shutil.copytree(LEGACY, out)
+    return out
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_shipped_mini_clip_is_the_same_encoder(legacy, toy):
+    store = EmbeddingStore.open(legacy / "store")
+    check_identity(store.meta["encoder_identity"], toy.identity, what="legacy store")  # raises on a mismatch
+    assert store.meta["encoder"] == toy.spec == {"kind": "toy", "weights": None}
+    # and it embeds as it did: the store's rows are the captions' embeddings under today's encoder
+    captions = [r["caption"] for r in store.records[:5]]
+    now = toy.encode_text(captions).float()
+    assert torch.allclose(now, torch.from_numpy(store.embeddings[:5].astype("float32")), atol=2e-3)
+
+
+def test_the_legacy_store_loads(legacy):
+    store = EmbeddingStore.open(legacy / "store")
+    corpus = (legacy / "corpus.txt").read_text().splitlines()
+    assert len(store) == store.meta["count"] == len(corpus) == 80
+    assert store.embeddings.shape == (80, 128)
+    assert [r["caption"] for r in store.records] == corpus
+
+
+def test_the_legacy_noise_file_loads_and_matches_the_encoder(legacy, toy):
+    noise = read_noise_file(legacy / "noise.json", encoder_identity=toy.identity)
+    assert noise["epsilon"] == pytest.approx(0.12492, abs=5e-6)
+    assert noise["variance"] == pytest.approx(noise["epsilon"] ** 2)
+
+
+def test_the_legacy_text_memory_loads(legacy, toy):
+    memory = TextMemory.load(legacy / "checkpoint" / "memory")
+    store = EmbeddingStore.open(legacy / "store")
+    check_identity(memory.encoder_identity, toy.identity, what="legacy memory")
+    assert len(memory) == 79 and memory.dim == 128
+    assert set(memory.captions) <= {r["caption"] for r in store.records}
+
+
+def test_the_legacy_checkpoint_loads_resumes_and_scores_as_before(legacy):
+    ckpt = load_checkpoint(legacy / "checkpoint", device="cpu")
+    assert ckpt.model is not None
+    state, optimizer = load_training_state(legacy / "checkpoint")
+    assert state["step"] == 75 and optimizer is not None
+
+    cap = Captioner.from_pretrained(legacy / "checkpoint", device="cpu")
+    pairs = _jsonl(legacy / "pairs.jsonl")
+    emb = cap.embed_images([load_image(legacy / p["image"]) for p in pairs])
+    expected = json.loads((legacy / "reference_outputs.json").read_text())
+    assert emb[0, :8].tolist() == pytest.approx(expected["image_embedding_0_first8"], abs=1e-5)
+    model = cap.model.eval()
+    losses = []
+    with torch.no_grad():
+        for i, p in enumerate(pairs):
+            ids, mask, _ = model.tokenize([p["caption"]])
+            losses.append(float(model(cap.prepare(emb[i : i + 1]), ids, mask)))
+    assert losses == pytest.approx(expected["caption_losses"], abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, recorded", [([], "captions_greedy.jsonl"),
+                                             (["--project"], "captions_greedy_project.jsonl")])
+def test_the_legacy_checkpoint_captions_as_the_old_code_did(legacy, tmp_path, extra, recorded, monkeypatch):
+    monkeypatch.chdir(legacy)  # the recorded outputs name images relative to the fixture folder
+    out = tmp_path / "captions.jsonl"
+    assert main(["-q", "caption", "checkpoint", "images", "--strategy", "greedy", *extra, "--out", str(out)]) == 0
+    assert _jsonl(out) == _jsonl(legacy / recorded)
