@@ -98,3 +98,17 @@ def test_the_legacy_checkpoint_captions_as_the_old_code_did(legacy, tmp_path, ex
     out = tmp_path / "captions.jsonl"
     assert main(["-q", "caption", "checkpoint", "images", "--strategy", "greedy", *extra, "--out", str(out)]) == 0
     assert _jsonl(out) == _jsonl(legacy / recorded)
+
+
+def test_a_legacy_run_plans_as_a_resume_with_its_recorded_configuration(legacy, tmp_path):
+    from capdec.train import plan_training
+
+    plan = plan_training(legacy / "store", legacy / "checkpoint", resume=True)
+    recorded = json.loads((legacy / "checkpoint" / "config.json").read_text())
+    assert plan.mode == "resume" and plan.state["step"] == 75 and plan.opt_state is not None
+    assert plan.config.to_dict() == recorded["train"]
+    assert plan.noise.variance == recorded["noise"]["variance"]
+    fresh = plan_training(legacy / "store", tmp_path / "new")
+    assert fresh.mode == "new" and fresh.state == {"step": 0} and fresh.opt_state is None
+    tuned = plan_training(legacy / "store", tmp_path / "tuned", init_from=legacy / "checkpoint")
+    assert tuned.mode == "init_from" and tuned.init_from == legacy / "checkpoint"

@@ -23,7 +23,7 @@ from capdec.cli import main
 from capdec.errors import InputError
 
 pytest.importorskip("pycocoevalcap")
-needs_java = pytest.mark.skipif(M._java() is None, reason="Java is not installed")
+needs_java = pytest.mark.skipif(M.scorers._java() is None, reason="Java is not installed")
 FAST = "bleu,rouge,cider"  # METEOR's JVM takes ~10 s to start; only a few tests pay for it
 
 
@@ -104,8 +104,8 @@ def test_parity_coco_val2017_leave_one_out(val2017, n_images, metrics, tmp_path,
     gts, res = leave_one_out(val2017, n_images, tmp_path)
     assert len(res) == n_images and all(len(v) >= 4 for v in gts.values())
     jvms = []  # capdec's METEOR process, to check that it is ended
-    open_meteor = M._open_meteor
-    monkeypatch.setattr(M, "_open_meteor", lambda: jvms.append(open_meteor()) or jvms[-1])
+    open_meteor = M.scorers._open_meteor
+    monkeypatch.setattr(M.scorers, "_open_meteor", lambda: jvms.append(open_meteor()) or jvms[-1])
     meteor = start_meteor() if metrics == "all" else None
     start = time.perf_counter()
     code = main(["-q", "evaluate", str(tmp_path / "preds.jsonl"), "--references", str(tmp_path / "refs.json"),
@@ -139,13 +139,13 @@ def test_tokenizer_runs_once_per_call(monkeypatch):
     import subprocess
     from pathlib import Path
 
-    if M._java() is None:
+    if M.scorers._java() is None:
         pytest.skip("Java is not installed")
     calls = []
     original = subprocess.run
 
     def counting(cmd, *args, **kwargs):
-        if M._PTB_CLASS in cmd:
+        if M.scorers._PTB_CLASS in cmd:
             calls.append(len(Path(cmd[-1]).read_text(encoding="utf-8").split("\n")))
         return original(cmd, *args, **kwargs)
 
@@ -162,12 +162,12 @@ def test_ptb_tokenizer_refuses_misaligned_or_failed_java(monkeypatch):
     from capdec.errors import CapdecError
 
     with monkeypatch.context() as m:  # without our line-break cleaning, "\r" splits a caption in two
-        m.setattr(M, "_LINE_BREAKS", re.compile("(?!)"))
+        m.setattr(M.scorers, "_LINE_BREAKS", re.compile("(?!)"))
         with pytest.raises(CapdecError, match="returned 3 lines for 2 captions"):
-            M._tokenize_ptb({1: ["a red\rcar"], 2: ["a dog"]})
-    monkeypatch.setattr(M, "_PTB_CLASS", "edu.stanford.nlp.process.NoSuchTokenizer")
+            M.scorers._tokenize_ptb({1: ["a red\rcar"], 2: ["a dog"]})
+    monkeypatch.setattr(M.scorers, "_PTB_CLASS", "edu.stanford.nlp.process.NoSuchTokenizer")
     with pytest.raises(CapdecError, match="exit status 1"):
-        M._tokenize_ptb({1: ["a red car"]})
+        M.scorers._tokenize_ptb({1: ["a red car"]})
 
 
 @needs_java
@@ -188,9 +188,9 @@ def test_ptb_tokenizer_matches_pycocoevalcap_and_writes_nothing_beside_its_jar(m
         m.setattr(ptbtokenizer.tempfile, "NamedTemporaryFile", read_only)
         with pytest.raises(PermissionError):
             ptbtokenizer.PTBTokenizer().tokenize({1: [{"caption": "a dog"}]})
-        ours = M._tokenize_ptb(captions)
+        ours = M.scorers._tokenize_ptb(captions)
     assert ptbtokenizer.tempfile.NamedTemporaryFile is tempfile.NamedTemporaryFile
-    clean = {k: [{"caption": M._LINE_BREAKS.sub(" ", c)} for c in caps] for k, caps in captions.items()}
+    clean = {k: [{"caption": M.scorers._LINE_BREAKS.sub(" ", c)} for c in caps] for k, caps in captions.items()}
     assert ours == ptbtokenizer.PTBTokenizer().tokenize(clean)
     assert ours[1][0] == "a man 's bike is n't it" and ours[1][2] == ""
 
@@ -372,7 +372,7 @@ def test_bad_caption_types():
 # Java, METEOR, SPICE
 # ---------------------------------------------------------------------------------------------
 def test_without_java_falls_back_and_reports(monkeypatch):
-    monkeypatch.setattr(M, "_java", lambda: None)
+    monkeypatch.setattr(M.scorers, "_java", lambda: None)
     refs = {1: ["A dog runs on the grass.", "a brown dog running"], 2: ["A red car.", "the car is red"]}
     res = M.evaluate({1: "a dog runs.", 2: "a red car"}, refs)
     assert res.tokenizer == "simple"
@@ -403,7 +403,7 @@ def test_spice_is_reported_unavailable_without_downloading(monkeypatch):
     reason = M.spice_unavailable_reason()
     if reason is None:
         pytest.skip("SPICE's CoreNLP jars are installed here")
-    if M._java() is None:
+    if M.scorers._java() is None:
         pytest.skip("Java is not installed")
     res = M.evaluate({1: "a dog"}, {1: ["a dog runs"]}, metrics="bleu,spice")
     assert res.scores["SPICE"] is None and res.unavailable["SPICE"] == reason
@@ -414,7 +414,7 @@ def test_spice_is_reported_unavailable_without_downloading(monkeypatch):
 @needs_java
 def test_meteor_process_is_closed_even_when_it_fails(monkeypatch):
     opened = []
-    original = M._open_meteor
+    original = M.scorers._open_meteor
 
     def spy():
         meteor = original()
@@ -422,7 +422,7 @@ def test_meteor_process_is_closed_even_when_it_fails(monkeypatch):
         meteor.meteor_p.kill()  # the JVM dies before scoring: METEOR is reported, the rest still comes
         return meteor
 
-    monkeypatch.setattr(M, "_open_meteor", spy)
+    monkeypatch.setattr(M.scorers, "_open_meteor", spy)
     res = M.evaluate({1: "a dog"}, {1: ["a dog runs"]}, metrics="bleu,meteor")
     meteor, proc = opened[0]
     assert proc.poll() is not None and meteor.meteor_p is None
@@ -433,13 +433,13 @@ def test_meteor_process_is_closed_even_when_it_fails(monkeypatch):
 @needs_java
 def test_keep_scorers_open_reuses_one_meteor_jvm(monkeypatch):
     opened = []
-    original = M._open_meteor
+    original = M.scorers._open_meteor
 
     def spy():
         opened.append(original())
         return opened[-1]
 
-    monkeypatch.setattr(M, "_open_meteor", spy)
+    monkeypatch.setattr(M.scorers, "_open_meteor", spy)
     preds = [{1: "a dog runs", 2: "a red bus"}, {1: "two dogs", 2: "a bus on a street"}]
     refs = {1: ["a dog runs on grass", "a brown dog"], 2: ["a red bus on a street", "a bus"]}
     alone = [M.evaluate(p, refs, metrics="meteor").scores["METEOR"] for p in preds]

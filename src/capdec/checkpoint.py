@@ -23,13 +23,14 @@ import functools
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from capdec import __version__
+from capdec.config import Config, option
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError
 from capdec.model import CapDecModel, ModelConfig, model_from_config
@@ -42,24 +43,16 @@ FORMAT = "capdec.checkpoint/1"
 
 
 @dataclass
-class InferenceConfig:
+class InferenceConfig(Config):
     """How image embeddings are prepared before decoding (recorded; overridable at caption time)."""
 
-    normalize: bool = True  # L2-normalise image embeddings (as the training text embeddings were)
-    shift: list[float] | None = field(default=None, repr=False)  # added after normalising, then renormalised
-    image_mean: list[float] | None = field(default=None, repr=False)  # subtracted first (C3 centering)
-    project: bool = False  # DeCap: replace the embedding by a softmax-weighted mix of the text memory
-    tau: float = 0.01  # projection temperature
-    project_k: int | None = None  # projection over the top-k memory items only (None: exact, all items)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> InferenceConfig:
-        d = d or {}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    normalize: bool = option(True, "L2-normalise image embeddings (as the training text embeddings were)", cli=False)
+    shift: list[float] | None = option(None, "added after normalising, then renormalised", cli=False, repr=False)
+    image_mean: list[float] | None = option(None, "subtracted first (C3 centering)", cli=False, repr=False)
+    project: bool = option(False, "DeCap: at caption time, replace image embeddings by their softmax-weighted "
+                                  "projection onto the text memory (implies --save-memory)")
+    tau: float = option(0.01, "projection temperature")
+    project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)")
 
 
 @dataclass

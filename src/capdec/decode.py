@@ -20,12 +20,13 @@ import heapq
 import inspect
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from capdec.config import Config
 from capdec.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelCon
 
 
 @dataclass
-class DecodeConfig:
+class DecodeConfig(Config):
     """How token ids are chosen after the prefix."""
 
     strategy: str = "beam"  # "beam", "greedy" or "sample"
@@ -61,9 +62,6 @@ class DecodeConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0.0:
             raise InputError(f"temperature must be > 0, got {self.temperature} (use strategy 'greedy' for argmax)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def replace(self, **changes: Any) -> DecodeConfig:
         """A copy with some fields changed (unknown names are an error)."""

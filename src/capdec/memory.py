@@ -45,7 +45,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from capdec.artifacts import check_rows, load_matrix, read_meta, read_rows, write_rows
+from capdec.config import Config
 from capdec.errors import InputError
 from capdec.utils import atomic_dir, progress, read_json, write_json
 
@@ -78,7 +79,7 @@ CHUNK_BYTES = 16 << 20
 
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig(Config):
     """How a :class:`TextMemory` is searched (recorded in its ``meta.json``)."""
 
     backend: str = "auto"  # "torch" (exact, chunked), "faiss", or "auto" (faiss for an ivf index over >= 100k rows)
@@ -102,13 +103,6 @@ class MemoryConfig:
         if self.nprobe < 1:
             raise InputError(f"memory option nprobe must be a positive integer (got {self.nprobe})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> MemoryConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 # -- pure functions over tensors -------------------------------------------------------------------

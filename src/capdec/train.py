@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from capdec.checkpoint import (
     read_config,
     save_checkpoint,
 )
+from capdec.config import Config, option
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError, TrainingError
 from capdec.model import CapDecModel, ModelConfig, build_model
@@ -39,26 +40,28 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation and bookkeeping hyperparameters (recorded in the checkpoint)."""
 
-    epochs: int = 10  # passes over the training captions
-    max_steps: int | None = None  # stop after this many steps (a fixed budget; overrides epochs when smaller)
-    batch_size: int = 64  # captions per step
-    lr: float | None = None  # peak AdamW learning rate (None: 2e-5 for a pretrained LM as CapDec, 5e-4 from scratch)
-    weight_decay: float = 0.01  # AdamW weight decay
-    warmup_steps: int | None = None  # linear warm-up (None: 5% of the steps, at most 5000)
-    schedule: str = "linear"  # decay after warm-up: "linear", "cosine" or "constant"
-    grad_clip: float = 1.0  # max gradient norm (0 = off)
-    amp: str = "auto"  # mixed precision: "auto" (bf16/fp16 on GPU, off on CPU), "off", "fp16", "bf16"
-    val_fraction: float = 0.02  # captions held out for the clean-embedding validation loss
-    val_max: int = 2000  # at most this many validation captions
-    eval_every: int | None = None  # validate every N steps (None: each epoch)
-    save_every: int | None = None  # checkpoint every N steps (None: each epoch)
-    log_every: int = 20  # write a metrics.jsonl row every N steps
-    seed: int = 0  # seeds data order, noise, dropout and model init
-    save_memory: bool = False  # keep the training captions' embeddings in the checkpoint (for --project at caption time)
-    device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda:1", ...
+    epochs: int = option(10, "passes over the training captions")
+    max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)")
+    batch_size: int = option(64, "captions per step")
+    lr: float | None = option(None, "peak AdamW learning rate (default 2e-5 for a pretrained LM as CapDec, 5e-4 "
+                                    "from scratch)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: 5% of the steps, at most 5000)")
+    schedule: str = option("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    grad_clip: float = option(1.0, "max gradient norm (0 = off)")
+    amp: str = option("auto", "mixed precision (auto: bf16/fp16 on GPU, off on CPU)",
+                      choices=("auto", "off", "fp16", "bf16"))
+    val_fraction: float = option(0.02, "captions held out for the clean-embedding validation loss")
+    val_max: int = option(2000, "at most this many validation captions", cli=False)
+    eval_every: int | None = option(None, "validate every N steps (default: each epoch)")
+    save_every: int | None = option(None, "checkpoint every N steps (default: each epoch)")
+    log_every: int = option(20, "metrics.jsonl row every N steps")
+    seed: int = option(0, "seeds data order, noise, dropout and initialisation")
+    save_memory: bool = option(False, "keep the training captions' embeddings in the checkpoint (for --project)")
+    device: str = option("auto", "auto (cuda if present), cpu, cuda:N")
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -69,14 +72,6 @@ class TrainConfig:
             raise InputError("batch_size and epochs must be ≥ 1")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
@@ -184,8 +179,41 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
     ``mix_weights``: one sampling weight per store (a store's captions share its weight equally).
     ``resume``: continue the run whose checkpoint is ``out_dir`` with its recorded configuration.
     ``overwrite``: replace an existing checkpoint at ``out_dir`` (it is kept until the first save).
+
+    Two steps: :func:`plan_training` decides everything (data, configs, where the model comes from)
+    and :func:`run_training` carries the plan out.
     """
-    t0 = time.time()
+    plan = plan_training(stores, out_dir, model_config=model_config, noise=noise, config=config, encoder=encoder,
+                         init_from=init_from, resume=resume, mix_weights=mix_weights, inference=inference,
+                         overwrite=overwrite)
+    return run_training(plan, show_progress=show_progress)
+
+
+@dataclass
+class TrainPlan:
+    """A training run decided but not started: :func:`plan_training` makes it, :func:`run_training` runs it."""
+
+    out_dir: Path
+    data: TextData
+    mode: str  # "new" (build model_config), "resume" (out_dir's checkpoint) or "init_from" (fine-tune a checkpoint)
+    config: TrainConfig
+    noise: NoiseConfig
+    inference: InferenceConfig
+    model_config: ModelConfig | None = None  # new: the architecture; init_from: the one asked for (checked), or None
+    init_from: str | os.PathLike | None = None  # the checkpoint to fine-tune (as given)
+    mix_weights: list[float] | None = None
+    state: dict[str, Any] = field(default_factory=lambda: {"step": 0})  # resume: the recorded training state
+    opt_state: dict[str, Any] | None = None  # resume: optimizer and scaler state
+    started: float = field(default_factory=time.time)
+
+
+def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: ModelConfig | None = None,
+                  noise: NoiseConfig | None = None, config: TrainConfig | None = None, encoder: Any = None,
+                  init_from: str | os.PathLike | None = None, resume: bool = False,
+                  mix_weights: list[float] | None = None, inference: InferenceConfig | None = None,
+                  overwrite: bool = False) -> TrainPlan:
+    """Check the arguments, read the stores and decide new / resume / init-from (see :func:`train`)."""
+    started = time.time()
     out_dir = Path(out_dir)
     if not resume and not overwrite and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} already exists; use --resume to continue its training or --overwrite to "
@@ -201,30 +229,43 @@ def train(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_config: 
         recorded = read_config(out_dir)
         check_identity(recorded["encoder_identity"], data.encoder_identity, what=f"checkpoint {out_dir}")
         state, opt_state = load_training_state(out_dir)
-        config = TrainConfig.from_dict(recorded["train"])
+        config = TrainConfig.from_dict(recorded["train"], where=str(out_dir))
         noise = NoiseConfig(**recorded["noise"])
-        inference = InferenceConfig.from_dict(recorded.get("inference"))
+        inference = InferenceConfig.from_dict(recorded.get("inference"), where=str(out_dir))
         logger.info("resuming %s from step %d with its recorded configuration", out_dir, state["step"])
-    config = config or TrainConfig()
-    noise = noise or NoiseConfig()
-    inference = inference or InferenceConfig()
+    mode = "resume" if resume else "init_from" if init_from is not None else "new"
+    return TrainPlan(out_dir=out_dir, data=data, mode=mode, config=config or TrainConfig(),
+                     noise=noise or NoiseConfig(), inference=inference or InferenceConfig(),
+                     model_config=model_config, init_from=init_from,
+                     mix_weights=mix_weights, state=state, opt_state=opt_state, started=started)
+
+
+def _plan_model(plan: TrainPlan, train_idx: torch.Tensor) -> CapDecModel:
+    """The model the plan starts from: resumed, fine-tuned from a checkpoint, or new."""
+    data = plan.data
+    if plan.mode == "resume":
+        return load_checkpoint(plan.out_dir, device="cpu").model
+    if plan.mode == "init_from":
+        return _init_from(plan.init_from, data, plan.model_config)
+    model_config = plan.model_config or ModelConfig()
+    if model_config.embed_dim != data.embeddings.shape[1]:
+        model_config.embed_dim = int(data.embeddings.shape[1])
+    return build_model(model_config, captions=[data.captions[i] for i in train_idx.tolist()])
+
+
+def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> TrainResult:
+    """Carry out a :class:`TrainPlan`: build or load the model, then the training loop with its saves."""
+    t0 = plan.started
+    out_dir, data, config, noise, inference = plan.out_dir, plan.data, plan.config, plan.noise, plan.inference
+    resume, init_from, mix_weights = plan.mode == "resume", plan.init_from, plan.mix_weights
+    state, opt_state = plan.state, plan.opt_state
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
     train_idx, val_idx = split_indices(len(data.captions), config)
     if len(train_idx) == 0:
         raise InputError("no training captions")
-
-    # model: resumed, fine-tuned from a checkpoint, or new
-    if resume:
-        model = load_checkpoint(out_dir, device="cpu").model
-    elif init_from is not None:
-        model = _init_from(init_from, data, model_config)
-    else:
-        model_config = model_config or ModelConfig()
-        if model_config.embed_dim != data.embeddings.shape[1]:
-            model_config.embed_dim = int(data.embeddings.shape[1])
-        model = build_model(model_config, captions=[data.captions[i] for i in train_idx.tolist()])
+    model = _plan_model(plan, train_idx)
     model.to(device).train()
 
     memory, retrieval = None, None

@@ -174,7 +174,7 @@ def test_tiny_sweep_through_cli_and_resume(tmp_path, tiny_clip, monkeypatch, cap
     from capdec.cli import main
 
     # no METEOR/PTB (a JVM start per scoring takes ~10 s): exercises the missing-metric path too
-    monkeypatch.setattr(capdec.metrics, "_java", lambda: None)
+    monkeypatch.setattr(capdec.metrics.scorers, "_java", lambda: None)
     out = tmp_path / "sweep"
     argv = ["-q", "sweep", "--out", str(out), "--encoder", tiny_clip, "--variances", "0", "--seeds", "0",
             "--calibrate-pairs", "5", "--steps", "8", "--batch-size", "32", "--captions", "300",

@@ -17,17 +17,15 @@ interrupted run with its recorded configuration."""
 
 logger = logging.getLogger(__name__)
 
-# flags whose value None means "not given": the dataclass default applies (or, with --init-from, the checkpoint's)
-_MODEL_FLAGS = {
-    "mapper": "mapper", "prefix_length": "prefix_length", "clip_length": "clip_length",
-    "mapper_depth": "mapper_depth", "mapper_heads": "mapper_heads", "lm": "lm", "freeze_lm": "freeze_lm",
-    "max_length": "max_length", "lm_dim": "lm_dim", "lm_depth": "lm_depth", "lm_heads": "lm_heads",
-    "vocab_size": "vocab_size", "lowercase": "lowercase", "dropout": "dropout",
-    "retrieval_k": "retrieval_k", "entity_slots": "entity_slots", "entity_min_count": "entity_min_count",
-}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # the option flags are generated from the config dataclasses (capdec.config): name, type, choices,
+    # default and help live in one place, the field
+    from capdec.checkpoint import InferenceConfig
+    from capdec.config import add_arguments as add_config_arguments
+    from capdec.model import ModelConfig
+    from capdec.noise import NoiseConfig
+    from capdec.train import TrainConfig
+
     p.add_argument("stores", nargs="+", metavar="STORE", help="embedding store directories ('capdec embed')")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--config", help="JSON file of option defaults (keys as the flags, with underscores); "
@@ -41,75 +39,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
 
     g = p.add_argument_group("noise (training-time embedding perturbation)")
-    g.add_argument("--noise-variance", type=float, default=None,
-                   help="per-coordinate noise variance ε² (default 0.016, the paper's; 0 = no noise)")
+    # None = not given: a --noise-file's variance applies, else the NoiseConfig default
+    add_config_arguments(g, NoiseConfig, ["variance"], overrides={"variance": {"default": None}})
     g.add_argument("--noise-file", help="noise.json from 'capdec calibrate': its variance (unless "
                                         "--noise-variance is given) and, with --use-offset, its modality offset")
-    g.add_argument("--noise-distribution", choices=["gaussian", "uniform"], default="gaussian",
-                   help="gaussian (CapDec) or uniform in a ball of radius ε")
+    add_config_arguments(g, NoiseConfig, ["distribution"])
     g.add_argument("--use-offset", action="store_true",
                    help="add the noise file's modality offset (image mean − text mean) to text embeddings")
-    g.add_argument("--center", action="store_true",
-                   help="subtract the corpus's text mean before normalising (C3-style); pair with an image "
-                        "mean at caption time")
+    add_config_arguments(g, NoiseConfig, ["center"])
 
-    g = p.add_argument_group("model")
-    g.add_argument("--mapper", choices=["transformer", "mlp"], default=None, help="mapping network (default transformer)")
-    g.add_argument("--prefix-length", type=int, default=None, help="prefix vectors (default 10)")
-    g.add_argument("--clip-length", type=int, default=None, help="transformer mapper clip tokens (default: prefix length)")
-    g.add_argument("--mapper-depth", type=int, default=None, help="transformer mapper layers (default 8)")
-    g.add_argument("--mapper-heads", type=int, default=None, help="transformer mapper heads (default 8)")
-    g.add_argument("--lm", default=None, help="'scratch' (default: a small LM trained from scratch with a corpus "
-                                              "tokenizer) or a Hugging Face causal LM id/directory (e.g. gpt2)")
-    g.add_argument("--freeze-lm", action=argparse.BooleanOptionalAction, default=None,
-                   help="train the mapper only (default: fine-tune the LM too)")
-    g.add_argument("--max-length", type=int, default=None, help="caption tokens incl. end-of-sequence (default 40)")
-    g.add_argument("--lm-dim", type=int, default=None, help="scratch LM hidden size (default 256)")
-    g.add_argument("--lm-depth", type=int, default=None, help="scratch LM layers (default 4)")
-    g.add_argument("--lm-heads", type=int, default=None, help="scratch LM heads (default 4)")
-    g.add_argument("--vocab-size", type=int, default=None, help="scratch tokenizer vocabulary (default 8000)")
-    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None,
-                   help="lowercase text for the scratch tokenizer (default on)")
-    g.add_argument("--dropout", type=float, default=None, help="scratch LM dropout (default 0.1)")
+    # None = not given: the ModelConfig default applies, or with --init-from the checkpoint's value
+    retrieval = ["retrieval_k", "entity_slots", "entity_min_count"]
+    add_config_arguments(p.add_argument_group("model"), ModelConfig,
+                         [f for f in _field_names(ModelConfig) if f not in retrieval], unset_default=True)
 
     g = p.add_argument_group("closing the modality gap further (recorded; 'capdec caption' can override)")
-    g.add_argument("--retrieval-k", type=int, default=None,
-                   help="IFCap: fuse the k nearest training captions (of the noised query) with the query through "
-                        "cross-attention before the mapper (default 0 = off); the memory is kept in the checkpoint")
-    g.add_argument("--entity-slots", type=int, default=None,
-                   help="IFCap entity filtering: up to N words frequent among the retrieved captions become extra "
-                        "prefix vectors the decoder can copy (needs --retrieval-k; default 0)")
-    g.add_argument("--entity-min-count", type=int, default=None,
-                   help="a word must occur in at least this many retrieved captions to be an entity (default 2)")
-    g.add_argument("--save-memory", action="store_true",
-                   help="keep the training captions' embeddings in the checkpoint (for --project)")
-    g.add_argument("--project", action="store_true",
-                   help="DeCap: at caption time, replace image embeddings by their softmax-weighted projection onto "
-                        "the text memory (implies --save-memory)")
-    g.add_argument("--tau", type=float, default=0.01, help="projection temperature")
-    g.add_argument("--project-k", type=int, default=None, help="project over the top-k memory items only "
-                                                               "(default: all, exact)")
+    add_config_arguments(g, ModelConfig, retrieval, unset_default=True)
+    add_config_arguments(g, TrainConfig, ["save_memory"])
+    add_config_arguments(g, InferenceConfig, ["project", "tau", "project_k"])
     g.add_argument("--image-mean", metavar="FILE",
                    help="C3: mean image embedding subtracted at caption time (.npy, JSON list, or a calibrate "
                         "noise.json's image_mean); use with --center")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10, help="passes over the training captions")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N steps (a fixed budget)")
-    g.add_argument("--batch-size", type=int, default=64, help="captions per step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-5 pretrained LM, 5e-4 scratch)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps, at most 5000")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear", help="decay after warm-up")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    g.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"], default="auto",
-                   help="mixed precision (auto: bf16/fp16 on GPU, off on CPU)")
-    g.add_argument("--val-fraction", type=float, default=0.02, help="captions held out for validation")
-    g.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: each epoch)")
-    g.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (default: each epoch)")
-    g.add_argument("--log-every", type=int, default=20, help="metrics.jsonl row every N steps")
-    g.add_argument("--seed", type=int, default=0, help="seeds data order, noise, dropout and initialisation")
-    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:N")
+    add_config_arguments(p.add_argument_group("optimisation"), TrainConfig,
+                         [f for f in _field_names(TrainConfig) if f != "save_memory"])
+
+
+def _field_names(cls) -> list[str]:
+    from dataclasses import fields
+
+    return [f.name for f in fields(cls)]
 
 
 def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
@@ -136,6 +95,7 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from capdec.checkpoint import InferenceConfig
+    from capdec.config import given as config_given
     from capdec.errors import InputError
     from capdec.model import ModelConfig
     from capdec.noise import PAPER_VARIANCE, NoiseConfig
@@ -171,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
         inference.image_mean = read_vector(args.image_mean, keys=("image_mean",))
 
-    given = {f: getattr(args, a) for a, f in _MODEL_FLAGS.items() if getattr(args, a) is not None}
+    given = config_given(args, ModelConfig)
     if args.init_from and given:
         # flags not given take the checkpoint's values, so only the ones given can conflict with it
         from capdec.checkpoint import read_config

@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from capdec.config import Config
 from capdec.errors import InputError
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -21,7 +22,7 @@ def tokenize_words(text: str) -> list[str]:
 
 
 @dataclass
-class MiniCLIPConfig:
+class MiniCLIPConfig(Config):
     """Every hyperparameter needed to rebuild a mini-CLIP (stored as ``config.json``)."""
 
     dim: int = 128  # joint embedding size
@@ -54,10 +55,3 @@ class MiniCLIPConfig:
         d["channels"], d["vocab"] = list(self.channels), list(self.vocab)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MiniCLIPConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise InputError(f"mini-CLIP config has unknown fields {sorted(unknown)} (written by a newer capdec?)")
-        return cls(**d)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capdec.config import Config, option
 from capdec.errors import InputError
 from capdec.model.lm import (
     lm_from_config,
@@ -31,30 +32,36 @@ IGNORE_INDEX = -100  # label of prefix and padding positions: never a real token
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Everything needed to rebuild a CapDec decoder without the training script."""
 
-    embed_dim: int = 512  # d: the encoder's embedding size
-    mapper: str = "transformer"  # "transformer" (CapDec's default) or "mlp" (ClipCap's)
-    prefix_length: int = 10  # L: number of prefix vectors given to the LM
-    clip_length: int | None = None  # transformer mapper: clip tokens (default: prefix_length)
-    mapper_depth: int = 8  # transformer mapper layers
-    mapper_heads: int = 8  # transformer mapper attention heads
-    lm: str = "scratch"  # "scratch" or a Hugging Face causal LM (hub id or local dir)
-    freeze_lm: bool = False  # train the mapper only (ClipCap's "prefix-only" variant)
-    max_length: int = 40  # caption tokens, end-of-sequence included (longer captions are cut)
+    embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
+    mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
+                         choices=("transformer", "mlp"))
+    prefix_length: int = option(10, "prefix vectors (L) given to the LM")
+    clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)")
+    mapper_depth: int = option(8, "transformer mapper layers")
+    mapper_heads: int = option(8, "transformer mapper heads")
+    lm: str = option("scratch", "'scratch' (a small LM trained from scratch with a corpus tokenizer) or a Hugging "
+                                "Face causal LM id/directory (e.g. gpt2)")
+    freeze_lm: bool = option(False, "train the mapper only (ClipCap's prefix-only variant); off: fine-tune the LM too")
+    max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)")
     # from-scratch LM (lm == "scratch")
-    lm_dim: int = 256  # hidden size
-    lm_depth: int = 4  # layers
-    lm_heads: int = 4  # attention heads
-    vocab_size: int = 8000  # BPE tokenizer trained on the corpus (upper bound; small corpora give fewer)
-    lowercase: bool = True  # lowercase the corpus tokenizer's input
-    dropout: float = 0.1  # LM dropout (scratch LM)
+    lm_dim: int = option(256, "scratch LM hidden size")
+    lm_depth: int = option(4, "scratch LM layers")
+    lm_heads: int = option(4, "scratch LM heads")
+    vocab_size: int = option(8000, "scratch tokenizer vocabulary (an upper bound: small corpora give fewer)")
+    lowercase: bool = option(True, "lowercase text for the scratch tokenizer")
+    dropout: float = option(0.1, "scratch LM dropout")
     # retrieval augmentation (IFCap): needs the training captions as a memory (saved in the checkpoint)
-    retrieval_k: int = 0  # fuse the k nearest training captions' embeddings with the query (0 = off)
-    entity_slots: int = 0  # up to this many frequent words of the retrieved captions as extra prefix vectors
-    entity_min_count: int = 2  # a word must occur in at least this many of the retrieved captions
-    lm_config: dict[str, Any] | None = field(default=None, repr=False)  # resolved transformers config (filled at build)
+    retrieval_k: int = option(0, "IFCap: fuse the k nearest training captions (of the noised query) with the query "
+                                 "through cross-attention before the mapper (0 = off); the memory is kept in the "
+                                 "checkpoint")
+    entity_slots: int = option(0, "IFCap entity filtering: up to N words frequent among the retrieved captions "
+                                  "become extra prefix vectors the decoder can copy (needs --retrieval-k)")
+    entity_min_count: int = option(2, "a word must occur in at least this many retrieved captions to be an entity")
+    lm_config: dict[str, Any] | None = option(None, "resolved transformers config (filled at build)", cli=False,
+                                              repr=False)
 
     def __post_init__(self) -> None:
         if self.mapper not in ("mlp", "transformer"):
@@ -66,17 +73,6 @@ class ModelConfig:
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
             raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            logger.warning("ignoring unknown model config fields: %s", ", ".join(sorted(unknown)))
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class CapDecModel(nn.Module):

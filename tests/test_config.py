@@ -1,0 +1,106 @@
+"""The config base (capdec.config): one unknown-key policy, and CLI flags generated from the dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from capdec.checkpoint import InferenceConfig
+from capdec.cli import COMMANDS, build_parser, main
+from capdec.config import given
+from capdec.errors import InputError
+from capdec.model import ModelConfig
+from capdec.noise import NoiseConfig
+from capdec.train import TrainConfig
+
+BEFORE = Path(__file__).resolve().parent / "data" / "cli_flags_before_restructure.json"
+
+
+def _describe(parser: argparse.ArgumentParser) -> list[dict]:
+    """Every option of a parser as the fixture records it (written by the pre-restructure code)."""
+    rows = []
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        if isinstance(a, argparse._SubParsersAction):
+            rows.append({"dest": a.dest, "subcommands": {k: _describe(v) for k, v in a.choices.items()}})
+            continue
+        default = a.default if isinstance(a.default, (int, float, str, bool, type(None), list)) else repr(a.default)
+        const = a.const if isinstance(a.const, (int, float, str, bool, type(None))) else repr(a.const)
+        rows.append({"dest": a.dest, "flags": a.option_strings, "default": default,
+                     "type": None if a.type is None else getattr(a.type, "__name__", repr(a.type)),
+                     "action": type(a).__name__, "choices": list(a.choices) if a.choices else None,
+                     "nargs": a.nargs, "required": a.required, "const": const})
+    return rows
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_flag_name_type_and_default_is_kept(command):
+    before = json.loads(BEFORE.read_text())[command]
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    now = json.loads(json.dumps(_describe(sub)))
+    assert sorted(now, key=lambda r: r["dest"]) == sorted(before, key=lambda r: r["dest"])
+
+
+def _train_args(*flags: str) -> argparse.Namespace:
+    return build_parser("train").parse_args(["train", "store", "--out", "o", *flags])
+
+
+def test_train_flags_default_to_the_dataclass_defaults():
+    args = _train_args()
+    for f in ("epochs", "batch_size", "lr", "weight_decay", "schedule", "grad_clip", "amp", "val_fraction",
+              "log_every", "seed", "device", "save_memory"):
+        assert getattr(args, f) == TrainConfig.default(f), f
+    assert (args.tau, args.project) == (InferenceConfig.default("tau"), InferenceConfig.default("project"))
+    assert args.noise_distribution == NoiseConfig.default("distribution")
+    # model flags are "not given" (None) so a checkpoint's values can apply; their help states the default
+    assert given(args, ModelConfig) == {}
+    assert ModelConfig(**given(_train_args("--lm-dim", "64", "--no-lowercase"), ModelConfig)) == \
+        ModelConfig(lm_dim=64, lowercase=False)
+    helps = {a.dest: a.help for a in build_parser("train")._subparsers._group_actions[0].choices["train"]._actions}
+    assert f"(default: {ModelConfig.default('prefix_length')})" in helps["prefix_length"]
+
+
+def test_a_new_field_is_one_line_and_becomes_a_flag():
+    from dataclasses import dataclass
+
+    from capdec.config import Config, add_arguments, option
+
+    @dataclass
+    class Toy(Config):
+        width: int = option(7, "how wide")
+        mode: str = option("a", "which mode", choices=("a", "b"))
+        fast: bool = option(False, "go fast")
+        hidden: int = option(3, "not on the CLI", cli=False)
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, Toy)
+    assert vars(p.parse_args([])) == {"width": 7, "mode": "a", "fast": False}
+    assert vars(p.parse_args(["--width", "9", "--mode", "b", "--fast"])) == {"width": 9, "mode": "b", "fast": True}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mode", "c"])
+
+
+def test_unknown_keys_warn_when_reading_artefacts_and_are_refused_from_users(caplog):
+    with caplog.at_level(logging.WARNING, logger="capdec.config"):
+        cfg = TrainConfig.from_dict({"epochs": 3, "from_the_future": 1}, where="ckpt/config.json")
+    assert cfg.epochs == 3 and "from_the_future" in caplog.text and "ckpt/config.json" in caplog.text
+    with pytest.raises(InputError, match="unknown TrainConfig option.*from_the_future"):
+        TrainConfig.from_dict({"from_the_future": 1}, strict=True)
+    for cls in (ModelConfig, NoiseConfig, InferenceConfig):
+        assert cls.from_dict(cls().to_dict()) == cls()
+
+
+def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"batch_sise": 8}')
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "unknown option 'batch_sise'" in capsys.readouterr().err
+    cfg.write_text('{"batch_size": 8,\n "epochs": }')
+    assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "c.json: line 2 column" in capsys.readouterr().err
