@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,13 +40,30 @@ def _describe(parser: argparse.ArgumentParser) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def parsers_now() -> dict[str, list[dict]]:
+    """Every command's options, described in a fresh process (tests elsewhere register toy grammars,
+    which would add choices to 'capdec toyworld --grammar' in this one)."""
+    code = ("import argparse, json, sys\n"
+            "sys.path.insert(0, sys.argv[1])\n"
+            "from test_config import _describe\n"
+            "from capdec.cli import COMMANDS, build_parser\n"
+            "out = {}\n"
+            "for c in COMMANDS:\n"
+            "    p = build_parser(c)\n"
+            "    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[c]\n"
+            "    out[c] = _describe(sub)\n"
+            "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_flag_name_type_and_default_is_kept(command):
+def test_every_flag_name_type_and_default_is_kept(command, parsers_now):
     before = json.loads(BEFORE.read_text())[command]
-    parser = build_parser(command)
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    now = json.loads(json.dumps(_describe(sub)))
-    assert sorted(now, key=lambda r: r["dest"]) == sorted(before, key=lambda r: r["dest"])
+    assert sorted(parsers_now[command], key=lambda r: r["dest"]) == sorted(before, key=lambda r: r["dest"])
 
 
 def _train_args(*flags: str) -> argparse.Namespace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_tokenizer():
     assert tok.count_truncated(["a red circle", "a red red circle"]) == 1
 
 
-def test_model_save_load_round_trip(tmp_path):
+def test_model_save_load_round_trip(tmp_path, caplog):
     from capdec.encoders.miniclip import MiniCLIP, embed_texts, load_pretrained, save_pretrained
     from capdec.lab.toyworld.config import MiniCLIPConfig
 
@@ -285,8 +286,11 @@ def test_model_save_load_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model"]["surprise"] = 1
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match="unknown fields"):
-        load_pretrained(tmp_path)
+    # one policy for artefacts (capdec.config): a field this capdec does not know is logged and ignored
+    with caplog.at_level(logging.WARNING, logger="capdec.config"):
+        again = load_pretrained(tmp_path)
+    assert "surprise" in caplog.text
+    assert torch.allclose(embed_texts(model, texts), embed_texts(again, texts))
 
 
 def test_gap_stats_maths():
