@@ -85,7 +85,7 @@ class Captioner:
                         device: str | torch.device | None = "auto", precision: str = "auto",
                         decode: DecodeConfig | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                         num_workers: int = 4, memory: Any = None, **inference: Any) -> Captioner:
-        """Load a checkpoint directory.
+        """Load a checkpoint directory, or a Hugging Face Hub repo id ``org/name[@revision]``.
 
         ``encoder``: a spec (string or dict) or an :class:`Encoder` to use instead of the recorded one
         (it must be the same model); built on first use of images, so captioning precomputed

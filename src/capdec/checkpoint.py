@@ -6,6 +6,7 @@ Layout::
       config.json          format, capdec version, model / encoder / noise / train / inference configs
       model.safetensors    mapper + LM weights (shared tensors handled by safetensors.torch.save_model)
       tokenizer/           the LM tokenizer (save_pretrained)
+      README.md            the model card (capdec.model_card), model_card.json its recorded fields
       metrics.jsonl        the training log (one JSON row per logged step)
       memory/              optional: the training captions' embeddings (capdec.memory.TextMemory), needed
                            by retrieval-augmented models and used by --project
@@ -33,7 +34,9 @@ from capdec import __version__
 from capdec.config import Config, option
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError
+from capdec.hub import resolve_checkpoint
 from capdec.model import CapDecModel, ModelConfig, model_from_config
+from capdec.model_card import card_for_new_checkpoint
 from capdec.noise import NoiseConfig, shift_embeddings
 from capdec.utils import atomic_dir, read_json, write_json
 
@@ -179,6 +182,7 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
             (tmp / name).write_text(text, encoding="utf-8")
         if memory is not None:
             memory.save(tmp / "memory")
+        card_for_new_checkpoint(tmp, path, config)  # README.md: the model card the Hub shows
         if training_state is not None:
             (tmp / "training").mkdir()
             write_json(tmp / "training" / "state.json", training_state)
@@ -199,8 +203,8 @@ def recover(path: str | os.PathLike) -> None:
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's config.json, validated (no weights loaded)."""
-    path = Path(path)
+    """The checkpoint's config.json, validated (no weights loaded). ``path``: a directory or a Hub repo id."""
+    path = resolve_checkpoint(path)
     recover(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -220,12 +224,16 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | None = "auto",
                     dtype: torch.dtype | None = None) -> Checkpoint:
-    """Load a checkpoint for inference (eval mode) on ``device`` (``auto``: cuda if present)."""
+    """Load a checkpoint for inference (eval mode) on ``device`` (``auto``: cuda if present).
+
+    ``path``: a checkpoint directory, or a Hugging Face Hub repo id ``org/name[@revision]``
+    (see :func:`capdec.hub.resolve_checkpoint`).
+    """
     from safetensors.torch import load_model
 
     from capdec.model.lm import load_tokenizer
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     config = read_config(path)
     if not (path / "model.safetensors").is_file():
         raise InputError(f"{path} has no model.safetensors; the checkpoint is incomplete")

@@ -17,7 +17,7 @@ from capdec import __version__
 from capdec.errors import CapdecError
 
 # In data-flow order: corpus -> embeddings -> training -> captions -> metrics, then experiments.
-COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "sweep", "demo", "toyworld"]
+COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "sweep", "demo", "toyworld", "serve", "push"]
 
 logger = logging.getLogger("capdec")
 

@@ -30,7 +30,8 @@ FORMATS = ("jsonl", "coco", "csv")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (from capdec train)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="checkpoint directory (from capdec train) or Hugging Face Hub repo id org/name[@revision]")
     parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, directories, globs or @list files")
     parser.add_argument("--recursive", action="store_true", help="descend into subdirectories (and ** in globs)")
     out = parser.add_argument_group("output")

@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="also report bootstrap standard errors from N resamples of the images (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
+    card = parser.add_argument_group("model card")
+    card.add_argument("--checkpoint", metavar="CKPT",
+                      help="record the metrics in this checkpoint's model card (CKPT/README.md and model_card.json); "
+                           "give the checkpoint that made PREDICTIONS")
+    card.add_argument("--dataset-name", metavar="NAME",
+                      help="what the references are, for the card (default: the references file name)")
+    card.add_argument("--split", metavar="SPLIT", help="the references' split, for the card (e.g. test)")
     clip = parser.add_argument_group("CLIPScore (needs an encoder and the images)")
     clip.add_argument("--clip-score", action="store_true", help="also compute CLIPScore and RefCLIPScore")
     clip.add_argument("--encoder", metavar="SPEC", help="encoder spec for CLIPScore (toy, hf:..., open_clip:...)")
@@ -72,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--clip-score needs --encoder SPEC")
     if args.bootstrap < 0:
         raise InputError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
+        raise InputError(f"--checkpoint {args.checkpoint} is not a local capdec checkpoint directory (no config.json)")
     preds = M.load_predictions(args.predictions)
     refs = M.load_references(args.references)
     captions, paths, nulls = M.align_predictions(preds, refs)
@@ -116,6 +125,13 @@ def run(args: argparse.Namespace) -> int:
     logger.info("%d images: %s", result.n_images, table)
     for name, reason in result.unavailable.items():
         logger.warning("%s unavailable: %s", name, reason)
+    if args.checkpoint:
+        from capdec.model_card import record_evaluation
+
+        dataset = args.dataset_name or Path(args.references).name
+        card = record_evaluation(args.checkpoint, out, dataset=dataset, split=args.split,
+                                 predictions=os.fspath(args.predictions))
+        logger.info("recorded the metrics in %s", card or f"{args.checkpoint}/model_card.json")
     if args.out:
         logger.info("wrote %s", args.out)
     else:

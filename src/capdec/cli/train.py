@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sampling weight of each store (default: every caption equally likely)")
     p.add_argument("--encoder", help="encoder spec the stores must have been made with (checked)")
     p.add_argument("--init-from", metavar="CKPT", help="start from a trained checkpoint (fine-tuning, e.g. on a "
-                                                        "styled corpus); its architecture and tokenizer are kept")
+                                                        "styled corpus); its architecture and tokenizer are kept. "
+                                                        "A directory or a Hub repo id org/name[@revision]")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
 

@@ -1,0 +1,132 @@
+"""``capdec serve``: a captioning HTTP server and web page for a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+
+from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
+
+HELP = "serve a checkpoint: an HTTP captioning API with dynamic batching and a web page"
+DESCRIPTION = (
+    "Serve a checkpoint over HTTP (FastAPI on uvicorn). Open http://HOST:PORT/ for a page where you drop "
+    "or pick images and read their captions; programs POST multipart field 'image' (repeatable) to "
+    "/caption and get {\"captions\": [{\"image\", \"caption\"}]}; GET /health and /info describe the server. "
+    "Concurrent requests are captioned together (up to --max-batch images, waiting at most --max-wait-ms). "
+    "A bad file (not an image, truncated, over --max-upload-mb, over --max-pixels) gets a 4xx answer naming "
+    "it. There is no authentication: keep the default --host 127.0.0.1 unless the network is trusted. "
+    "CHECKPOINT is a directory or a Hugging Face Hub repo id (org/name[@revision]). Needs the 'serve' "
+    "extra: pip install 'capdec[serve]'."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or Hub repo id")
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    net.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    net.add_argument("--max-connections", type=int, default=64,
+                     help="connections served at once; more get 503")
+    lim = parser.add_argument_group("batching and limits")
+    lim.add_argument("--max-batch", type=int, default=32, help="images captioned together at most")
+    lim.add_argument("--max-wait-ms", type=float, default=10.0,
+                     help="how long a request may wait for others to join its batch")
+    lim.add_argument("--max-queue", type=int, default=256, help="images waiting at most; more get 503")
+    lim.add_argument("--max-files", type=int, default=16, help="images per request")
+    lim.add_argument("--max-upload-mb", type=float, default=10.0, help="size limit of one uploaded file, in MB")
+    lim.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="refuse images with more pixels than this (decompression-bomb guard)")
+    lim.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+    dec = parser.add_argument_group("decoding defaults (a request may override strategy, beam size, max length)")
+    dec.add_argument("--strategy", choices=["beam", "greedy", "sample"], default="beam", help="decoding strategy")
+    dec.add_argument("--beam-size", type=int, default=5, help="beam: hypotheses kept per image")
+    dec.add_argument("--max-length", type=int, help="most tokens per caption (default: the checkpoint's)")
+    dec.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam: finished captions are ranked by sum log p / length**this")
+    run_ = parser.add_argument_group("model")
+    run_.add_argument("--encoder", metavar="SPEC",
+                      help="encoder to use instead of the one the checkpoint records (the same model, e.g. a local copy)")
+    run_.add_argument("--memory", metavar="DIR", help="text memory for projection / retrieval-augmented checkpoints")
+    run_.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    run_.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                      help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from capdec.errors import InputError
+
+    for name in ("max_batch", "max_queue", "max_files", "max_connections", "beam_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+    for name in ("max_upload_mb", "timeout"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.max_wait_ms < 0:
+        raise InputError(f"--max-wait-ms must be ≥ 0, got {args.max_wait_ms}")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be from 0 to 65535, got {args.port}")
+    if args.max_length is not None and args.max_length < 1:
+        raise InputError(f"--max-length must be ≥ 1, got {args.max_length}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from capdec.errors import CapdecError, InputError
+
+    log = logging.getLogger("capdec.serve")
+    _check(args)
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise CapdecError(f"capdec serve needs FastAPI, uvicorn and python-multipart ({e}): "
+                          "pip install 'capdec[serve]'") from e
+    from PIL import Image
+
+    from capdec.caption import Captioner
+    from capdec.decode import DecodeConfig
+    from capdec.serve import ServeSettings, bind, create_app, uvicorn_config
+    from capdec.utils import set_threads_from_env
+
+    set_threads_from_env()
+    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard (as in capdec caption)
+    decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
+                          length_penalty=args.length_penalty)
+    captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
+                                          precision=args.precision, decode=decode, max_pixels=max_pixels,
+                                          memory=args.memory)
+    if args.max_length is not None and args.max_length > captioner.model.config.max_length:
+        raise InputError(f"--max-length {args.max_length} is over the checkpoint's {captioner.model.config.max_length}")
+    encoder = captioner.encoder  # loaded and checked now: /health means ready
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=max_pixels,
+                             timeout_s=args.timeout)
+    app = create_app(captioner, settings, checkpoint=args.checkpoint)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    host, port = sock.getsockname()[:2]
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        log.warning("listening on %s, reachable from other machines: the server has no authentication", host)
+    url_host = f"[{host}]" if ":" in host else host
+    log.info("serving %s (encoder %s) on http://%s:%d/ (Ctrl-C to stop)", args.checkpoint, encoder.spec,
+             url_host, port)
+    level = logging.getLogger("capdec").getEffectiveLevel()
+    server = uvicorn.Server(uvicorn_config(app, max_connections=args.max_connections,
+                                           log_level="info" if level <= logging.INFO else "warning"))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, after a graceful shutdown
+        pass
+    finally:
+        sock.close()
+    log.info("server stopped")
+    return 0
