@@ -77,12 +77,9 @@ def describe_training_data(stores: list[str] | None) -> list[dict[str, Any]]:
 
 
 def _read_json(path: Path, *, redo: str) -> Any:
-    from capdec.utils import read_json
+    from capdec.artifacts import read_meta
 
-    try:
-        return read_json(path)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e}); {redo}") from e
+    return read_meta(path, redo=redo)
 
 
 def _write_text(path: Path, text: str) -> None:
