@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from capdec.checkpoint import InferenceConfig
-from capdec.cli import COMMANDS, build_parser, main
+from capdec.cli import build_parser, main
 from capdec.config import given
 from capdec.errors import InputError
 from capdec.model import ModelConfig
@@ -60,10 +60,14 @@ def parsers_now() -> dict[str, list[dict]]:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", sorted(json.loads(BEFORE.read_text())))
 def test_every_flag_name_type_and_default_is_kept(command, parsers_now):
+    """Every option the pre-restructure CLI had is still there, unchanged. Commands and options added since
+    (capdec serve, push, evaluate --checkpoint, ...) are new features, not part of the comparison."""
     before = json.loads(BEFORE.read_text())[command]
-    assert sorted(parsers_now[command], key=lambda r: r["dest"]) == sorted(before, key=lambda r: r["dest"])
+    now = {r["dest"]: r for r in parsers_now[command]}
+    changed = [(r, now.get(r["dest"])) for r in before if now.get(r["dest"]) != r]
+    assert changed == []
 
 
 def _train_args(*flags: str) -> argparse.Namespace:
