@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    model_cfg = ModelConfig(mapper="transformer", prefix_length=10, mapper_depth=4, lm_dim=256, lm_depth=4,
-                            lm_heads=4, vocab_size=8000, max_length=40)
+    # the legacy mapper: docs/results/train_coco_cpu.json was measured with it
+    model_cfg = ModelConfig(mapper="transformer", mapper_variant="legacy", prefix_length=10, mapper_depth=4,
+                            lm_dim=256, lm_depth=4, lm_heads=4, vocab_size=8000, max_length=40)
     t = time.perf_counter()
     res = train([store], work / "ckpt", model_config=model_cfg, noise=NoiseConfig(variance=0.016),
                 config=TrainConfig(epochs=1000, max_steps=args.steps, batch_size=args.batch_size, lr=1e-3,

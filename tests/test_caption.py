@@ -311,3 +311,33 @@ def test_decoding_options_reach_the_decoder(captioner):
     a = captioner.caption(emb, strategy="sample", seed=3, temperature=1.5)
     assert a == captioner.caption(emb, strategy="sample", seed=3, temperature=1.5)
     assert max(len(c.split()) for c in captioner.caption(emb, strategy="greedy", max_length=3)) <= 3
+
+
+def test_shift_from_a_noise_file_moves_images_toward_the_text_cone(tmp_path):
+    """calibrate's offset is image mean − text mean; the caption-time shift must be its opposite."""
+    import argparse
+
+    from capdec.cli.caption import _inference_overrides
+    from capdec.noise import shift_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    dim = 32
+    image_cone, text_cone = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    images = torch.nn.functional.normalize(image_cone + 0.3 * torch.randn(50, dim, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(text_cone + 0.3 * torch.randn(50, dim, generator=g), dim=-1)
+    image_mean, text_mean = images.mean(0), texts.mean(0)
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps({"epsilon": 0.1, "offset": (image_mean - text_mean).tolist(),
+                                 "image_mean": image_mean.tolist(), "text_mean": text_mean.tolist()}))
+    args = argparse.Namespace(normalize=None, shift=str(noise), image_mean=None, project=None, tau=None,
+                              project_k=None)
+    shift = _inference_overrides(args)["shift"]
+    assert shift == pytest.approx((text_mean - image_mean).tolist(), abs=1e-6)
+    shifted = shift_embeddings(images, shift=torch.tensor(shift), mean=None, normalize_output=True)
+    cos = lambda x: torch.nn.functional.cosine_similarity(x, text_mean.expand_as(x)).mean()  # noqa: E731
+    assert cos(shifted) > cos(images) + 0.1
+    # an explicit {"shift": ...} file (or a plain list) is taken as it is
+    explicit = tmp_path / "shift.json"
+    explicit.write_text(json.dumps({"shift": [0.25] * dim}))
+    args.shift = str(explicit)
+    assert _inference_overrides(args)["shift"] == pytest.approx([0.25] * dim)

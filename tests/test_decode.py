@@ -216,3 +216,32 @@ def test_empty_batch_and_training_mode_restored(model, prefix):
     finally:
         model.eval()
     assert a == generate(model, prefix[:2], strategy="greedy")  # dropout was off while decoding
+
+
+PERIOD_CAPTIONS = ["a dog runs on the grass. it is sunny", "a cat sleeps on a mat. the mat is red",
+                   "two boats on a lake. birds fly above", "a man rides a horse. the horse is brown"]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_stop_at_period_ends_captions_at_the_first_period(strategy):
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=16, prefix_length=4, mapper="mlp", lm_dim=48, lm_depth=2, lm_heads=2,
+                      vocab_size=1000, max_length=20, dropout=0.0)
+    m = build_model(cfg, captions=PERIOD_CAPTIONS)
+    emb = F.normalize(torch.randn(len(PERIOD_CAPTIONS), 16), dim=-1)
+    ids, mask, _ = m.tokenize(PERIOD_CAPTIONS)
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
+    for _ in range(80):
+        loss = m(emb, ids, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        prefix = m.prefix(emb)
+    assert m.decode_ids(generate(m, prefix, strategy=strategy)) == PERIOD_CAPTIONS
+    first_sentences = [c.split(".")[0] + "." for c in PERIOD_CAPTIONS]
+    assert m.decode_ids(generate(m, prefix, strategy=strategy, stop_at_period=True)) == first_sentences
+    m.config.stop_at_period = True  # the model's own default (as imported ClipCap weights record)
+    assert m.decode_ids(generate(m, prefix, strategy=strategy)) == first_sentences
+    assert m.decode_ids(generate(m, prefix, strategy=strategy, stop_at_period=False)) == PERIOD_CAPTIONS

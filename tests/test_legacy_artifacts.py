@@ -106,7 +106,11 @@ def test_a_legacy_run_plans_as_a_resume_with_its_recorded_configuration(legacy, 
     plan = plan_training(legacy / "store", legacy / "checkpoint", resume=True)
     recorded = json.loads((legacy / "checkpoint" / "config.json").read_text())
     assert plan.mode == "resume" and plan.state["step"] == 75 and plan.opt_state is not None
-    assert plan.config.to_dict() == recorded["train"]
+    planned = plan.config.to_dict()
+    assert {k: planned[k] for k in recorded["train"]} == recorded["train"]
+    # options added since (issue 12) take their defaults, which keep the old behaviour
+    assert {k: v for k, v in planned.items() if k not in recorded["train"]} == \
+        {"keep_epochs": False, "keep_best": False, "val_store": None}
     assert plan.noise.variance == recorded["noise"]["variance"]
     fresh = plan_training(legacy / "store", tmp_path / "new")
     assert fresh.mode == "new" and fresh.state == {"step": 0} and fresh.opt_state is None

@@ -80,3 +80,57 @@ def test_bad_model_configs():
         ModelConfig(lm_dim=30, lm_heads=4)
     with pytest.raises(InputError, match="empty"):
         build_model(ModelConfig(), captions=[])
+
+
+def test_a_frozen_lm_stays_in_eval_mode_while_training(tiny_gpt2_dir):
+    """ClipCap's prefix-only model keeps its frozen GPT-2 in eval mode: no dropout in the frozen LM."""
+    cfg = ModelConfig(embed_dim=16, prefix_length=3, mapper="mlp", lm=str(tiny_gpt2_dir), freeze_lm=True,
+                      max_length=20)
+    model = build_model(cfg)
+    assert model.lm.config.resid_pdrop > 0  # the LM has dropout to switch off
+    model.train()
+    assert model.mapper.training and not any(m.training for m in model.lm.modules())
+    ids, mask, _ = model.tokenize(CAPTIONS[:4])
+    emb = torch.randn(4, 16)
+    torch.manual_seed(1)
+    first = model(emb, ids, mask)
+    torch.manual_seed(2)
+    assert torch.equal(first, model(emb, ids, mask))  # same loss under different dropout seeds
+    model.config.freeze_lm = False  # a fine-tuned LM trains with its dropout
+    model.train()
+    assert model.lm.training
+
+
+def test_old_checkpoint_configs_keep_the_legacy_mapper():
+    legacy = ModelConfig.from_dict({"embed_dim": 16, "mapper": "transformer", "prefix_length": 3})
+    assert legacy.mapper_variant == "legacy" and ModelConfig().mapper_variant == "clipcap"
+    cfg = dict(embed_dim=16, prefix_length=3, mapper_depth=1, mapper_heads=2, lm_dim=32, lm_depth=1, lm_heads=2,
+               vocab_size=400, max_length=12)
+    assert isinstance(build_model(ModelConfig.from_dict(cfg), captions=CAPTIONS).mapper, TransformerMapper)
+    from capdec.model.mapper import ClipCapTransformerMapper
+
+    assert isinstance(build_model(ModelConfig(**cfg), captions=CAPTIONS).mapper, ClipCapTransformerMapper)
+
+
+def test_a_checkpoint_written_before_mapper_variant_loads_and_decodes_as_before(tmp_path):
+    """A config.json without mapper_variant / stop_at_period (capdec before them) rebuilds the GELU mapper."""
+    import json
+
+    from capdec.decode import generate
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=16, prefix_length=3, mapper_depth=1, mapper_heads=2, lm_dim=32, lm_depth=1,
+                      lm_heads=2, vocab_size=400, max_length=12, mapper_variant="legacy")
+    old = build_model(cfg, captions=CAPTIONS).eval()
+    save_checkpoint(tmp_path / "ckpt", old, encoder_spec={"backend": "toy"}, encoder_identity={"backend": "toy"},
+                    noise=NoiseConfig())
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["model"]["mapper_variant"], config["model"]["stop_at_period"]
+    config_file.write_text(json.dumps(config))
+    loaded = load_checkpoint(tmp_path / "ckpt", device="cpu").model
+    assert isinstance(loaded.mapper, TransformerMapper) and loaded.config.mapper_variant == "legacy"
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.prefix(x), old.prefix(x), atol=0, rtol=0)
+        assert generate(loaded, loaded.prefix(x), strategy="beam") == generate(old, old.prefix(x), strategy="beam")

@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
-from capdec.formats import FORMATS, check_utf8, detect_format, iter_caption_file  # noqa: F401  (re-exported)
+from capdec.formats import (  # noqa: F401  (re-exported)
+    FORMATS,
+    check_split,
+    check_utf8,
+    detect_format,
+    iter_caption_file,
+    json_kind,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +126,16 @@ class _Collector:
 
 
 def read_corpus(paths: PathLike | Sequence[PathLike], *, format: str = "auto", field: str = "caption",
-                column: str = "caption", dedupe: bool = False) -> Corpus:
+                column: str = "caption", dedupe: bool = False, split: str | None = None,
+                style_names: PathLike | None = None, style_test: int = 0) -> Corpus:
     """Read one or several caption files into a :class:`Corpus` (see the module docstring).
 
     ``format`` (``auto`` or one of :data:`FORMATS`) applies to every file; ``auto`` picks each file's
-    format from its extension. ``field`` is the JSONL field and ``column`` the CSV/TSV column holding
-    the caption. With several files, ``dedupe`` works across them.
+    format from its extension (a ``.json`` file is COCO or Karpathy by its content). ``field`` is the
+    JSONL field and ``column`` the CSV/TSV column holding the caption. With several files, ``dedupe``
+    works across them. ``split`` picks the images of a Karpathy-split file (default ``train``, which
+    includes restval) or of a FlickrStyle10K file (``train``/``test`` with ``style_test`` images held
+    out; ``style_names`` its image list); it is an error for the other formats.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -139,13 +151,27 @@ def read_corpus(paths: PathLike | Sequence[PathLike], *, format: str = "auto", f
         if not p.is_file():
             raise InputError(f"{p}: not a file (a corpus is a .txt/.jsonl/.csv/.tsv/COCO .json file)")
         formats.append(detect_format(p) if format == "auto" else format)
+    # a .json file is COCO or Karpathy by its content: parse it once, here, and hand the parse on
+    parsed: dict[Path, Any] = {}
+    digests = []
+    for i, (p, fmt) in enumerate(zip(paths, formats)):
+        # FlickrStyle10K's files mix UTF-8 and Latin-1 lines (its reader decodes both)
+        digests.append(check_utf8(p) if fmt != "flickrstyle" else hashlib.sha256(p.read_bytes()).hexdigest())
+        if fmt in ("coco", "karpathy"):
+            parsed[p] = read_json(p)
+            if format == "auto" and json_kind(parsed[p]) == "karpathy":
+                formats[i] = "karpathy"
+    if split is not None:
+        check_split(split)
+        wrong = [(p, fmt) for p, fmt in zip(paths, formats) if fmt not in ("karpathy", "flickrstyle")]
+        if wrong:
+            raise InputError(f"--split selects images of a Karpathy-split or FlickrStyle10K file; {wrong[0][0]} is "
+                             f"a {wrong[0][1]} corpus without splits")
 
     collector = _Collector(dedupe)
-    digests = []
     for p, fmt in zip(paths, formats):
-        digests.append(check_utf8(p))
         before = collector.stats.read
-        for raw, meta in iter_caption_file(p, fmt, field, column):
+        for raw, meta in iter_caption_file(p, fmt, field, column, parsed.get(p), split, style_names, style_test):
             if len(paths) > 1:
                 meta["source"] = str(p)
             collector.add(raw, meta)
@@ -155,7 +181,9 @@ def read_corpus(paths: PathLike | Sequence[PathLike], *, format: str = "auto", f
         sha = digests[0]
     else:
         sha = hashlib.sha256("".join(digests).encode()).hexdigest()  # == capdec.utils.sha256_files
-    options = {"field": field, "column": column, "dedupe": dedupe}
+    options: dict[str, Any] = {"field": field, "column": column, "dedupe": dedupe}
+    if any(fmt in ("karpathy", "flickrstyle") for fmt in formats):
+        options["split"] = split or ("train" if "karpathy" in formats else "all")
     corpus = Corpus(collector.captions, collector.meta, collector.stats, paths=[str(p.resolve()) for p in paths],
                     sha256=sha, format=formats[0] if len(set(formats)) == 1 else formats, options=options)
     _log_summary(corpus, ", ".join(map(str, paths)))

@@ -10,7 +10,8 @@ Notation: b - batch (images), k - beam size, n - rows currently decoded (b or b�
 finish), L - prefix length, t - tokens generated so far, h - LM hidden size, V - vocabulary.
 
 Returned token ids never include the end-of-sequence token; a caption that reached ``max_length``
-tokens without one is returned as is.
+tokens without one is returned as is. With ``stop_at_period`` a period token also ends a caption (and
+is kept): models trained the ClipCap way never learned an end token, and stop at '.' instead.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class DecodeConfig(Config):
     temperature: float = 1.0  # sample: divide the logits by this
     seed: int | None = None  # sample: seed of the torch.Generator (None: torch's global RNG)
     use_cache: bool = True  # reuse the LM's key/value cache (False: re-run the whole sequence each step)
+    stop_at_period: bool | None = None  # a '.' token ends the caption too (None: the model's stop_at_period)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -164,8 +166,14 @@ def _filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float) -> torch.T
     return logits
 
 
+def period_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the tokens that are a period, with or without a leading space (GPT-2: '.' and ' .')."""
+    candidates = [i for tok, i in tokenizer.get_vocab().items() if "." in tok]
+    return sorted(i for i in candidates if tokenizer.decode([i]).strip() == ".")
+
+
 def _pointwise(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_length: int,
-               cfg: DecodeConfig) -> list[list[int]]:
+               cfg: DecodeConfig, stop: torch.Tensor) -> list[list[int]]:
     """Greedy or sampling: one token per row per step; finished rows leave the batch."""
     b = prefix.shape[0]
     out: list[list[int]] = [[] for _ in range(b)]
@@ -180,7 +188,7 @@ def _pointwise(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, 
         else:
             logits = _filter_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
             tokens = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)  # (n,)
-        finished = tokens == eos_token_id
+        finished = torch.isin(tokens, stop)
         for i, tok in zip(active.tolist(), tokens.tolist()):
             if tok != eos_token_id:
                 out[i].append(tok)
@@ -197,10 +205,11 @@ def _pointwise(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, 
 
 
 def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_length: int,
-          cfg: DecodeConfig) -> list[list[int]]:
+          cfg: DecodeConfig, stop: torch.Tensor) -> list[list[int]]:
     """Beam search with length normalisation.
 
-    Each step ranks the 2k best continuations of an image's k beams. An end-of-sequence token among
+    Each step ranks the (s+1)·k best continuations of an image's k beams, s being the number of ending
+    tokens (1, the end-of-sequence token; more with ``stop_at_period``): 2k usually. An ending token among
     the first k finishes that hypothesis with score ``sum log p / length**length_penalty`` (length
     counts the end-of-sequence token); the best k others continue. An image is done when it has k
     finished hypotheses and the best running beam, normalised at its current length, scores no more
@@ -215,7 +224,8 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
 
     logits = stepper.start(prefix)  # (b, V)
     V = logits.shape[-1]
-    if 2 * k > V:
+    n_cand = (stop.numel() + 1) * k  # s ending tokens (end-of-sequence, periods): 2k without periods
+    if n_cand > V:
         raise InputError(f"beam_size {k} is too large for a vocabulary of {V} tokens")
     # all k beams of an image start identical; only the first may be extended at the first step
     stepper.select(torch.arange(b, device=device).repeat_interleave(k))
@@ -229,17 +239,19 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
         n_img = active.numel()
         logp = F.log_softmax(logits, dim=-1)  # (n_img·k, V)
         cand = (scores.reshape(-1, 1) + logp).view(n_img, k * V)  # (n_img, k·V)
-        top_scores, top_idx = cand.topk(2 * k, dim=1)  # (n_img, 2k), best first
+        top_scores, top_idx = cand.topk(n_cand, dim=1)  # (n_img, (s+1)·k), best first
         top_beam, top_tok = top_idx // V, top_idx % V
 
         # hypotheses that end here: an end-of-sequence token ranked within the first k
-        is_eos = top_tok == eos_token_id
-        rank = torch.arange(2 * k, device=device).expand(n_img, -1)
+        is_eos = torch.isin(top_tok, stop)
+        rank = torch.arange(n_cand, device=device).expand(n_img, -1)
         for r, c in (is_eos & (rank < k)).nonzero().tolist():
             s = top_scores[r, c].item()
             if s == float("-inf"):
                 continue
             seq = tokens[r, top_beam[r, c]].tolist()
+            if top_tok[r, c].item() != eos_token_id:  # a period that ends the caption is part of it
+                seq.append(top_tok[r, c].item())
             heap, entry = finished[active[r].item()], (s / t**cfg.length_penalty, counter, seq)
             counter += 1
             if len(heap) < k:
@@ -247,8 +259,9 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
             elif entry[0] > heap[0][0]:
                 heapq.heapreplace(heap, entry)
 
-        # the k best continuations that do not end (at least k of the 2k, as a beam has one eos token)
-        pick = torch.argsort(is_eos.long() * 2 * k + rank, dim=1)[:, :k]  # (n_img, k), best first
+        # the k best continuations that do not end: each beam has s ending tokens, so at least k of the
+        # (s+1)·k candidates continue
+        pick = torch.argsort(is_eos.long() * n_cand + rank, dim=1)[:, :k]  # (n_img, k), best first
         scores = top_scores.gather(1, pick)
         beam = top_beam.gather(1, pick)
         new_tok = top_tok.gather(1, pick)
@@ -332,8 +345,18 @@ def generate(model_or_lm: Any, prefix: torch.Tensor, *, eos_token_id: int | None
                          f"Use max_length ≤ {positions - prefix.shape[1] + 1}.")
     if prefix.shape[0] == 0:
         return []
+    stop_ids = [eos_token_id]
+    stop_at_period = cfg.stop_at_period
+    if stop_at_period is None:
+        stop_at_period = bool(getattr(getattr(model_or_lm, "config", None), "stop_at_period", False))
+    if stop_at_period:
+        tokenizer = getattr(model_or_lm, "tokenizer", None)
+        if tokenizer is None:
+            raise InputError("stop_at_period needs the model's tokenizer (give a CapDecModel, not a bare LM)")
+        stop_ids += period_token_ids(tokenizer)
+    stop = torch.tensor(stop_ids, device=prefix.device)
     stepper = _LMStepper(lm, use_cache=cfg.use_cache)
     with torch.inference_mode(), _eval_mode(lm):
         if cfg.strategy == "beam":
-            return _beam(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg)
-        return _pointwise(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg)
+            return _beam(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg, stop=stop)
+        return _pointwise(stepper, prefix, eos_token_id=eos_token_id, max_length=max_length, cfg=cfg, stop=stop)

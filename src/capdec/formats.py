@@ -9,7 +9,11 @@ Sections, top to bottom:
 - text and JSON: :func:`read_text`, :func:`parse_json`, :func:`read_json`, :func:`parse_json_or_jsonl`
   (one JSON document or JSON Lines; ``lines`` says where each record came from, :func:`location`);
 - caption corpora (``capdec embed``, ``read_corpus``): txt / jsonl / csv / tsv / COCO annotations,
-  format from the extension (:func:`detect_format`), one ``_iter_*`` reader per format;
+  Karpathy splits, FlickrStyle10K; format from the extension (:func:`detect_format`; a ``.json`` file
+  is COCO or Karpathy by its content), one ``_iter_*`` reader per format;
+- standard datasets: Karpathy-split files and FlickrStyle10K (:func:`read_karpathy`,
+  :func:`read_flickrstyle`: splits, image ids, image files), for corpora, references, ``capdec caption
+  --dataset`` and calibration pairs;
 - reference captions (``capdec evaluate``, calibration): :func:`detect_references_format` picks the
   reader of a parsed file (COCO annotations, ``{file name: [captions]}``, records); add a format by
   adding a case there and a reader to ``_REFERENCE_READERS``;
@@ -21,9 +25,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import pickle
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +109,7 @@ def location(path: Path, index: int, lines: list[int] | None) -> str:
 # caption corpora
 # ---------------------------------------------------------------------------------------------
 
-FORMATS = ("txt", "jsonl", "csv", "tsv", "coco")
+FORMATS = ("txt", "jsonl", "csv", "tsv", "coco", "karpathy", "flickrstyle")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
                ".json": "coco"}
 # JSONL fields / CSV columns copied into a caption's metadata when present (evaluation joins on them)
@@ -118,7 +125,17 @@ def detect_format(path: str | os.PathLike) -> str:
     return _EXTENSIONS[suffix]
 
 
-def iter_caption_file(path: Path, fmt: str, field_name: str, column: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_caption_file(path: Path, fmt: str, field_name: str, column: str, data: Any = None,
+                      split: str | None = None, style_names: str | os.PathLike | None = None,
+                      style_test: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(raw caption, metadata) of every caption of one file. ``data``: the file already parsed (JSON
+    formats); ``split`` / ``style_names`` / ``style_test``: the images of a Karpathy or FlickrStyle10K file."""
+    if fmt == "karpathy":
+        return karpathy_from_data(data if data is not None else read_json(path), path, split or "train").captions()
+    if fmt == "flickrstyle":
+        if (split or "all") == "all" and style_names is None:
+            return ((line, {"line": i}) for i, line in enumerate(read_style_lines(path), start=1))
+        return read_flickrstyle(path, style_names, split=split or "all", test_size=style_test).captions()
     if fmt == "txt":
         return _iter_txt(path)
     if fmt == "jsonl":
@@ -126,7 +143,7 @@ def iter_caption_file(path: Path, fmt: str, field_name: str, column: str) -> Ite
     if fmt in ("csv", "tsv"):
         return _iter_csv(path, column, "\t" if fmt == "tsv" else ",")
     if fmt == "coco":
-        return _iter_coco(path)
+        return _iter_coco(path, data)
     raise InputError(f"unknown corpus format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
 
 
@@ -189,16 +206,18 @@ def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, di
                              f"record") from e
 
 
-def _iter_coco(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+def _iter_coco(path: Path, data: Any = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    if data is None:
+        with open(path, encoding="utf-8-sig") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(annotations, list):
         found = f"keys: {', '.join(map(repr, data))}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise InputError(f"{path}: not a COCO caption annotation file: no 'annotations' list ({found}). "
+        raise InputError(f"{path}: neither a COCO caption annotation file (no 'annotations' list) nor a "
+                         f"Karpathy-split file (no 'images' with 'sentences'); found {found}. "
                          f"For one caption per line use a .txt/.jsonl file, or pass format= (--format)")
     for i, ann in enumerate(annotations):
         where = f"{path}: annotations[{i}]"
@@ -222,6 +241,262 @@ def check_utf8(path: Path) -> str:
                 raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
                                  f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# standard datasets: Karpathy splits and FlickrStyle10K
+# ---------------------------------------------------------------------------------------------
+# **Karpathy split** (``dataset_coco.json``, ``dataset_flickr30k.json``, ``dataset_flickr8k.json``: the
+# files every captioning paper uses)::
+#
+#     {"dataset": "coco", "images": [{"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg",
+#       "split": "train" | "restval" | "val" | "test", "cocoid": 391895, "imgid": 0,
+#       "sentences": [{"raw": "A man with a red helmet ...", "tokens": [...], ...}, ...]}, ...]}
+#
+# Splits: ``train`` is train + restval (the standard training set, 113,287 COCO images), ``restval``
+# alone, ``val``, ``test`` and ``all``. An image's **id** is its ``cocoid`` when the file has one (COCO);
+# otherwise the file name's stem as an integer when it is all digits (Flickr30k's ``1000092795.jpg`` ->
+# 1000092795), else the file name itself (Flickr8k's ``1000268201_693b08cb0e.jpg``). The same rule is
+# used for predictions (``capdec caption --dataset``) and references (``capdec evaluate --split``), so the
+# two always match. An image's file is ``filepath/filename`` under the images root (``filename`` alone
+# when there is no ``filepath``, as in Flickr30k).
+#
+# **FlickrStyle10K** (``FlickrStyle_v0.9``): one styled caption per line in ``humor/funny_train.txt`` or
+# ``romantic/romantic_train.txt``, and the image names of those lines, in the same order, in the
+# folder's ``train.p`` (a Python pickle of a list of file names). The pickle is read with an unpickler
+# that refuses every global, so it can only yield plain data (a list of strings needs none); a plain
+# text list (one name per line) works too. The caption files are mostly UTF-8 with some Latin-1 lines;
+# such lines are decoded as Latin-1 and counted in the log. FlickrStyle10K has no official split: the
+# images are used in file order and ``--style-test N`` holds out the last N (a common protocol trains on
+# 6,000 and tests on 1,000, see docs/reproduce.md).
+
+SPLITS = ("train", "restval", "val", "test", "all")
+KARPATHY_SPLITS = ("train", "restval", "val", "test")  # the values of an image's "split" field
+
+
+@dataclass
+class DatasetImage:
+    """One image of a dataset and its reference captions."""
+
+    image_id: int | str  # cocoid, the numeric file stem, or the file name (see above)
+    filename: str
+    filepath: str = ""  # folder under the images root ("" when the dataset has none)
+    split: str = ""
+    sentences: list[str] = field(default_factory=list)
+
+    @property
+    def relpath(self) -> str:
+        """The image file relative to the images root."""
+        return f"{self.filepath}/{self.filename}" if self.filepath else self.filename
+
+
+@dataclass
+class Dataset:
+    """The images of one split of a dataset file."""
+
+    path: str
+    name: str  # "coco", "flickr30k", ... (the file's "dataset" field), or "flickrstyle"
+    split: str
+    images: list[DatasetImage]
+    format: str = "karpathy"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def captions(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(raw caption, metadata) for every sentence of every image, in file order."""
+        for img in self.images:
+            for i, sentence in enumerate(img.sentences):
+                yield sentence, {"image_id": img.image_id, "sentence": i}
+
+    def references(self) -> dict[int | str, list[str]]:
+        return {img.image_id: list(img.sentences) for img in self.images}
+
+    def image_ids(self) -> dict[str, int | str]:
+        """relative image path -> id (what ``capdec caption --dataset`` writes as ``image_id``)."""
+        return {img.relpath: img.image_id for img in self.images}
+
+
+# -- Karpathy / COCO detection ---------------------------------------------------------------------------------
+
+def json_kind(data: Any) -> str | None:
+    """'karpathy' (images[] with sentences), 'coco' (an annotations list) or None."""
+    if not isinstance(data, dict):
+        return None
+    images = data.get("images")
+    if isinstance(images, list) and "annotations" not in data and images \
+            and isinstance(images[0], dict) and "sentences" in images[0]:
+        return "karpathy"
+    if isinstance(data.get("annotations"), list):
+        return "coco"
+    return None
+
+
+def _describe(data: Any) -> str:
+    if isinstance(data, dict):
+        return f"keys: {', '.join(map(repr, list(data)[:8])) or 'none'}"
+    return f"a JSON {type(data).__name__}"
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; use one of {', '.join(SPLITS)} (train includes restval)")
+    return split
+
+
+# -- Karpathy -----------------------------------------------------------------------------------------
+
+def _image_id(img: dict[str, Any]) -> int | str:
+    if isinstance(img.get("cocoid"), int):
+        return img["cocoid"]
+    stem = img["filename"].rsplit(".", 1)[0]
+    return int(stem) if re.fullmatch(r"[0-9]+", stem, re.ASCII) else img["filename"]
+
+
+def karpathy_from_data(data: Any, path: str | os.PathLike, split: str = "all") -> Dataset:
+    """The images of ``split`` from a parsed Karpathy-split document (errors name ``path``)."""
+    check_split(split)
+    if json_kind(data) != "karpathy":
+        raise InputError(f"{path}: not a Karpathy-split file (an 'images' list whose entries have 'filename', "
+                         f"'split' and 'sentences'); found {_describe(data)}")
+    wanted = {"train": {"train", "restval"}, "all": set(KARPATHY_SPLITS)}.get(split, {split})
+    images, seen, counts = [], {}, dict.fromkeys(KARPATHY_SPLITS, 0)
+    for i, img in enumerate(data["images"]):
+        where = f"{path}: images[{i}]"
+        if not isinstance(img, dict):
+            raise InputError(f"{where} is a JSON {type(img).__name__}, expected an object")
+        for key in ("filename", "split", "sentences"):
+            if key not in img:
+                raise InputError(f"{where} has no {key!r} field")
+        if img["split"] not in KARPATHY_SPLITS:
+            raise InputError(f"{where} ({img['filename']}): unknown split {img['split']!r} "
+                             f"(expected one of {', '.join(KARPATHY_SPLITS)})")
+        if not isinstance(img["filename"], str) or not isinstance(img.get("filepath", ""), str):
+            raise InputError(f"{where}: 'filename' and 'filepath' must be strings")
+        counts[img["split"]] += 1
+        if img["split"] not in wanted:
+            continue
+        sentences = img["sentences"]
+        if not isinstance(sentences, list):
+            raise InputError(f"{where} ({img['filename']}): 'sentences' must be a list")
+        raws = []
+        for j, s in enumerate(sentences):
+            raw = s.get("raw") if isinstance(s, dict) else None
+            if not isinstance(raw, str):
+                raise InputError(f"{where} ({img['filename']}): sentences[{j}] has no string 'raw' field")
+            raws.append(raw)
+        image_id = _image_id(img)
+        if image_id in seen:
+            raise InputError(f"{where} ({img['filename']}): image id {image_id!r} repeats images[{seen[image_id]}]")
+        seen[image_id] = i
+        images.append(DatasetImage(image_id=image_id, filename=img["filename"], filepath=img.get("filepath", ""),
+                                   split=img["split"], sentences=raws))
+    if not images:
+        have = ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "no images"
+        raise InputError(f"{path}: the {split!r} split has no images ({have})")
+    name = data.get("dataset") if isinstance(data.get("dataset"), str) else Path(path).stem
+    logger.info("%s: %s split of %s, %d images, %d captions", path, split, name, len(images),
+                sum(len(im.sentences) for im in images))
+    return Dataset(path=str(path), name=name, split=split, images=images)
+
+
+def read_karpathy(path: str | os.PathLike, split: str = "all") -> Dataset:
+    """Read the images (ids, files, captions) of one split of a Karpathy-split JSON file."""
+    check_split(split)
+    return karpathy_from_data(read_json(path), path, split)
+
+
+# -- FlickrStyle10K -----------------------------------------------------------------------------------
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Refuses every global: only plain data (lists, strings, numbers, dicts) can be built, never code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data is read")
+
+
+def read_name_list(path: str | os.PathLike) -> list[str]:
+    """Image file names, one per caption line: a pickled list (FlickrStyle10K's ``train.p``, read
+    without running any code) or a text file with one name per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image-name list")
+    raw = path.read_bytes()
+    if path.suffix.lower() in (".p", ".pkl", ".pickle"):
+        try:
+            names = _DataOnlyUnpickler(io.BytesIO(raw), encoding="utf-8").load()
+        except Exception as e:  # noqa: BLE001 - any failure of an untrusted pickle is the file's fault
+            raise InputError(f"{path}: not a pickled list of image names ({type(e).__name__}: {e})") from e
+        if isinstance(names, (tuple, list)):
+            names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"{path}: expected a pickled list of file names, got {type(names).__name__}")
+        return [n.strip() for n in names]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from e
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def read_style_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a FlickrStyle10K caption file (UTF-8; a line that is not is decoded as Latin-1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such caption file")
+    lines, latin = [], 0
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text, latin = line.decode("latin-1"), latin + 1
+        lines.append(text.rstrip("\r"))
+    if lines and not lines[-1].strip():
+        lines.pop()  # the final newline
+    if latin:
+        logger.warning("%s: %d line(s) were not UTF-8 and were read as Latin-1", path, latin)
+    return lines
+
+
+def find_style_names(captions: str | os.PathLike) -> Path | None:
+    """``train.p`` (or ``train.txt``) beside a FlickrStyle10K caption file, if there is one."""
+    folder = Path(captions).parent
+    for name in ("train.p", "train.txt"):
+        if (folder / name).is_file() and (folder / name) != Path(captions):
+            return folder / name
+    return None
+
+
+def read_flickrstyle(captions: str | os.PathLike, names: str | os.PathLike | None = None, *, split: str = "all",
+                     test_size: int = 0) -> Dataset:
+    """A FlickrStyle10K caption file paired with its image names (``names``; default: ``train.p`` in the
+    same folder). ``split``: all, or train / test with the last ``test_size`` images held out as test."""
+    if split not in ("all", "train", "test"):
+        raise InputError(f"FlickrStyle10K has the splits all, train and test (the last --style-test images); "
+                         f"got {split!r}")
+    lines = read_style_lines(captions)
+    names_path = Path(names) if names is not None else find_style_names(captions)
+    if names_path is None:
+        raise InputError(f"{captions}: no image-name list given and no train.p beside it; pass the list "
+                         "(train.p or a text file of names) to pair captions with images")
+    file_names = read_name_list(names_path)
+    if len(file_names) != len(lines):
+        raise InputError(f"{captions} has {len(lines)} caption lines but {names_path} names {len(file_names)} "
+                         "images; they must pair up line by line")
+    images: dict[str, DatasetImage] = {}
+    for name, line in zip(file_names, lines):
+        img = images.setdefault(name, DatasetImage(image_id=name, filename=name, split="train"))
+        img.sentences.append(line)
+    ordered = list(images.values())
+    if not 0 <= test_size <= len(ordered):
+        raise InputError(f"--style-test {test_size}: the file has {len(ordered)} images")
+    if split != "all" and test_size == 0:
+        raise InputError(f"split {split!r} of FlickrStyle10K needs the number of test images (--style-test N)")
+    if test_size:
+        for img in ordered[len(ordered) - test_size:]:
+            img.split = "test"
+    chosen = ordered if split == "all" else [im for im in ordered if im.split == split]
+    return Dataset(path=str(captions), name="flickrstyle", split=split, images=chosen, format="flickrstyle")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,10 +555,13 @@ def _as_caption_list(value: Any, where: str) -> list[str]:
 
 def detect_references_format(path: Path, data: Any) -> str:
     """Which reader a parsed references file needs: ``"coco"`` (``images`` + ``annotations``),
-    ``"mapping"`` (``{file name: [captions]}``) or ``"records"`` (a list / JSON Lines of objects).
+    ``"karpathy"`` (a Karpathy-split file), ``"mapping"`` (``{file name: [captions]}``) or ``"records"``
+    (a list / JSON Lines of objects).
 
     To read a new format, recognise it here and add its reader to ``_REFERENCE_READERS``.
     """
+    if json_kind(data) == "karpathy":
+        return "karpathy"
     if isinstance(data, dict) and "annotations" in data:
         return "coco"
     if isinstance(data, dict) and data and all(isinstance(v, (str, list)) for v in data.values()) \
@@ -296,11 +574,28 @@ def detect_references_format(path: Path, data: Any) -> str:
                      f"{{'image' or 'image_id', 'captions'}}, or {{file name: [captions]}}")
 
 
-def load_references(path: str | os.PathLike) -> ReferenceSet:
-    """Read reference captions; see :func:`read_references` for the formats."""
+def load_references(path: str | os.PathLike, *, split: str | None = None,
+                    style_names: str | os.PathLike | None = None, style_test: int = 0,
+                    split_label_only: bool = False) -> ReferenceSet:
+    """Read reference captions; see :func:`read_references` for the formats.
+
+    A Karpathy-split file gives the images of ``split`` (default ``test``); a FlickrStyle10K caption
+    file (``.txt``, paired with ``train.p`` or ``style_names``) those of ``split`` with the last
+    ``style_test`` images as test. For another format a ``split`` is an error, or ignored with
+    ``split_label_only`` (``capdec evaluate --split`` then only names the split on a model card).
+    """
     path = Path(path)
+    if path.suffix.lower() == ".txt":
+        return references_from_dataset(read_flickrstyle(path, style_names, split=split or "all",
+                                                        test_size=style_test))
     data, lines = parse_json_or_jsonl(path, read_text(path))
-    refs = _REFERENCE_READERS[detect_references_format(path, data)](path, data, lines)
+    kind = detect_references_format(path, data)
+    if split is not None and kind != "karpathy" and not split_label_only:
+        raise InputError(f"{path}: --split selects images of a Karpathy-split file (or a FlickrStyle10K .txt); "
+                         f"this is not one")
+    if kind == "karpathy":
+        return references_from_dataset(karpathy_from_data(data, path, split or "test"))
+    refs = _REFERENCE_READERS[kind](path, data, lines)
     if not refs.captions:
         raise InputError(f"{path}: no reference captions in the file")
     return refs
@@ -338,6 +633,18 @@ def _references_from_records(path: Path, data: Any, lines: list[int] | None) -> 
         except TypeError as e:
             raise InputError(f"{where}: bad image id {ident!r}: {e}") from e
         _add_references(refs, key, name, _as_caption_list(caps, where), where)
+    return refs
+
+
+def references_from_dataset(ds: Dataset) -> ReferenceSet:
+    """The references of a dataset split, keyed like predictions of ``capdec caption --dataset``."""
+    refs = ReferenceSet({}, {}, ds.path)
+    for img in ds.images:
+        key = image_key(img.image_id)
+        refs.captions[key] = list(img.sentences)
+        refs.file_names[key] = img.relpath
+    if not refs.captions:
+        raise InputError(f"{ds.path}: no reference captions in the {ds.split!r} split")
     return refs
 
 
@@ -392,7 +699,8 @@ def read_references(path: str | os.PathLike) -> dict[ImageId, list[str]]:
 
 # format name (detect_references_format) -> reader(path, parsed data, line numbers or None)
 _REFERENCE_READERS = {"coco": _references_from_coco, "mapping": _references_from_mapping,
-                      "records": _references_from_records}
+                      "records": _references_from_records,
+                      "karpathy": lambda path, data, lines: references_from_dataset(karpathy_from_data(data, path, "test"))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,7 +854,8 @@ def read_image_ids(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None = None,
-               images_root: str | os.PathLike | None = None) -> tuple[list[Path], list[list[str]]]:
+               images_root: str | os.PathLike | None = None,
+               split: str | None = None) -> tuple[list[Path], list[list[str]]]:
     """Paired images and captions: ``(image paths, captions of each image)``.
 
     ``source`` is either a JSON Lines file of ``{"image": path, "caption": str}`` (or ``"captions":
@@ -554,6 +863,10 @@ def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None 
     images with ``captions`` a file mapping file names to caption(s): ``{file name: [captions]}``, a
     COCO caption annotation JSON, or JSON Lines (any format :func:`read_references`
     reads). Every file is checked to exist before any model is loaded.
+
+    ``source`` may also be a Karpathy-split file (``dataset_coco.json``): the images of ``split``
+    (default ``val``) found under ``images_root`` (as ``filepath/filename``), with their captions; images
+    missing there are skipped with a warning.
     """
     source = Path(source)
     if source.is_dir():
@@ -583,6 +896,10 @@ def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None 
         raise InputError(f"--captions is for a folder of images; {source} is a pairs file")
     text = read_text(source)
     data, lines = parse_json_or_jsonl(source, text)
+    if json_kind(data) == "karpathy":
+        return _dataset_pairs(karpathy_from_data(data, source, split or "val"), images_root)
+    if split is not None:
+        raise InputError(f"--split selects images of a Karpathy-split file; {source} is a pairs file")
     records = [data] if isinstance(data, dict) else data
     if not isinstance(records, list):
         raise InputError(f"{source}: expected JSON Lines of {{'image': path, 'caption': text}}")
@@ -610,4 +927,25 @@ def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None 
             caps.append(list(value))
     if not paths:
         raise InputError(f"{source}: no image/caption pairs in the file")
+    return paths, caps
+
+
+def _dataset_pairs(ds: Dataset, images_root: str | os.PathLike | None) -> tuple[list[Path], list[list[str]]]:
+    if images_root is None:
+        raise InputError(f"{ds.path} is a Karpathy-split file: give --images-root DIR, the folder its images "
+                         "are under (as DIR/filepath/filename)")
+    root = Path(images_root)
+    paths, caps, missing = [], [], []
+    for img in ds.images:
+        path = root / img.relpath
+        if not path.is_file():
+            missing.append(str(path))
+        elif img.sentences:
+            paths.append(path)
+            caps.append(list(img.sentences))
+    if missing:
+        logger.warning("%d of the %d images of the %r split are not under %s and are skipped (e.g. %s)",
+                       len(missing), len(ds), ds.split, root, missing[0])
+    if not paths:
+        raise InputError(f"none of the {len(ds)} images of the {ds.split!r} split of {ds.path} is under {root}")
     return paths, caps

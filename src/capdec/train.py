@@ -61,6 +61,11 @@ class TrainConfig(Config):
     log_every: int = option(20, "metrics.jsonl row every N steps")
     seed: int = option(0, "seeds data order, noise, dropout and initialisation")
     save_memory: bool = option(False, "keep the training captions' embeddings in the checkpoint (for --project)")
+    keep_epochs: bool = option(False, "also keep each epoch's weights beside --out as OUT-epoch001, OUT-epoch002, ...")
+    keep_best: bool = option(False, "also keep the weights of the lowest validation loss so far as OUT-best")
+    val_store: str | None = option(None, "validate on this store's captions (e.g. 'capdec embed dataset_coco.json "
+                                         "--split val') instead of holding out --val-fraction of the training "
+                                         "captions", metavar="STORE")
     device: str = option("auto", "auto (cuda if present), cpu, cuda:N")
 
     def __post_init__(self) -> None:
@@ -262,9 +267,24 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
 
-    train_idx, val_idx = split_indices(len(data.captions), config)
+    if config.val_store is not None:
+        val_data = load_text_data([config.val_store])
+        check_identity(data.encoder_identity, val_data.encoder_identity, what=f"--val-store {config.val_store}")
+        train_idx = torch.arange(len(data.captions))
+        n_val = min(config.val_max, len(val_data.captions))
+        g = torch.Generator().manual_seed(step_seed(config.seed, 0, stream=5))
+        val_idx = torch.randperm(len(val_data.captions), generator=g)[:n_val].sort().values
+    else:
+        val_data = data
+        train_idx, val_idx = split_indices(len(data.captions), config)
     if len(train_idx) == 0:
         raise InputError("no training captions")
+    if config.keep_best and len(val_idx) == 0:
+        logger.warning("--keep-best: no validation captions (give --val-store, or more captions / a larger "
+                       "--val-fraction), so no best checkpoint will be kept")
+    if (config.keep_best or config.keep_epochs) and out_dir.name in ("", ".", ".."):
+        raise InputError(f"--keep-best / --keep-epochs write siblings of --out; give --out a directory name, "
+                         f"not {str(out_dir)!r}")
     model = _plan_model(plan, train_idx)
     model.to(device).train()
 
@@ -286,6 +306,7 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     input_ids, attn, cut = model.tokenize(data.captions)
     if cut:
         logger.info("%d captions were longer than %d tokens and were cut", cut, model.config.max_length)
+    val_ids, val_attn = (input_ids, attn) if val_data is data else model.tokenize(val_data.captions)[:2]
 
     n_train = len(train_idx)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
@@ -352,15 +373,26 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
                            samples_per_s=run_n * config.batch_size / max(elapsed, 1e-9))
                 run_loss, run_n, t_log = 0.0, 0, time.time()
             if len(val_idx) and (step % eval_every == 0 or step == total):
-                val_loss = evaluate_loss(model, data.embeddings, input_ids, attn, val_idx, noise, config, device,
+                val_loss = evaluate_loss(model, val_data.embeddings, val_ids, val_attn, val_idx, noise, config, device,
                                          retrieval=retrieval)
                 row.update(step=step, epoch=step / steps_per_epoch, val_loss=val_loss)
                 logger.info("step %d: train loss %.4f, val loss %.4f", step, last_loss, val_loss)
+                if config.keep_best and val_loss < state.get("best_val_loss", math.inf):
+                    state["best_val_loss"], state["best_step"] = val_loss, step
+                    save_checkpoint(sibling(out_dir, "best"), model, files={"metrics.jsonl": log.text() + json.dumps(row) + "\n"},
+                                    memory=memory, **{**save_kw, "extra": {**save_kw["extra"], "step": step,
+                                                                          "val_loss": val_loss}})
+                    logger.info("best validation loss so far: kept as %s", sibling(out_dir, "best"))
             if row:
                 log.write(row)
+            if config.keep_epochs and step % steps_per_epoch == 0:
+                epoch_dir = sibling(out_dir, f"epoch{step // steps_per_epoch:03d}")
+                save_checkpoint(epoch_dir, model, files={"metrics.jsonl": log.text()}, memory=memory,
+                                **{**save_kw, "extra": {**save_kw["extra"], "step": step, "val_loss": val_loss}})
             if step % save_every == 0 or step == total:
+                best = {k: state[k] for k in ("best_val_loss", "best_step") if k in state}
                 state = {"step": step, "total_steps": total, "train_loss": last_loss, "val_loss": val_loss,
-                         "peak_lr": peak, "warmup_steps": warmup,
+                         "peak_lr": peak, "warmup_steps": warmup, **best,
                          "seconds": state.get("seconds", 0.0) + time.time() - t_seg}
                 t_seg = time.time()
                 save_checkpoint(out_dir, model, training_state=state,
@@ -371,6 +403,11 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     finally:
         bar.close()
     return TrainResult(path=out_dir, steps=step, train_loss=last_loss, val_loss=val_loss, seconds=time.time() - t0)
+
+
+def sibling(out_dir: Path, tag: str) -> Path:
+    """Where a kept copy of the run in ``out_dir`` goes: ``OUT-best``, ``OUT-epoch003`` beside it."""
+    return out_dir.with_name(f"{out_dir.name}-{tag}")
 
 
 def _train_step(model: CapDecModel, optimizer, scaler, autocast, embeddings, input_ids, attn, idx, noise: NoiseConfig,

@@ -17,13 +17,15 @@ from capdec import __version__
 from capdec.errors import CapdecError
 
 # In data-flow order: corpus -> embeddings -> training -> captions -> metrics, then experiments.
-COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "sweep", "demo", "toyworld", "serve", "push"]
+COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "demo", "toyworld", "serve",
+            "push"]
+_MODULES = {"import": "import_"}  # a command whose module name is a Python keyword
 
 logger = logging.getLogger("capdec")
 
 
 def _module(name: str):
-    return importlib.import_module(f"capdec.cli.{name}")
+    return importlib.import_module(f"capdec.cli.{_MODULES.get(name, name)}")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -54,7 +56,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         try:
             mod = _module(name)
         except ModuleNotFoundError as e:  # a subcommand whose optional module is absent
-            if e.name != f"capdec.cli.{name}":
+            if e.name != f"capdec.cli.{_MODULES.get(name, name)}":
                 raise
             continue
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # first other word; "capdec --help" then builds no subcommand's options (demo/sweep import torch)
     command = next((a for a in argv if not a.startswith("-")), "")
     args = build_parser(command if command in COMMANDS else "").parse_args(argv)
+    # what followed the command word, so a command can tell flags given from defaults (train --recipe)
+    args._command_argv = argv[argv.index(command) + 1:] if command in argv else []
     setup_logging(args.quiet, args.verbose)
     try:
         return int(args._run(args) or 0)

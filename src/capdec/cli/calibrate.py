@@ -11,7 +11,8 @@ DESCRIPTION = (
     "noise level: ε = mean over pairs of ||normalize(image) - normalize(caption)||∞ (about 15 pairs "
     "suffice), variance = ε². PAIRS is a JSON Lines file of {\"image\": path, \"caption\": text} or a "
     "folder of images with --captions (a file mapping file names to captions, e.g. {name: [captions]} "
-    "or COCO annotations). With --images DIR (unlabelled images), also the image and text centroids and "
+    "or COCO annotations), or a Karpathy-split file (dataset_coco.json) with --split and --images-root. "
+    "With --images DIR (unlabelled images), also the image and text centroids and "
     "the modality offset (image mean - text mean). Writes noise.json for 'capdec train --noise-file'."
 )
 
@@ -19,13 +20,17 @@ logger = logging.getLogger("capdec.cli.calibrate")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pairs", metavar="PAIRS", help="JSON Lines of {image, caption}, or a folder of images")
+    parser.add_argument("pairs", metavar="PAIRS",
+                        help="JSON Lines of {image, caption}, a folder of images, or a Karpathy-split file")
     parser.add_argument("--encoder", required=True, metavar="SPEC",
                         help="encoder spec (toy, hf:HUB_ID_OR_DIR, open_clip:MODEL@PRETRAINED)")
     parser.add_argument("--captions", metavar="FILE",
                         help="with a folder PAIRS: the file mapping its image file names to caption(s)")
     parser.add_argument("--images-root", metavar="DIR",
                         help="folder that relative image paths in a pairs file are under (default: its folder)")
+    parser.add_argument("--split", choices=["train", "restval", "val", "test", "all"],
+                        help="with a Karpathy-split PAIRS file: the split whose images (under --images-root) "
+                             "give the pairs (default val; --max-pairs takes the first ones)")
     parser.add_argument("--images", metavar="DIR",
                         help="more (unlabelled) images for the centroids and the modality offset")
     parser.add_argument("--max-pairs", type=int, metavar="N",
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_pairs is not None and args.max_pairs < 1:
         raise InputError(f"--max-pairs must be >= 1, got {args.max_pairs}")
     # check every input before loading a possibly large model
-    paths, caps = read_pairs(args.pairs, captions=args.captions, images_root=args.images_root)
+    paths, caps = read_pairs(args.pairs, captions=args.captions, images_root=args.images_root, split=args.split)
     if args.max_pairs is not None:
         paths, caps = _first_pairs(paths, caps, args.max_pairs)
     extra = None

@@ -32,8 +32,22 @@ FORMATS = ("jsonl", "coco", "csv")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="checkpoint directory (from capdec train) or Hugging Face Hub repo id org/name[@revision]")
-    parser.add_argument("images", nargs="+", metavar="IMAGES", help="image files, directories, globs or @list files")
+    parser.add_argument("images", nargs="*", metavar="IMAGES",
+                        help="image files, directories, globs or @list files (or --dataset instead)")
     parser.add_argument("--recursive", action="store_true", help="descend into subdirectories (and ** in globs)")
+    ds = parser.add_argument_group("dataset images (instead of IMAGES)")
+    ds.add_argument("--dataset", metavar="FILE",
+                    help="caption the images of a Karpathy-split file (dataset_coco.json, dataset_flickr30k.json) "
+                         "or a FlickrStyle10K caption .txt; output image ids are the dataset's, so 'capdec "
+                         "evaluate --references FILE --split SPLIT' matches them")
+    ds.add_argument("--split", choices=["train", "restval", "val", "test", "all"], default="test",
+                    help="which images of --dataset (train includes restval)")
+    ds.add_argument("--images-root", metavar="DIR",
+                    help="folder the dataset's images are under, as DIR/filepath/filename (COCO: the folder "
+                         "holding val2014/; Flickr30k: the folder of the .jpg files)")
+    ds.add_argument("--style-names", metavar="FILE", help="FlickrStyle10K image-name list (default: train.p beside it)")
+    ds.add_argument("--style-test", type=int, default=0, metavar="N",
+                    help="FlickrStyle10K: the last N images are the test split")
     out = parser.add_argument_group("output")
     out.add_argument("--out", metavar="FILE", help="output file (default: JSONL on stdout)")
     out.add_argument("--format", choices=FORMATS,
@@ -49,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
                      help="do not L2-normalise image embeddings (default: as the checkpoint records)")
     enc.add_argument("--shift", metavar="FILE",
-                     help="vector added to the normalised image embeddings (.npy, JSON list, or calibrate's "
-                          "noise.json 'offset'); overrides the checkpoint's")
+                     help="vector added to the normalised image embeddings (.npy, JSON list, or {\"shift\": [...]}); "
+                          "given calibrate's noise.json, the shift is text mean − image mean (= −offset), which "
+                          "moves image embeddings toward the captions'. Overrides the checkpoint's")
     enc.add_argument("--image-mean", metavar="FILE",
                      help="vector subtracted from image embeddings first (.npy, JSON list, or noise.json "
                           "'image_mean'); overrides the checkpoint's")
@@ -69,6 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dec.add_argument("--length-penalty", type=float, default=1.0,
                      help="beam: finished captions are ranked by sum log p / length**this")
     dec.add_argument("--max-length", type=int, help="most tokens per caption (default: the checkpoint's)")
+    dec.add_argument("--stop-at-period", action=argparse.BooleanOptionalAction, default=None,
+                     help="end a caption at its first '.' (for models that never learned an end token, as "
+                          "ClipCap/CapDec's released weights; default: as the checkpoint records, on for imported "
+                          "ones)")
     dec.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus probability mass")
     dec.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
     dec.add_argument("--temperature", type=float, default=1.0, help="sample: logits are divided by this")
@@ -150,6 +169,21 @@ class _Writer:
                 self.partial.unlink(missing_ok=True)
 
 
+def _read_shift(path: str) -> list[float]:
+    """The caption-time shift: a plain vector / {"shift": ...} as is, or a calibrate noise.json's
+    ``-offset``: its offset is image mean − text mean (added to *text* embeddings in training), and an
+    image embedding moves toward the text cone by the opposite vector."""
+    from capdec.caption import read_vector
+
+    if Path(path).suffix.lower() == ".json":
+        from capdec.formats import read_json
+
+        data = read_json(path)
+        if isinstance(data, dict) and data.get("shift") is None and data.get("offset") is not None:
+            return [-x for x in read_vector(path, keys=("offset",))]
+    return read_vector(path, keys=("shift",))
+
+
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     from capdec.caption import read_vector
 
@@ -157,13 +191,45 @@ def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.normalize is not None:
         overrides["normalize"] = args.normalize
     if args.shift:
-        overrides["shift"] = read_vector(args.shift, keys=("offset", "shift"))
+        overrides["shift"] = _read_shift(args.shift)
     if args.image_mean:
         overrides["image_mean"] = read_vector(args.image_mean, keys=("image_mean", "mean"))
     for name in ("project", "tau", "project_k"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return overrides
+
+
+def _dataset_images(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], list[str]]:
+    """(existing image paths, path -> dataset image id, missing paths) of --dataset's --split."""
+    from capdec import formats
+    from capdec.errors import InputError
+
+    if not args.images_root:
+        raise InputError("--dataset needs --images-root DIR (the folder its images are under)")
+    root = Path(args.images_root)
+    if not root.is_dir():
+        raise InputError(f"--images-root {root}: not a directory")
+    if Path(args.dataset).suffix.lower() == ".txt":
+        ds = formats.read_flickrstyle(args.dataset, args.style_names, split=args.split, test_size=args.style_test)
+    else:
+        ds = formats.read_karpathy(args.dataset, args.split)
+    paths, ids, missing = [], {}, []
+    for img in ds.images:
+        path = root / img.relpath
+        if path.is_file():
+            paths.append(path)
+            ids[str(path)] = img.image_id
+        else:
+            missing.append(str(path))
+    if not paths:
+        raise InputError(f"none of the {len(ds)} images of the {args.split!r} split of {args.dataset} is under "
+                         f"{root} (looked for e.g. {missing[0]})")
+    if missing:
+        logging.getLogger("capdec.caption").warning(
+            "%d of the %d images of the %r split are missing under %s and will be skipped (e.g. %s)",
+            len(missing), len(ds), args.split, root, missing[0])
+    return paths, ids, missing
 
 
 def run(args: argparse.Namespace) -> int:
@@ -186,17 +252,25 @@ def run(args: argparse.Namespace) -> int:
     fmt = _format(args)
     decode = DecodeConfig(strategy=args.strategy, max_length=args.max_length, beam_size=args.beam_size,
                           length_penalty=args.length_penalty, top_k=args.top_k, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed)
+                          temperature=args.temperature, seed=args.seed, stop_at_period=args.stop_at_period)
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         # our check is the guard now; PIL's own (global) limit would refuse what the user allowed
         Image.MAX_IMAGE_PIXELS = max_pixels
 
     # everything that can fail on the user's input is checked before the model is loaded
-    paths = find_images(args.images, recursive=args.recursive)
-    if not paths:
-        raise InputError(f"no image files found in {' '.join(args.images)}")
-    image_ids = read_image_ids(args.image_ids) if args.image_ids else None
+    missing_files: list[str] = []
+    if args.dataset:
+        if args.images or args.image_ids:
+            raise InputError("give either IMAGES (with --image-ids) or --dataset, not both")
+        paths, image_ids, missing_files = _dataset_images(args)
+    else:
+        if not args.images:
+            raise InputError("no images: give image files, folders or globs, or --dataset FILE --images-root DIR")
+        paths = find_images(args.images, recursive=args.recursive)
+        if not paths:
+            raise InputError(f"no image files found in {' '.join(args.images)}")
+        image_ids = read_image_ids(args.image_ids) if args.image_ids else None
     if fmt == "coco":
         missing = [str(p) for p in paths if lookup_image_id(p, image_ids) is None]
         if missing:
@@ -226,10 +300,12 @@ def run(args: argparse.Namespace) -> int:
             log.warning("interrupted: the %d caption(s) made so far are in %s", stream.captioned, writer.partial)
 
     where = args.out or "stdout"
-    if stream.skipped:
-        lines = "\n".join(f"  {s.image}: {s.reason}" for s in stream.skipped)
-        log.warning("captioned %d of %d image(s) -> %s; skipped %d:\n%s", stream.captioned, len(paths), where,
-                    len(stream.skipped), lines)
+    skipped = [(m, "not found under --images-root") for m in missing_files]
+    skipped += [(s.image, s.reason) for s in stream.skipped]
+    if skipped:
+        lines = "\n".join(f"  {image}: {reason}" for image, reason in skipped)
+        log.warning("captioned %d of %d image(s) -> %s; skipped %d:\n%s", stream.captioned,
+                    len(paths) + len(missing_files), where, len(skipped), lines)
         return 1
     log.info("captioned %d image(s) -> %s", stream.captioned, where)
     return 0

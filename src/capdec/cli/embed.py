@@ -7,7 +7,8 @@ import time
 
 HELP = "embed a caption corpus with a CLIP text encoder into an embedding store"
 DESCRIPTION = (
-    "Read captions (one per line .txt, .jsonl, .csv/.tsv, or a COCO annotation .json), encode them with "
+    "Read captions (one per line .txt, .jsonl, .csv/.tsv, a COCO annotation .json, a Karpathy-split .json "
+    "such as dataset_coco.json with --split, or a FlickrStyle10K caption file), encode them with "
     "a CLIP text encoder and write an embedding store directory (meta.json, embeddings.npy, "
     "captions.jsonl). An interrupted run resumes where it stopped; rerunning a finished store with the "
     "same corpus and encoder does nothing."
@@ -19,8 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="STORE", help="output store directory")
     parser.add_argument("--encoder", required=True, metavar="SPEC",
                         help="encoder spec: toy, hf:HUB_ID_OR_DIR, open_clip:MODEL@PRETRAINED")
-    parser.add_argument("--format", default="auto", choices=["auto", "txt", "jsonl", "csv", "tsv", "coco"],
-                        help="corpus format; auto picks it from each file's extension")
+    parser.add_argument("--format", default="auto",
+                        choices=["auto", "txt", "jsonl", "csv", "tsv", "coco", "karpathy", "flickrstyle"],
+                        help="corpus format; auto picks it from each file's extension (a .json file is COCO or "
+                             "Karpathy by its content; FlickrStyle10K files need --format flickrstyle)")
+    parser.add_argument("--split", choices=["train", "restval", "val", "test", "all"],
+                        help="images of a Karpathy-split file whose captions are read (default train, which "
+                             "includes restval); FlickrStyle10K: train/test with --style-test")
+    parser.add_argument("--style-names", metavar="FILE",
+                        help="FlickrStyle10K image-name list of the caption lines (default: train.p beside the file; "
+                             "a pickle is read without running code, or a text file of names)")
+    parser.add_argument("--style-test", type=int, default=0, metavar="N",
+                        help="FlickrStyle10K: the last N images are the test split (CapDec: 1000)")
     parser.add_argument("--field", default="caption", help="JSONL field holding the caption")
     parser.add_argument("--column", default="caption", help="CSV/TSV column holding the caption")
     parser.add_argument("--dedupe", action="store_true", help="drop exact duplicate captions (after whitespace "
@@ -46,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads_from_env()
     start = time.perf_counter()
     # read (and validate) the corpus before loading a possibly large model
-    corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe)
+    corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe,
+                         split=args.split, style_names=args.style_names, style_test=args.style_test)
     encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
     store = embed_corpus(corpus, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
                          shard_size=args.shard_size, overwrite=args.overwrite)

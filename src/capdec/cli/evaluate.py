@@ -15,8 +15,9 @@ DESCRIPTION = (
     "METEOR, ROUGE-L, CIDEr; SPICE when its jars are installed) and optionally CLIPScore/RefCLIPScore. "
     "PREDICTIONS is what 'capdec caption' writes: JSON Lines {\"image\": path, \"caption\": ...}, a COCO "
     "results JSON [{\"image_id\", \"caption\"}], or a CSV image,caption. References: a COCO caption "
-    "annotation JSON, a JSON list / JSON Lines of {\"image\" or \"image_id\", \"captions\"} (e.g. "
-    "karpathy_test_refs.json), or {file name: [captions]}. Predictions naming a path are matched to "
+    "annotation JSON, a Karpathy-split file (dataset_coco.json, dataset_flickr30k.json; the images of --split, "
+    "default test), a FlickrStyle10K caption .txt (with its train.p), a JSON list / JSON Lines of "
+    "{\"image\" or \"image_id\", \"captions\"} (e.g. karpathy_test_refs.json), or {file name: [captions]}. Predictions naming a path are matched to "
     "references by file name, then by the COCO id in the name (COCO_val2014_000000000257.jpg -> 257); "
     "unmatched images are reported, and are an error with --strict."
 )
@@ -27,6 +28,14 @@ logger = logging.getLogger("capdec.cli.evaluate")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("predictions", metavar="PREDICTIONS", help="generated captions (.jsonl, .json or .csv)")
     parser.add_argument("--references", required=True, metavar="REFS", help="reference captions file")
+    parser.add_argument("--split", metavar="SPLIT",
+                        help="the references' split: selects the images of a Karpathy-split file (train, restval, "
+                             "val, test, all; default test) or of a FlickrStyle10K file (train/test with "
+                             "--style-test); for other references only recorded on the model card (--checkpoint)")
+    parser.add_argument("--style-names", metavar="FILE",
+                        help="FlickrStyle10K image-name list (default: train.p beside the caption file)")
+    parser.add_argument("--style-test", type=int, default=0, metavar="N",
+                        help="FlickrStyle10K: the last N images are the test split")
     parser.add_argument("--out", metavar="FILE", help="write the metrics JSON here (default: print it)")
     parser.add_argument("--per-image", metavar="FILE",
                         help="write per-image scores as JSON Lines {image_id, caption, metric: score, ...}")
@@ -46,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "give the checkpoint that made PREDICTIONS")
     card.add_argument("--dataset-name", metavar="NAME",
                       help="what the references are, for the card (default: the references file name)")
-    card.add_argument("--split", metavar="SPLIT", help="the references' split, for the card (e.g. test)")
     clip = parser.add_argument_group("CLIPScore (needs an encoder and the images)")
     clip.add_argument("--clip-score", action="store_true", help="also compute CLIPScore and RefCLIPScore")
     clip.add_argument("--encoder", metavar="SPEC", help="encoder spec for CLIPScore (toy, hf:..., open_clip:...)")
@@ -82,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint and not (Path(args.checkpoint) / "config.json").is_file():
         raise InputError(f"--checkpoint {args.checkpoint} is not a local capdec checkpoint directory (no config.json)")
     preds = M.load_predictions(args.predictions)
-    refs = M.load_references(args.references)
+    refs = M.load_references(args.references, split=args.split, style_names=args.style_names,
+                             style_test=args.style_test, split_label_only=True)
     captions, paths, nulls = M.align_predictions(preds, refs)
     if nulls:
         logger.warning("%d predictions have a null caption and were not scored (e.g. %s)", len(nulls), nulls[0])

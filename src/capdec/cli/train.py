@@ -13,7 +13,16 @@ Each training caption's embedding is normalised, perturbed with noise (--noise-v
 paper's 0.016 by default, or the ε of a 'capdec calibrate' noise.json) and renormalised; the decoder
 learns to reproduce the caption. The checkpoint directory (--out) holds config.json, weights, the
 tokenizer and metrics.jsonl, and is replaced atomically at every save. --resume continues an
-interrupted run with its recorded configuration."""
+interrupted run with its recorded configuration.
+
+--recipe NAME applies the CapDec paper's reference settings (flags given on the command line win,
+then --config values, then the recipe, then the defaults below); see docs/reproduce.md."""
+
+
+def _recipes_help() -> str:
+    from capdec.recipes import describe_recipes
+
+    return "recipes:\n" + describe_recipes()
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", metavar="CKPT", help="start from a trained checkpoint (fine-tuning, e.g. on a "
                                                         "styled corpus); its architecture and tokenizer are kept. "
                                                         "A directory or a Hub repo id org/name[@revision]")
+    from capdec.recipes import RECIPES
+
+    p.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
+                   help=f"reference settings to start from ({', '.join(RECIPES)}); options given explicitly "
+                        "override them")
+    p.epilog = _recipes_help()
+    p.formatter_class = _formatter_with_epilog(p.formatter_class)
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
 
@@ -62,8 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="C3: mean image embedding subtracted at caption time (.npy, JSON list, or a calibrate "
                         "noise.json's image_mean); use with --center")
 
+    # BooleanOptionalAction: a recipe may turn these on, and --no-keep-epochs must be able to turn them off
     add_config_arguments(p.add_argument_group("optimisation"), TrainConfig,
-                         [f for f in _field_names(TrainConfig) if f != "save_memory"])
+                         [f for f in _field_names(TrainConfig) if f != "save_memory"],
+                         overrides={"keep_epochs": {"action": argparse.BooleanOptionalAction},
+                                    "keep_best": {"action": argparse.BooleanOptionalAction}})
 
 
 def _field_names(cls) -> list[str]:
@@ -72,12 +91,57 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
 
 
-def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
-    """Values from --config replace flags still at their defaults."""
+def _formatter_with_epilog(base):
+    class Formatter(base):  # keep the recipe list's line breaks
+        def _fill_text(self, text, width, indent):
+            return "".join(indent + line + "\n" for line in text.splitlines())
+    return Formatter
+
+
+def explicit_options(args: argparse.Namespace) -> set[str]:
+    """The dests of the options given on the command line (not defaults)."""
+    argv = getattr(args, "_command_argv", None)
+    if argv is None:
+        return set()
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+        if not action.option_strings:
+            action.nargs = "*"
+    given, _ = p.parse_known_args(argv)
+    return set(vars(given))
+
+
+def _apply_recipe(args: argparse.Namespace, explicit: set[str], config_keys: set[str]) -> None:
+    """The recipe's values for every option neither given on the command line nor in --config."""
+    from capdec.errors import InputError
+    from capdec.model import ModelConfig
+    from capdec.recipes import get_recipe
+
+    model_fields = set(_field_names(ModelConfig))
+    recipe = get_recipe(args.recipe)
+    if recipe.needs_init_from and not (args.init_from or args.resume):
+        raise InputError(f"recipe {recipe.name} fine-tunes a trained checkpoint: give --init-from CKPT")
+    for name, value in recipe.values.items():
+        if args.init_from and name in model_fields:
+            continue  # fine-tuning keeps the checkpoint's architecture
+        if name == "noise_variance" and args.noise_file:
+            continue  # a calibrated noise file's variance wins over the recipe's
+        if name not in explicit and name not in config_keys:
+            setattr(args, name, value)
+    logger.info("recipe %s: %s", recipe.name, ", ".join(
+        f"{k}={getattr(args, k)}{'' if k not in explicit | config_keys else ' (given)'}" for k in recipe.values))
+
+
+def _apply_config_file(args: argparse.Namespace, parser_defaults: dict, explicit: set[str] | None = None) -> set[str]:
+    """Values from --config replace flags not given on the command line (or, without that knowledge,
+    flags still at their defaults); returns the option names the file set."""
     from capdec.errors import InputError
 
     if not args.config:
-        return
+        return set()
     from capdec.formats import read_json
 
     try:
@@ -86,12 +150,15 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict) -> None:
         raise InputError(f"cannot read --config {args.config}: {e}") from e
     if not isinstance(values, dict):
         raise InputError(f"--config {args.config}: expected a JSON object of option names and values")
+    keys: set[str] = set()
     for k, v in values.items():
         k = k.replace("-", "_")
         if not hasattr(args, k):
             raise InputError(f"--config {args.config}: unknown option {k!r}")
-        if getattr(args, k) == parser_defaults.get(k):
+        if (k not in explicit) if explicit is not None else (getattr(args, k) == parser_defaults.get(k)):
             setattr(args, k, v)
+            keys.add(k)
+    return keys
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +172,10 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads_from_env()
     defaults = {a.dest: a.default for a in _parser_actions()}
-    _apply_config_file(args, defaults)
+    explicit = explicit_options(args) if hasattr(args, "_command_argv") else None
+    config_keys = _apply_config_file(args, defaults, explicit)
+    if args.recipe:
+        _apply_recipe(args, explicit or set(), config_keys)
     _check_combinations(args)  # before reading any file: a refused combination costs nothing
 
     variance, offset, source = args.noise_variance, None, None

@@ -24,7 +24,13 @@ from capdec.model.lm import (
     scratch_lm_config,
     train_tokenizer,
 )
-from capdec.model.mapper import MLPMapper, RetrievalFusion, TransformerMapper
+from capdec.model.mapper import (
+    MAPPER_VARIANTS,
+    ClipCapTransformerMapper,
+    MLPMapper,
+    RetrievalFusion,
+    TransformerMapper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +44,10 @@ class ModelConfig(Config):
     embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
     mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
                          choices=("transformer", "mlp"))
+    # a checkpoint config without this field gets "legacy" (from_dict), so old checkpoints load and decode as before
+    mapper_variant: str = option("clipcap", "transformer mapper: clipcap (ClipCap's / CapDec's exact layers: ReLU, "
+                                            "no q/k/v bias) or legacy (capdec's earlier GELU mapper)",
+                                 choices=MAPPER_VARIANTS)
     prefix_length: int = option(10, "prefix vectors (L) given to the LM")
     clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)")
     mapper_depth: int = option(8, "transformer mapper layers")
@@ -46,6 +56,9 @@ class ModelConfig(Config):
                                 "Face causal LM id/directory (e.g. gpt2)")
     freeze_lm: bool = option(False, "train the mapper only (ClipCap's prefix-only variant); off: fine-tune the LM too")
     max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)")
+    stop_at_period: bool = option(False, "the model never learned an end token (imported ClipCap / CapDec weights, "
+                                         "see capdec.clipcap): decoding ends a caption at its first '.' by default",
+                                  cli=False)
     # from-scratch LM (lm == "scratch")
     lm_dim: int = option(256, "scratch LM hidden size")
     lm_depth: int = option(4, "scratch LM layers")
@@ -66,6 +79,8 @@ class ModelConfig(Config):
     def __post_init__(self) -> None:
         if self.mapper not in ("mlp", "transformer"):
             raise InputError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
+        if self.mapper_variant not in MAPPER_VARIANTS:
+            raise InputError(f"mapper_variant must be one of {', '.join(MAPPER_VARIANTS)}, got {self.mapper_variant!r}")
         for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
@@ -73,6 +88,13 @@ class ModelConfig(Config):
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
             raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, strict: bool = False, where: str = "") -> ModelConfig:
+        d = dict(d or {})
+        if not strict:
+            d.setdefault("mapper_variant", "legacy")  # written before the field existed: the GELU mapper
+        return super().from_dict(d, strict=strict, where=where)
 
 
 class CapDecModel(nn.Module):
@@ -86,6 +108,14 @@ class CapDecModel(nn.Module):
         hidden = lm.get_input_embeddings().embedding_dim
         if config.mapper == "mlp":
             self.mapper = MLPMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length)
+        elif config.mapper_variant == "clipcap":
+            if hidden % config.mapper_heads:
+                raise InputError(f"the LM hidden size {hidden} is not divisible by mapper_heads "
+                                 f"({config.mapper_heads})")
+            self.mapper = ClipCapTransformerMapper(dim=config.embed_dim, hidden=hidden,
+                                                   prefix_length=config.prefix_length,
+                                                   clip_length=config.clip_length or config.prefix_length,
+                                                   depth=config.mapper_depth, heads=config.mapper_heads)
         else:
             self.mapper = TransformerMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length,
                                             clip_length=config.clip_length or config.prefix_length,
@@ -95,6 +125,14 @@ class CapDecModel(nn.Module):
         if config.freeze_lm:
             for p in self.lm.parameters():
                 p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CapDecModel:
+        """As ``nn.Module.train``, but a frozen LM stays in eval mode (dropout off), as ClipCap's
+        ``ClipCaptionPrefix`` keeps its frozen GPT-2."""
+        super().train(mode)
+        if self.config.freeze_lm:
+            self.lm.eval()
+        return self
 
     @property
     def eos_token_id(self) -> int:

@@ -1,12 +1,27 @@
 """Mapping networks: a CLIP embedding (b, d) -> an LM prefix (b, L, h).
 
-Notation: b - batch, d - embedding dim, L - prefix length, h - LM hidden size, c - clip tokens.
+Two transformer mappers exist:
+
+- :class:`ClipCapTransformerMapper` is ClipCap's / CapDec's exactly (``TransformerMapper`` in
+  rmokady/CLIP_prefix_caption and DavidHuji/CapDec ``train.py``): pre-norm layers, multi-head attention
+  whose query and key/value projections have no bias and whose output projection has one, a ReLU MLP of
+  ratio 2. Its parameter names follow the reference, so released weights load by renaming only the
+  ``clip_project.`` prefix (see ``capdec.clipcap``). The default for new models (``mapper_variant="clipcap"``).
+- :class:`TransformerMapper` is the mapper capdec used before (``torch.nn.TransformerEncoder`` with GELU
+  and biased q/k/v), kept so that checkpoints written with it (``mapper_variant="legacy"``, the value
+  of a config that predates the field) load and decode exactly as before.
+
+Notation: b - batch, d - embedding dim, L - prefix length, h - LM hidden size, c - clip tokens,
+n - sequence (c + L), H - heads, e - head dim (h / H).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+MAPPER_VARIANTS = ("clipcap", "legacy")
 
 
 class MLPMapper(nn.Module):
@@ -23,7 +38,8 @@ class MLPMapper(nn.Module):
 
 
 class TransformerMapper(nn.Module):
-    """ClipCap's transformer mapper (CapDec's default).
+    """capdec's earlier transformer mapper (``mapper_variant="legacy"``): ClipCap's layout with GELU and
+    biased q/k/v projections (``nn.TransformerEncoder``). Kept for checkpoints that use it.
 
     The embedding is mapped linearly to c "clip tokens"; L learned constants are appended; a small
     transformer encoder mixes them and the last L outputs are the prefix.
@@ -38,6 +54,95 @@ class TransformerMapper(nn.Module):
         layer = nn.TransformerEncoderLayer(hidden, heads, dim_feedforward=2 * hidden, dropout=dropout,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        clip_tokens = self.linear(x).view(b, self.clip_length, self.hidden)  # (b, c, h)
+        const = self.prefix_const.unsqueeze(0).expand(b, -1, -1)  # (b, L, h)
+        out = self.transformer(torch.cat([clip_tokens, const], dim=1))  # (b, c+L, h)
+        return out[:, self.clip_length:]  # (b, L, h)
+
+
+class ClipCapAttention(nn.Module):
+    """ClipCap's ``MultiHeadAttention`` (self-attention only): no bias on ``to_queries`` /
+    ``to_keys_values``, a biased output ``project``, softmax over the keys."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5
+        self.to_queries = nn.Linear(dim, dim, bias=False)
+        self.to_keys_values = nn.Linear(dim, 2 * dim, bias=False)
+        self.project = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        q = self.to_queries(x).view(b, n, self.heads, h // self.heads)  # (b, n, H, e)
+        kv = self.to_keys_values(x).view(b, n, 2, self.heads, h // self.heads)  # (b, n, 2, H, e): keys first
+        k, v = kv[:, :, 0], kv[:, :, 1]  # (b, n, H, e) each
+        att = torch.einsum("bnhe,bmhe->bnmh", q, k) * self.scale  # (b, n, n, H)
+        att = att.softmax(dim=2)  # over the keys
+        out = torch.einsum("bnmh,bmhe->bnhe", att, v).reshape(b, n, h)  # (b, n, h)
+        return self.project(out)
+
+
+class ClipCapMLP(nn.Module):
+    """ClipCap's ``MlpTransformer``: fc1 -> ReLU -> fc2."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, inner)
+        self.fc2 = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class ClipCapLayer(nn.Module):
+    """ClipCap's pre-norm ``TransformerLayer``: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ClipCapAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ClipCapMLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ClipCapTransformer(nn.Module):
+    """ClipCap's ``Transformer`` (encoder-only): ``layers`` applied in order."""
+
+    def __init__(self, dim: int, heads: int, depth: int, mlp_ratio: float = 2.0):
+        super().__init__()
+        self.layers = nn.ModuleList([ClipCapLayer(dim, heads, mlp_ratio) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ClipCapTransformerMapper(nn.Module):
+    """ClipCap's / CapDec's ``TransformerMapper``: linear to c clip tokens, L learned constants
+    appended, the transformer, the last L outputs.
+
+    Parameter names are the reference's (``linear``, ``prefix_const``, ``transformer.layers.N.{norm1,
+    attn.to_queries, attn.to_keys_values, attn.project, norm2, mlp.fc1, mlp.fc2}``).
+    """
+
+    def __init__(self, *, dim: int, hidden: int, prefix_length: int, clip_length: int, depth: int = 8,
+                 heads: int = 8):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"the LM hidden size {hidden} is not divisible by {heads} mapper heads")
+        self.prefix_length, self.clip_length, self.hidden = prefix_length, clip_length, hidden
+        self.linear = nn.Linear(dim, clip_length * hidden)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, hidden))
+        self.transformer = ClipCapTransformer(hidden, heads, depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

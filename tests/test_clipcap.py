@@ -1,0 +1,216 @@
+"""ClipCap-exact mappers and ``capdec import`` of ClipCap / CapDec state dicts.
+
+The state dicts are built here with the reference's key names (rmokady/CLIP_prefix_caption and
+DavidHuji/CapDec ``train.py``: ``clip_project.*`` + ``gpt.*``, the stale ``attn.bias`` /
+``attn.masked_bias`` buffers older transformers saved), and the prefixes of the imported checkpoint
+are compared with an independent implementation of ClipCap's equations written below.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capdec.checkpoint import load_checkpoint
+from capdec.cli import main
+
+D, H, L, C, DEPTH, HEADS = 32, 32, 4, 3, 2, 8  # tiny CLIP dim, tiny GPT-2 width, prefix, clip tokens
+
+
+# -- ClipCap's equations, written out independently ---------------------------------------------------
+
+def _ln(x, sd, name):
+    return F.layer_norm(x, (x.shape[-1],), sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-5)
+
+
+def clipcap_transformer_prefix(sd: dict, x: torch.Tensor, *, clip_length: int, heads: int) -> torch.Tensor:
+    """TransformerMapper.forward of the reference, one head at a time."""
+    p = "clip_project."
+    h = sd[p + "prefix_const"].shape[1]
+    b = x.shape[0]
+    tokens = (x @ sd[p + "linear.weight"].T + sd[p + "linear.bias"]).reshape(b, clip_length, h)
+    seq = torch.cat([tokens, sd[p + "prefix_const"].expand(b, -1, -1)], dim=1)
+    e = h // heads
+    i = 0
+    while f"{p}transformer.layers.{i}.norm1.weight" in sd:
+        q_ = f"{p}transformer.layers.{i}."
+        y = _ln(seq, sd, q_ + "norm1")
+        q = y @ sd[q_ + "attn.to_queries.weight"].T
+        kv = y @ sd[q_ + "attn.to_keys_values.weight"].T
+        k, v = kv[..., :h], kv[..., h:]  # reshape (b, m, 2, heads, e): the first h outputs are the keys
+        out = torch.zeros_like(q)
+        for j in range(heads):
+            s = slice(j * e, (j + 1) * e)
+            w = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(e), dim=-1)  # (b, n, m)
+            out[..., s] = w @ v[..., s]
+        seq = seq + out @ sd[q_ + "attn.project.weight"].T + sd[q_ + "attn.project.bias"]
+        y = _ln(seq, sd, q_ + "norm2")
+        hidden = torch.relu(y @ sd[q_ + "mlp.fc1.weight"].T + sd[q_ + "mlp.fc1.bias"])
+        seq = seq + hidden @ sd[q_ + "mlp.fc2.weight"].T + sd[q_ + "mlp.fc2.bias"]
+        i += 1
+    return seq[:, clip_length:]
+
+
+def clipcap_mlp_prefix(sd: dict, x: torch.Tensor, *, prefix_length: int) -> torch.Tensor:
+    hidden = torch.tanh(x @ sd["clip_project.model.0.weight"].T + sd["clip_project.model.0.bias"])
+    out = hidden @ sd["clip_project.model.2.weight"].T + sd["clip_project.model.2.bias"]
+    return out.reshape(x.shape[0], prefix_length, -1)
+
+
+# -- ClipCap-layout files -------------------------------------------------------------------------------
+
+def _gpt_state(gpt2_dir, seed: int) -> dict:
+    """The tiny GPT-2's architecture with *other* weights than the directory's, plus stale buffers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config.from_pretrained(gpt2_dir)
+    gpt = GPT2LMHeadModel(cfg)
+    sd = {f"gpt.{k}": v.clone() for k, v in gpt.state_dict().items()}
+    n = cfg.n_positions
+    for i in range(cfg.n_layer):  # what transformers < 4.3x saved with every GPT-2
+        sd[f"gpt.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        sd[f"gpt.transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def clipcap_state(gpt2_dir, mapper: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    sd = {}
+    if mapper == "transformer":
+        sd["clip_project.linear.weight"], sd["clip_project.linear.bias"] = r(C * H, D), r(C * H)
+        sd["clip_project.prefix_const"] = r(L, H)
+        for i in range(DEPTH):
+            p = f"clip_project.transformer.layers.{i}."
+            sd[p + "norm1.weight"], sd[p + "norm1.bias"] = 1 + r(H), r(H)
+            sd[p + "attn.to_queries.weight"] = r(H, H)
+            sd[p + "attn.to_keys_values.weight"] = r(2 * H, H)
+            sd[p + "attn.project.weight"], sd[p + "attn.project.bias"] = r(H, H), r(H)
+            sd[p + "norm2.weight"], sd[p + "norm2.bias"] = 1 + r(H), r(H)
+            sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"] = r(2 * H, H), r(2 * H)
+            sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"] = r(H, 2 * H), r(H)
+    else:
+        sd["clip_project.model.0.weight"], sd["clip_project.model.0.bias"] = r(H * L // 2, D), r(H * L // 2)
+        sd["clip_project.model.2.weight"], sd["clip_project.model.2.bias"] = r(H * L, H * L // 2), r(H * L)
+    sd.update(_gpt_state(gpt2_dir, seed + 100))
+    return sd
+
+
+def _import(tmp_path, state, gpt2_dir, encoder, *extra, name="ckpt"):
+    weights = tmp_path / f"{name}.pt"
+    torch.save(state, weights)
+    out = tmp_path / name
+    rc = main(["-q", "import", str(weights), "--out", str(out), "--lm", str(gpt2_dir), "--encoder", encoder, *extra])
+    return rc, out
+
+
+@pytest.mark.parametrize("mapper", ["transformer", "mlp"])
+def test_import_gives_clipcap_prefixes_and_the_files_lm(tmp_path, tiny_gpt2_dir, tiny_hf_clip, mapper):
+    state = clipcap_state(tiny_gpt2_dir, mapper)
+    flags = ["--mapper", mapper, "--prefix-length", str(L)]
+    if mapper == "transformer":
+        flags += ["--clip-length", str(C), "--mapper-depth", str(DEPTH)]
+    rc, out = _import(tmp_path, state, tiny_gpt2_dir, tiny_hf_clip, *flags)
+    assert rc == 0
+    ckpt = load_checkpoint(out, device="cpu")
+    cfg = ckpt.model_config
+    assert (cfg.mapper, cfg.mapper_variant, cfg.prefix_length, cfg.stop_at_period) == (mapper, "clipcap", L, True)
+
+    x = F.normalize(torch.randn(5, D, generator=torch.Generator().manual_seed(3)), dim=-1)
+    with torch.no_grad():
+        got = ckpt.model.prefix(x)
+    if mapper == "transformer":
+        want = clipcap_transformer_prefix(state, x, clip_length=C, heads=HEADS)
+    else:
+        want = clipcap_mlp_prefix(state, x, prefix_length=L)
+    assert got.shape == (5, L, H)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    lm = ckpt.model.lm.state_dict()
+    gpt_keys = [k for k in state if k.startswith("gpt.") and not k.endswith(("attn.bias", "attn.masked_bias"))]
+    assert gpt_keys and all(torch.equal(lm[k[len("gpt."):]], state[k]) for k in gpt_keys)
+
+
+def test_import_infers_the_layout_from_the_file(tmp_path, tiny_gpt2_dir, tiny_hf_clip):
+    state = clipcap_state(tiny_gpt2_dir, "transformer", seed=1)
+    rc, out = _import(tmp_path, state, tiny_gpt2_dir, tiny_hf_clip)  # no --mapper / sizes
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())["model"]
+    assert (cfg["mapper"], cfg["prefix_length"], cfg["clip_length"], cfg["mapper_depth"]) == ("transformer", L, C, DEPTH)
+
+
+@pytest.mark.parametrize("change, flags, key", [
+    (lambda sd: sd.update({"clip_project.prefix_const": torch.zeros(L + 1, H)}), ["--prefix-length", str(L)],
+     "clip_project.prefix_const"),
+    (lambda sd: sd.pop("clip_project.transformer.layers.1.attn.to_queries.weight"), [],
+     "clip_project.transformer.layers.1.attn.to_queries.weight"),
+    (lambda sd: sd.update({"gpt.transformer.wpe.weight": torch.zeros(7, H)}), [], "gpt.transformer.wpe.weight"),
+    (lambda sd: None, ["--mapper", "mlp"], "clip_project.linear.weight"),
+])
+def test_a_mismatched_file_is_refused_naming_the_key(tmp_path, tiny_gpt2_dir, tiny_hf_clip, capsys, change, flags,
+                                                      key):
+    state = clipcap_state(tiny_gpt2_dir, "transformer")
+    change(state)
+    rc, out = _import(tmp_path, state, tiny_gpt2_dir, tiny_hf_clip, *flags)
+    err = capsys.readouterr().err
+    assert rc == 2 and key in err, err
+    assert not out.exists()  # nothing written
+
+
+def test_an_encoder_of_another_width_is_refused(tmp_path, tiny_gpt2_dir, tiny_hf_clip, capsys):
+    state = clipcap_state(tiny_gpt2_dir, "mlp")
+    state["clip_project.model.0.weight"] = torch.zeros(H * L // 2, 640)  # an RN50x4 mapper
+    rc, out = _import(tmp_path, state, tiny_gpt2_dir, tiny_hf_clip)
+    assert rc == 2 and "640-d" in capsys.readouterr().err and not out.exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_pickle_with_code_is_refused(tmp_path, tiny_gpt2_dir, tiny_hf_clip, capsys):
+    state = clipcap_state(tiny_gpt2_dir, "mlp")
+    state["extra"] = _Evil()
+    rc, out = _import(tmp_path, state, tiny_gpt2_dir, tiny_hf_clip)
+    captured = capsys.readouterr()
+    assert rc == 2 and "weights_only" in captured.err and "this must never run" not in captured.out
+    assert not out.exists()
+
+
+def test_imported_checkpoint_captions_through_the_cli(tmp_path, tiny_gpt2_dir, tiny_hf_clip, coco_dir):
+    rc, out = _import(tmp_path, clipcap_state(tiny_gpt2_dir, "transformer"), tiny_gpt2_dir, tiny_hf_clip)
+    assert rc == 0
+    preds = tmp_path / "preds.jsonl"
+    image = coco_dir / "images" / "COCO_val2014_000000000257.jpg"
+    assert main(["-q", "caption", str(out), str(image), "--out", str(preds), "--device", "cpu", "--workers", "0",
+                 "--max-length", "8"]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 1 and isinstance(rows[0]["caption"], str)
+
+
+# -- the mapper itself -----------------------------------------------------------------------------------
+
+def test_clipcap_mapper_matches_the_equations_with_its_own_weights():
+    from capdec.model.mapper import ClipCapTransformerMapper
+
+    torch.manual_seed(0)
+    m = ClipCapTransformerMapper(dim=D, hidden=H, prefix_length=L, clip_length=C, depth=DEPTH, heads=HEADS)
+    for p in m.parameters():  # LayerNorms away from the identity, so their weights matter too
+        p.data.add_(torch.randn_like(p) * 0.1)
+    sd = {f"clip_project.{k}": v for k, v in m.state_dict().items()}
+    x = torch.randn(4, D)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), clipcap_transformer_prefix(sd, x, clip_length=C, heads=HEADS),
+                                   atol=1e-5, rtol=0)
+    # no bias on the query / key-value projections, a biased output projection, ReLU MLP of ratio 2
+    names = set(sd)
+    assert "clip_project.transformer.layers.0.attn.to_queries.bias" not in names
+    assert "clip_project.transformer.layers.0.attn.to_keys_values.bias" not in names
+    assert "clip_project.transformer.layers.0.attn.project.bias" in names
+    assert sd["clip_project.transformer.layers.0.mlp.fc1.weight"].shape == (2 * H, H)
