@@ -16,9 +16,9 @@ import sys
 from capdec import __version__
 from capdec.errors import CapdecError
 
-# In data-flow order: corpus -> embeddings -> training -> captions -> metrics, then experiments.
-COMMANDS = ["embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "demo", "toyworld", "serve",
-            "push"]
+# In data-flow order: corpus tools, corpus -> embeddings -> training -> captions -> metrics, then experiments.
+COMMANDS = ["corpus", "embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "demo", "toyworld",
+            "serve", "push"]
 _MODULES = {"import": "import_"}  # a command whose module name is a Python keyword
 
 logger = logging.getLogger("capdec")
