@@ -19,7 +19,9 @@ DESCRIPTION = (
     "default test), a FlickrStyle10K caption .txt (with its train.p), a JSON list / JSON Lines of "
     "{\"image\" or \"image_id\", \"captions\"} (e.g. karpathy_test_refs.json), or {file name: [captions]}. Predictions naming a path are matched to "
     "references by file name, then by the COCO id in the name (COCO_val2014_000000000257.jpg -> 257); "
-    "unmatched images are reported, and are an error with --strict."
+    "unmatched images are reported, and are an error with --strict. Diversity diagnostics are always "
+    "reported (distinct captions per image, the most common caption, vocabulary used; with --train-corpus, the "
+    "share copied verbatim from the training captions)."
 )
 
 logger = logging.getLogger("capdec.cli.evaluate")
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="also report bootstrap standard errors from N resamples of the images (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")
+    parser.add_argument("--train-corpus", metavar="CORPUS_OR_STORE",
+                        help="the decoder's training captions (a caption file or an embedding store directory): "
+                             "the diversity report then gives the share of captions copied verbatim from it")
     card = parser.add_argument_group("model card")
     card.add_argument("--checkpoint", metavar="CKPT",
                       help="record the metrics in this checkpoint's model card (CKPT/README.md and model_card.json); "
@@ -102,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
                         strict=args.strict, tokenizer=args.tokenizer)
     result.missing.null_predictions = nulls
     out = result.to_dict()
+    out["diversity"] = _diversity({k: v for k, v in captions.items() if k in refs.captions}, args.train_corpus)
 
     if args.clip_score:
         from capdec.encoders import load_encoder
@@ -147,6 +153,29 @@ def run(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
     return 0
+
+
+def _diversity(captions: dict, train_corpus: str | None) -> dict:
+    """Diversity of the scored captions; copies from ``train_corpus`` (a caption file or a store) when given."""
+    from capdec.diversity import caption_diversity
+
+    training = None
+    if train_corpus:
+        if Path(train_corpus).is_dir():
+            from capdec.store import EmbeddingStore
+
+            training = EmbeddingStore.open(train_corpus).captions
+        else:
+            from capdec.corpus import read_corpus
+
+            training = read_corpus(train_corpus).captions
+    div = caption_diversity(captions, training=training)
+    copied = f", {div['copied_share']:.1%} copied verbatim from the training captions" if training is not None else ""
+    if div["images"]:
+        logger.info("diversity: %d distinct captions for %d images (%.1f%%), most common on %.1f%% of the images, "
+                    "%d words used%s", div["distinct_captions"], div["images"], 100 * div["distinct_share"],
+                    100 * div["most_common_share"], div["vocabulary"], copied)
+    return div
 
 
 def _write_text(path: str, text: str) -> None:
