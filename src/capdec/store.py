@@ -8,6 +8,12 @@ A store is a directory::
       embeddings.npy    (count, dim) float16 or float32, L2-normalised rows
       captions.jsonl    one {"caption": ..., **metadata} per row, aligned with embeddings.npy
 
+An *image* store (``modality`` "image", format ``capdec.embeddings/2``, made by
+:func:`capdec.image_store.embed_image_dataset`) holds one embedding per image and several captions per
+image: ``embeddings.npy`` has ``rows`` rows (one per image) and ``rows.npy`` maps each caption to its
+image's row, so no embedding is stored once per caption. Opened, it reads like a text store: ``embeddings``
+is then the (count, dim) per-caption view (built in memory), ``vectors`` the stored rows.
+
 :func:`embed_corpus` builds one. Work goes to a hidden sibling ``.STORE.partial/`` in shards of
 ``shard_size`` captions, each written atomically, so an interrupted run resumes where it stopped;
 the finished store is assembled under a temporary name and renamed, so ``STORE`` is either absent, the
@@ -42,9 +48,11 @@ from capdec.utils import atomic_dir, progress, read_json, write_json
 logger = logging.getLogger(__name__)
 
 FORMAT = "capdec.embeddings/1"
+ROWS_FORMAT = "capdec.embeddings/2"  # a store with a caption -> row map (image stores); /1 readers refuse it
+MODALITIES = ("text", "image")
 _PARTIAL_FORMAT = "capdec.embeddings.partial/1"
 DTYPES = ("float16", "float32")
-META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
+META, EMBEDDINGS, CAPTIONS, ROWS = "meta.json", "embeddings.npy", "captions.jsonl", "rows.npy"
 # rows whose norm is further than this from 1 mean the caller forgot to normalise (fp16 is ~1e-3 off)
 
 
@@ -62,9 +70,12 @@ class EmbeddingStore:
     """Embeddings + captions + metadata; from disk (:meth:`open`) or memory (:meth:`from_arrays`)."""
 
     def __init__(self, meta: dict[str, Any], embeddings: np.ndarray, *, path: Path | None = None,
-                 records: list[dict[str, Any]] | None = None):
+                 records: list[dict[str, Any]] | None = None, row_index: np.ndarray | None = None):
         self.meta = meta
-        self.embeddings = embeddings  # (count, dim); a read-only memory map when opened from disk
+        self.vectors = embeddings  # the stored rows: (count, dim), or (rows, dim) with a row index
+        self.row_index = row_index  # (count,) caption -> row of ``vectors``; None: one row per caption
+        # (count, dim) per caption: a read-only memory map of a text store; built in memory with a row index
+        self.embeddings = embeddings if row_index is None else np.asarray(embeddings)[row_index]
         self.path = path
         self._records = records
         self.embed_run: EmbedRun | None = None
@@ -82,10 +93,10 @@ class EmbeddingStore:
             raise InputError(f"{path}: not an embedding store, no {META}{hint}; create one with 'capdec embed'")
         meta = read_meta(path / META, redo="the store is damaged, re-create it")
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        if fmt != FORMAT:
+        if fmt not in (FORMAT, ROWS_FORMAT):
             if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
                 raise InputError(f"{path}: embedding store format {fmt!r} is not supported by this capdec "
-                                 f"(it reads {FORMAT!r}); upgrade capdec or re-create the store")
+                                 f"(it reads {FORMAT!r} and {ROWS_FORMAT!r}); upgrade capdec or re-create the store")
             raise InputError(f"{path / META}: not an embedding store meta file (format {fmt!r}, "
                              f"expected {FORMAT!r})")
         missing = [k for k in ("encoder", "encoder_identity", "dim", "count") if k not in meta]
@@ -95,17 +106,23 @@ class EmbeddingStore:
             if not (path / name).is_file():
                 raise InputError(f"{path}: incomplete embedding store, {name} is missing; re-create it "
                                  f"with 'capdec embed --overwrite'")
-        embeddings = load_matrix(path / EMBEDDINGS, (int(meta["count"]), int(meta["dim"])), mmap=mmap,
+        n_rows = int(meta["rows"]) if fmt == ROWS_FORMAT else int(meta["count"])
+        embeddings = load_matrix(path / EMBEDDINGS, (n_rows, int(meta["dim"])), mmap=mmap,
                                  redo="the store is damaged, re-create it", meta_name=META)
-        return cls(meta, embeddings, path=path)
+        row_index = _read_row_index(path, int(meta["count"]), n_rows) if fmt == ROWS_FORMAT else None
+        return cls(meta, embeddings, path=path, row_index=row_index)
 
     @classmethod
     def from_arrays(cls, captions: Sequence[str] | Corpus, embeddings: np.ndarray | torch.Tensor, *,
                     encoder: Any = None, encoder_spec: dict[str, Any] | None = None,
                     encoder_identity: dict[str, Any] | None = None,
                     records: Sequence[dict[str, Any]] | None = None,
-                    stats: dict[str, Any] | None = None) -> EmbeddingStore:
+                    stats: dict[str, Any] | None = None, row_index: Sequence[int] | np.ndarray | None = None,
+                    modality: str = "text") -> EmbeddingStore:
         """An in-memory store for embeddings computed elsewhere (rows must be L2-normalised).
+
+        ``row_index`` (one entry per caption) makes ``embeddings`` one row per *image*, shared by that
+        image's captions; ``modality`` ("text" or "image") says what the embeddings are of.
 
         Give either ``encoder`` (an :class:`~capdec.encoders.Encoder`) or its ``encoder_spec`` and
         ``encoder_identity``. ``captions`` may be a :class:`Corpus`, whose metadata and provenance are
@@ -135,7 +152,16 @@ class EmbeddingStore:
         if isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().cpu().float().numpy()
         embeddings = np.asarray(embeddings)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(caption_list):
+        if modality not in MODALITIES:
+            raise InputError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
+        if row_index is not None:
+            row_index = np.asarray(row_index, dtype=np.int64)
+            if row_index.shape != (len(caption_list),):
+                raise InputError(f"row_index has shape {row_index.shape}, expected one row per caption "
+                                 f"({len(caption_list)},)")
+            if len(row_index) and (row_index.min() < 0 or row_index.max() >= len(embeddings)):
+                raise InputError(f"row_index points outside the {len(embeddings)} embedding rows")
+        if embeddings.ndim != 2 or (row_index is None and embeddings.shape[0] != len(caption_list)):
             raise InputError(f"embeddings of shape {tuple(embeddings.shape)} do not match "
                              f"{len(caption_list)} captions; expected ({len(caption_list)}, dim)")
         if embeddings.dtype not in (np.float16, np.float32):
@@ -144,9 +170,13 @@ class EmbeddingStore:
         rows = [{"caption": c, **{k: v for k, v in (records[i] if records is not None else {}).items()
                                   if k != "caption"}}
                 for i, c in enumerate(caption_list)]
-        meta = _make_meta(encoder_spec, encoder_identity, embeddings.shape, str(embeddings.dtype),
-                          corpus_info, stats)
-        return cls(meta, embeddings, records=rows)
+        meta = _make_meta(encoder_spec, encoder_identity, (len(caption_list), embeddings.shape[1]),
+                          str(embeddings.dtype), corpus_info, stats)
+        if modality != "text":
+            meta["modality"] = modality
+        if row_index is not None:
+            meta.update(format=ROWS_FORMAT, rows=int(embeddings.shape[0]))
+        return cls(meta, embeddings, records=rows, row_index=row_index)
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -166,6 +196,11 @@ class EmbeddingStore:
     @property
     def encoder_identity(self) -> dict[str, Any]:
         return self.meta["encoder_identity"]
+
+    @property
+    def modality(self) -> str:
+        """What the embeddings are of: "text" (captions; CapDec) or "image" (paired images; ClipCap)."""
+        return str(self.meta.get("modality", "text"))
 
     @property
     def dim(self) -> int:
@@ -195,11 +230,13 @@ class EmbeddingStore:
         replace = _check_target(out_dir, overwrite=overwrite, what=None)
         meta = {**self.meta, "dtype": dtype}
         with atomic_dir(out_dir, overwrite=replace) as tmp:
-            arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=self.embeddings.shape)
-            for lo in range(0, len(self), 65536):
-                arr[lo : lo + 65536] = self.embeddings[lo : lo + 65536]
+            arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=self.vectors.shape)
+            for lo in range(0, len(self.vectors), 65536):
+                arr[lo : lo + 65536] = self.vectors[lo : lo + 65536]
             arr.flush()
             del arr
+            if self.row_index is not None:
+                np.save(tmp / ROWS, self.row_index, allow_pickle=False)
             write_rows(tmp / CAPTIONS, self.records)
             write_json(tmp / META, meta)  # last: its presence marks a complete store
         return EmbeddingStore.open(out_dir)
@@ -429,4 +466,16 @@ def _shard_truncated(partial: Path, i: int) -> int:
     return int(read_json(partial / f"shard-{i:06d}.json")["truncated"])
 
 
-__all__ = ["DTYPES", "FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus", "write_store"]
+def _read_row_index(path: Path, count: int, n_rows: int) -> np.ndarray:
+    try:
+        rows = np.load(path / ROWS, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path / ROWS}: missing or unreadable ({e}); the store is damaged, re-create it") from e
+    if rows.shape != (count,) or rows.dtype.kind not in "iu" or (count and (rows.min() < 0 or rows.max() >= n_rows)):
+        raise InputError(f"{path / ROWS}: expected {count} row numbers in [0, {n_rows}), got shape {rows.shape} "
+                         f"{rows.dtype}; the store is damaged, re-create it")
+    return rows.astype(np.int64)
+
+
+__all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus",
+           "write_store"]

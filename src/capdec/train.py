@@ -116,6 +116,7 @@ class TextData:
     encoder_identity: dict[str, Any]
     sample_weights: torch.Tensor | None = None  # (n,) when mixing corpora with weights
     sources: list[str] | None = None
+    modality: str = "text"  # of the embeddings: "text" (CapDec) or "image" (paired images: ClipCap)
 
 
 def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) -> TextData:
@@ -133,6 +134,10 @@ def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) ->
             raise InputError(f"{len(mix_weights)} mixing weights given for {len(opened)} stores")
         if any(w < 0 for w in mix_weights) or sum(mix_weights) <= 0:
             raise InputError("mixing weights must be ≥ 0 and not all 0")
+    modalities = [getattr(s, "modality", "text") for s in opened]
+    if len(set(modalities)) > 1:
+        logger.warning("mixing text and image embedding stores (%s): one noise setting applies to both",
+                       ", ".join(modalities))
     embs = [torch.as_tensor(np.array(s.embeddings)) for s in opened]  # a copy in memory, stored dtype
     captions = [c for s in opened for c in s.captions]
     weights = None
@@ -141,7 +146,8 @@ def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) ->
         weights = torch.cat([torch.full((len(e),), w / max(1, len(e))) for e, w in zip(embs, mix_weights)])
     return TextData(embeddings=torch.cat(embs), captions=captions, encoder_spec=first.encoder_spec,
                     encoder_identity=first.encoder_identity, sample_weights=weights,
-                    sources=[str(getattr(s, "path", "<memory>")) for s in opened])
+                    sources=[str(getattr(s, "path", "<memory>")) for s in opened],
+                    modality="image" if set(modalities) == {"image"} else "text")
 
 
 def split_indices(n: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,8 +245,14 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
         inference = InferenceConfig.from_dict(recorded.get("inference"), where=str(out_dir))
         logger.info("resuming %s from step %d with its recorded configuration", out_dir, state["step"])
     mode = "resume" if resume else "init_from" if init_from is not None else "new"
+    if noise is None and data.modality == "image":
+        noise = NoiseConfig(variance=0.0)  # ClipCap: the decoder sees the embeddings it will caption
+    noise = noise or NoiseConfig()
+    if data.modality == "image":
+        logger.info("training on image embeddings (supervised, ClipCap) with noise variance %g%s", noise.variance,
+                    "" if noise.variance else " (no noise; pass a variance to add some)")
     return TrainPlan(out_dir=out_dir, data=data, mode=mode, config=config or TrainConfig(),
-                     noise=noise or NoiseConfig(), inference=inference or InferenceConfig(),
+                     noise=noise, inference=inference or InferenceConfig(),
                      model_config=model_config, init_from=init_from,
                      mix_weights=mix_weights, state=state, opt_state=opt_state, started=started)
 
@@ -333,7 +345,8 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     log = _MetricsLog(out_dir, state["step"] if resume else 0)
     save_kw = dict(encoder_spec=data.encoder_spec, encoder_identity=data.encoder_identity, noise=noise,
                    train=config.to_dict(), inference=inference,
-                   extra={"data": {"stores": data.sources, "mix_weights": mix_weights, "count": len(data.captions),
+                   extra={"data": {"stores": data.sources, "modality": data.modality, "mix_weights": mix_weights,
+                                   "count": len(data.captions),
                                    "train": n_train, "val": len(val_idx)},
                           "init_from": str(init_from) if init_from else None})
 

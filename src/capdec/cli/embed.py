@@ -11,12 +11,16 @@ DESCRIPTION = (
     "such as dataset_coco.json with --split, or a FlickrStyle10K caption file), encode them with "
     "a CLIP text encoder and write an embedding store directory (meta.json, embeddings.npy, "
     "captions.jsonl). An interrupted run resumes where it stopped; rerunning a finished store with the "
-    "same corpus and encoder does nothing."
+    "same corpus and encoder does nothing. With --modality image, CORPUS is one captioned-image dataset (a COCO "
+    "annotation file, a JSON list of {file_name, captions}, or a JSONL of {image, caption}) and every image is "
+    "embedded once with the image tower; its captions share that embedding (an image store, for the supervised "
+    "ClipCap baseline). Unreadable images are listed and skipped."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("corpus", nargs="+", metavar="CORPUS", help="caption file(s); several are concatenated")
+    parser.add_argument("corpus", nargs="+", metavar="CORPUS",
+                        help="caption file(s); several are concatenated (--modality image: one dataset file)")
     parser.add_argument("--out", required=True, metavar="STORE", help="output store directory")
     parser.add_argument("--encoder", required=True, metavar="SPEC",
                         help="encoder spec: toy, hf:HUB_ID_OR_DIR, open_clip:MODEL@PRETRAINED")
@@ -46,6 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store made from a different corpus or encoder")
+    img = parser.add_argument_group("image stores (--modality image)")
+    img.add_argument("--modality", default="text", choices=["text", "image"],
+                     help="text: embed the captions (CapDec); image: embed each image of a captioned-image dataset "
+                          "once, paired with its captions (the supervised baseline)")
+    img.add_argument("--images-root", metavar="DIR",
+                     help="folder the dataset's image file names are under (default: the dataset's folder)")
+    img.add_argument("--split", help="the dataset split to embed, for datasets with splits (JSONL with a 'split' "
+                                     "field); all: every image")
+    img.add_argument("--workers", type=int, default=4, help="image loading threads")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     from capdec.utils import set_threads_from_env
 
     set_threads_from_env()
+    if args.modality == "image":
+        return _run_image(args)
+    if args.images_root or args.split:
+        from capdec.errors import InputError
+
+        raise InputError("--images-root and --split apply to image stores: add --modality image")
     start = time.perf_counter()
     # read (and validate) the corpus before loading a possibly large model
     corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe,
@@ -71,4 +90,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"embedded {len(store)} captions ({stats['empty_skipped']} empty skipped, "
               f"{stats['duplicates_removed']} duplicates removed, {stats['truncated']} truncated"
               f"{f', {resumed} resumed' if resumed else ''}) in {seconds:.1f} s -> {args.out}")
+    return 0
+
+
+def _run_image(args: argparse.Namespace) -> int:
+    from capdec.datasets import read_image_dataset
+    from capdec.encoders import load_encoder
+    from capdec.errors import InputError
+    from capdec.image_store import embed_image_dataset
+
+    if len(args.corpus) != 1:
+        raise InputError(f"--modality image embeds one dataset file, got {len(args.corpus)}")
+    if args.dedupe or args.format != "auto":
+        raise InputError("--dedupe and --format apply to caption corpora (--modality text)")
+    start = time.perf_counter()
+    dataset = read_image_dataset(args.corpus[0], split=args.split, images_root=args.images_root)
+    encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
+    store = embed_image_dataset(dataset, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
+                                overwrite=args.overwrite, num_workers=args.workers)
+    seconds = time.perf_counter() - start
+    if store.embed_run is not None and store.embed_run.up_to_date:
+        print(f"{args.out} is up to date: {len(store.vectors)} images, {len(store)} captions, nothing to do "
+              f"({seconds:.1f} s)")
+    else:
+        skipped = store.meta["stats"]["skipped_images"]
+        print(f"embedded {len(store.vectors)} images ({len(store)} captions; {len(skipped)} unreadable images "
+              f"skipped) in {seconds:.1f} s -> {args.out}")
+        for s in skipped[:10]:
+            print(f"  skipped {s['image']}: {s['reason']}")
+        if len(skipped) > 10:
+            print(f"  ... and {len(skipped) - 10} more (meta.json, stats.skipped_images)")
     return 0

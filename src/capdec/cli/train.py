@@ -11,7 +11,9 @@ DESCRIPTION = """Train a CapDec decoder from one or more embedding stores made b
 
 Each training caption's embedding is normalised, perturbed with noise (--noise-variance, the
 paper's 0.016 by default, or the ε of a 'capdec calibrate' noise.json) and renormalised; the decoder
-learns to reproduce the caption. The checkpoint directory (--out) holds config.json, weights, the
+learns to reproduce the caption. On an image-embedding store ('capdec embed --modality image') this is
+ClipCap, the supervised baseline: noise is off unless --noise-variance is given; '--init-from' such a
+checkpoint and train on a text store for the paper's pre-train-on-images, fine-tune-on-text recipe. The checkpoint directory (--out) holds config.json, weights, the
 tokenizer and metrics.jsonl, and is replaced atomically at every save. --resume continues an
 interrupted run with its recorded configuration.
 
@@ -56,8 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
 
     g = p.add_argument_group("noise (training-time embedding perturbation)")
-    # None = not given: a --noise-file's variance applies, else the NoiseConfig default
-    add_config_arguments(g, NoiseConfig, ["variance"], overrides={"variance": {"default": None}})
+    # None = not given: a --noise-file's variance applies, else the NoiseConfig default (0 on image stores)
+    add_config_arguments(g, NoiseConfig, ["variance"], overrides={"variance": {
+        "default": None, "help": "per-coordinate noise variance ε² (default 0.016, the paper's, on text stores; 0 on "
+                                 "image stores; 0 = no noise)"}})
     g.add_argument("--noise-file", help="noise.json from 'capdec calibrate': its variance (unless "
                                         "--noise-variance is given) and, with --use-offset, its modality offset")
     add_config_arguments(g, NoiseConfig, ["distribution"])
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
             offset = list(nf["offset"])
     elif args.use_offset:
         raise InputError("--use-offset needs --noise-file (a calibrate noise.json with an offset)")
+    if variance is None and not args.resume and _all_image_stores(args.stores):
+        variance = 0.0  # ClipCap: trained on the embeddings it will caption; train() logs it
     noise = NoiseConfig(variance=PAPER_VARIANCE if variance is None else variance,
                         distribution=args.noise_distribution, center=args.center, offset=offset, source=source)
 
@@ -220,6 +226,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: train loss {result.train_loss:.4f}{val}; "
           f"checkpoint: {result.path}")
     return 0
+
+
+def _all_image_stores(paths: list[str]) -> bool:
+    """Whether every store holds image embeddings (then training is supervised and noise is off by default)."""
+    from capdec.store import EmbeddingStore
+
+    return all(EmbeddingStore.open(p).modality == "image" for p in paths)
 
 
 def _check_combinations(args: argparse.Namespace) -> None:
