@@ -294,8 +294,8 @@ def test_open_gives_clear_errors(reference, tmp_path):
 
     newer = _copy_store(reference.path, tmp_path / "newer")
     meta = json.loads((newer / "meta.json").read_text())
-    (newer / "meta.json").write_text(json.dumps({**meta, "format": "capdec.embeddings/2"}))
-    with pytest.raises(InputError, match="format 'capdec.embeddings/2' is not supported.*upgrade capdec"):
+    (newer / "meta.json").write_text(json.dumps({**meta, "format": "capdec.embeddings/3"}))
+    with pytest.raises(InputError, match="format 'capdec.embeddings/3' is not supported.*upgrade capdec"):
         EmbeddingStore.open(newer)
 
     foreign = _copy_store(reference.path, tmp_path / "foreign")

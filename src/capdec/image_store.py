@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from capdec.artifacts import jsonable
 from capdec.corpus import captions_sha256
 from capdec.datasets import ImageDataset, read_image_dataset
 from capdec.errors import InputError
 from capdec.images import DEFAULT_MAX_PIXELS, iter_image_batches
-from capdec.artifacts import jsonable
 from capdec.store import EmbeddingStore, EmbedRun, _check_target
 from capdec.utils import progress, sha256_file
 

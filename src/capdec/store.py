@@ -99,7 +99,8 @@ class EmbeddingStore:
                                  f"(it reads {FORMAT!r} and {ROWS_FORMAT!r}); upgrade capdec or re-create the store")
             raise InputError(f"{path / META}: not an embedding store meta file (format {fmt!r}, "
                              f"expected {FORMAT!r})")
-        missing = [k for k in ("encoder", "encoder_identity", "dim", "count") if k not in meta]
+        missing = [k for k in ("encoder", "encoder_identity", "dim", "count", *(("rows",) if fmt == ROWS_FORMAT else ()))
+                   if k not in meta]
         if missing:
             raise InputError(f"{path / META}: incomplete, missing {', '.join(missing)}; re-create the store")
         for name in (EMBEDDINGS, CAPTIONS):

@@ -17,7 +17,8 @@ from capdec import __version__
 from capdec.errors import CapdecError
 
 # In data-flow order: corpus tools, corpus -> embeddings -> training -> captions -> metrics, then experiments.
-COMMANDS = ["corpus", "embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "demo", "toyworld",
+# In data-flow order: corpus tools, corpus -> embeddings -> training -> captions -> metrics, then experiments.
+COMMANDS = ["corpus", "embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "experiment", "demo", "toyworld",
             "serve", "push"]
 _MODULES = {"import": "import_"}  # a command whose module name is a Python keyword
 

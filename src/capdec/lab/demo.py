@@ -5,6 +5,8 @@ decoder is trained on noise-injected text embeddings, and held-out test images a
 their *image* embeddings and scored against 5 references each. ``compare=True`` trains the
 baselines on the same budget: no noise, a supervised decoder on paired image embeddings (the upper
 bound), and the no-noise decoder with a centroid shift. ``methods`` adds the later text-only methods.
+The same comparison runs on the user's stores and test split when ``data`` comes from
+:func:`capdec.lab.experiment_data.prepare_user_data` (``capdec experiment compare``: the paper's Table 1).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from capdec.checkpoint import InferenceConfig
 from capdec.lab.experiment import (
     REPORTED,
     ExperimentConfig,
+    ToyData,
     VariantResult,
     evaluate_checkpoint,
     prepare_data,
@@ -49,8 +52,12 @@ METHODS = ("projection", "capdec_projection", "centering", "retrieval", "retriev
 
 @reusing_scorers
 def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, compare: bool = False,
-             methods: Sequence[str] = (), encoder: Any = None, show_progress: bool | None = None) -> dict[str, Any]:
-    """Run the demo; writes ``metrics.json`` and ``report.html`` in ``out_dir`` and returns the metrics."""
+             methods: Sequence[str] = (), encoder: Any = None, data: ToyData | None = None,
+             show_progress: bool | None = None) -> dict[str, Any]:
+    """Run the demo; writes ``metrics.json`` and ``report.html`` in ``out_dir`` and returns the metrics.
+
+    ``data``: prepared data to run on instead of the toy world's (``config`` and ``encoder`` are then its own).
+    """
     t0 = time.time()
     out_dir = Path(out_dir)
     runs = ["capdec", *(COMPARE[1:] if compare else ()), *methods]
@@ -59,11 +66,20 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
         from capdec.errors import InputError
 
         raise InputError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    config = config or ExperimentConfig()
     needs_images = any(r in runs for r in ("shifted", "centering"))
-    config = replace(config, n_paired=config.n_paired or (config.n_captions if "supervised" in runs else 0),
-                     n_unlabelled=config.n_unlabelled or (1000 if needs_images else 0))
-    data = prepare_data(config, out_dir / "data", encoder=encoder, show_progress=show_progress)
+    if data is None:
+        config = config or ExperimentConfig()
+        config = replace(config, n_paired=config.n_paired or (config.n_captions if "supervised" in runs else 0),
+                         n_unlabelled=config.n_unlabelled or (1000 if needs_images else 0))
+        data = prepare_data(config, out_dir / "data", encoder=encoder, show_progress=show_progress)
+    else:
+        from capdec.errors import InputError
+
+        config = data.config
+        if "supervised" in runs and data.paired_store is None:
+            raise InputError("the supervised run needs paired image embeddings: give an image store (--image-store)")
+        if needs_images and data.image_mean is None:
+            raise InputError("the shifted/centering runs need an image mean: give an image store (--image-store)")
     logger.info("data ready in %.1fs: %d captions, %d test images", data.seconds, len(data.text_store),
                 len(data.test_images))
 
@@ -118,6 +134,8 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
         "n_test_images": len(data.test_images),
         "seconds": round(time.time() - t0, 1),
     }
+    if data.source.get("kind") != "toy":
+        metrics["data"] = data.source
     write_json(out_dir / "metrics.json", metrics)
     _write_predictions(out_dir / "captions.jsonl", data, results)
     _report(out_dir / "report.html", data, results, metrics)
@@ -129,6 +147,8 @@ def _clip_card(encoder: Any) -> dict[str, Any]:
     from capdec.encoders.miniclip import shipped_weights_dir
     from capdec.utils import read_json
 
+    if encoder.spec.get("kind") != "toy":
+        return {}
     where = Path(encoder.spec.get("weights") or shipped_weights_dir())
     for name in ("card.json",):
         p = where / name
@@ -161,14 +181,21 @@ def _report(path: Path, data: Any, results: dict[str, VariantResult], metrics: d
     if clip_rows:
         tables.append(("The mini-CLIP (shipped) and its modality gap",
                        metrics_table({k: {"value": v} for k, v in clip_rows.items()}, ["value"], row_header="statistic")))
+    toy = data.source.get("kind") == "toy"
     intro = (f"A decoder was trained on <b>{len(data.text_store):,} captions and no images</b> "
              f"({cfg.steps} steps of batch {cfg.batch_size}, noise variance {cfg.noise_variance}), then captioned "
-             f"{len(data.test_images)} held-out test images from their mini-CLIP image embeddings. "
-             f"Total time {metrics['seconds']:.0f} s.")
+             f"{len(data.test_images)} held-out test images from their {'mini-CLIP' if toy else 'CLIP'} image "
+             f"embeddings. Total time {metrics['seconds']:.0f} s.")
+    if not toy:
+        intro += (f" Training captions: {data.source['store']}; test split: {data.source['test']['path']}"
+                  + (f"; supervised baseline: {len(data.paired_store.vectors):,} images of "
+                     f"{data.source['image_store']}" if data.paired_store is not None else "") + ".")
     gallery = [{"image": data.test_images[i], "references": data.references[i],
                 "captions": {name: r.predictions[i] for name, r in results.items()}}
                for i in range(min(24, len(data.test_images)))]
-    write_report(path, title="capdec demo: text-only captioning in the toy world", intro=intro, tables=tables,
+    title = ("capdec demo: text-only captioning in the toy world" if toy
+             else "capdec experiment compare: text-only vs supervised vs no noise")
+    write_report(path, title=title, intro=intro, tables=tables,
                  curves=_unique_curves(results),
                  gallery=gallery, footer="metrics: pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr); "
                                          "written by capdec demo")

@@ -1,4 +1,8 @@
-"""Toy-world experiments: train decoder variants on one budget and score them on held-out images.
+"""Experiments: train decoder variants on one budget and score them on held-out images.
+
+The data comes from the toy world (:func:`prepare_data`, below) or from the user's own stores, test split
+and images (:func:`capdec.lab.experiment_data.prepare_user_data`); both return a :class:`ToyData`, which is all
+the experiment code (demo comparison, sweep, styles, cross-domain) reads.
 
 This is the measuring stick behind ``capdec demo`` (and its ``--compare``), ``capdec sweep`` and the
 method comparison: everything runs for real, offline, on the shipped mini-CLIP.
@@ -80,6 +84,8 @@ class ToyData:
     image_mean: torch.Tensor | None = None  # mean of unlabelled image embeddings
     text_mean: torch.Tensor | None = None  # mean of the corpus text embeddings
     seconds: float = 0.0
+    device: str = "cpu"  # where decoders are trained and run ("auto": cuda if present)
+    source: dict[str, Any] = field(default_factory=lambda: {"kind": "toy"})  # what the data is, for reports
 
 
 def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any = None,
@@ -173,7 +179,7 @@ def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: b
             return out, float(state.get("seconds", 0.0))
     train_cfg = TrainConfig(epochs=10_000, max_steps=steps or cfg.steps, batch_size=cfg.batch_size, lr=lr or cfg.lr,
                             seed=cfg.seed, val_fraction=0.02, val_max=500, eval_every=max(1, (steps or cfg.steps) // 4),
-                            save_every=steps or cfg.steps, log_every=20, save_memory=save_memory, device="cpu")
+                            save_every=steps or cfg.steps, log_every=20, save_memory=save_memory, device=data.device)
     if stores is None:
         stores = [data.paired_store if supervised else data.text_store]
         if stores[0] is None:
@@ -192,7 +198,7 @@ def evaluate_checkpoint(data: ToyData, ckpt: Path, name: str, *, train_seconds: 
     from capdec.caption import Captioner
 
     cfg = data.config
-    captioner = Captioner.from_pretrained(ckpt, encoder=data.encoder, device="cpu", **(inference or {}))
+    captioner = Captioner.from_pretrained(ckpt, encoder=data.encoder, device=data.device, **(inference or {}))
     decode = DecodeConfig(**cfg.decode)
     emb = data.test_embeddings if embeddings is None else embeddings
     preds = captioner.caption_embeddings(emb, batch_size=128, show_progress=show_progress, **decode.to_dict())
@@ -215,9 +221,9 @@ def _decode_text(captioner: Any, text_emb: torch.Tensor, decode: DecodeConfig) -
 
     ck = captioner.checkpoint
     model = ck.model
-    q = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    q = torch.nn.functional.normalize(text_emb.float(), dim=-1).to(next(model.parameters()).device)
     if ck.noise.center and ck.noise.text_mean is not None:
-        q = torch.nn.functional.normalize(q - torch.tensor(ck.noise.text_mean), dim=-1)
+        q = torch.nn.functional.normalize(q - torch.tensor(ck.noise.text_mean, device=q.device), dim=-1)
     extra = {}
     if model.config.retrieval_k:
         from capdec.retrieval import RetrievalContext

@@ -20,18 +20,19 @@ th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-v
 .se { color: #888; font-size: 0.85em; } .note { color: #555; font-size: 0.9em; }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(330px, 1fr)); gap: 14px; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px; display: flex; gap: 10px; }
-.card img { width: 96px; height: 96px; image-rendering: pixelated; flex: none; border: 1px solid #ccc; }
+.card img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; flex: none; border: 1px solid #ccc; }
 .card .gen { font-weight: 600; margin: 0 0 4px 0; } .card .variant { color: #666; font-size: 0.8em; }
 .card ul { margin: 4px 0 0 1em; padding: 0; color: #555; font-size: 0.85em; }
 """
 
 
 def image_data_uri(image: Any, *, scale: int = 3) -> str:
-    """A PIL image as an inline PNG (upscaled with nearest neighbour, so small renders stay crisp)."""
+    """A PIL image as an inline PNG (images under 64 px upscaled with nearest neighbour, so small renders stay
+    crisp; photos are shown as they are)."""
     from PIL import Image
 
     im = image.convert("RGB")
-    if scale > 1:
+    if scale > 1 and max(im.size) < 64:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -279,13 +279,15 @@ def calibrate_toy(encoder: Any, n_pairs: int, *, seed: int = TOY_CALIBRATION_SEE
 # ---------------------------------------------------------------------------------------------
 # the sweep
 # ---------------------------------------------------------------------------------------------
-def _pinned_settings(config: ExperimentConfig, encoder: Any) -> dict[str, Any]:
-    """What every run of one output directory must share (the seed is per run)."""
+def _pinned_settings(config: ExperimentConfig, encoder: Any, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What every run of one output directory must share (the seed is per run; ``source``: the user's data)."""
     settings = config.to_dict()
     settings.pop("seed")
     settings.pop("noise_variance")  # the sweep sets the variance per run
     # the decoder as built (library defaults included: a changed default must not reuse old checkpoints)
     settings["model"] = toy_model_config(**config.model).to_dict()
+    if source is not None:
+        settings["data"] = source
     return {"experiment": settings, "encoder_identity": getattr(encoder, "identity", None)}
 
 
@@ -330,7 +332,7 @@ def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequenc
               config: ExperimentConfig | None = None,
               calibrated: float | str | Path | dict[str, Any] | None = None,
               metric: str = "CIDEr", encoder: Any = None,
-              prepare: Callable[..., ToyData] = prepare_data,
+              prepare: Callable[..., ToyData] = prepare_data, source: dict[str, Any] | None = None,
               show_progress: bool | None = None) -> dict[str, Any]:
     """Train and score one decoder per (seed, variance); write sweep.json, sweep.md, sweep.png.
 
@@ -359,7 +361,7 @@ def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequenc
     cal_variance, cal_source = resolve_calibrated(calibrated, encoder=encoder)
     grid = sorted(set(variances) | ({cal_variance} if cal_variance is not None else set()))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_pinned(out_dir, _pinned_settings(config, encoder))
+    _check_pinned(out_dir, _pinned_settings(config, encoder, source))
     if isinstance(calibrated, dict):  # calibrated on the fly: keep it next to the results
         from capdec.calibrate import write_noise_file
 
@@ -390,6 +392,8 @@ def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequenc
 
     summary = summarize(runs, metric=metric, seeds=seeds, calibrated=cal_variance, calibrated_source=cal_source,
                         config=config, encoder=encoder)
+    if source is not None:
+        summary["data"] = source
     summary["seconds"] = round(time.time() - t0, 1)  # of this invocation (a resumed one reuses earlier work)
     write_outputs(summary, out_dir)
     logger.info("sweep done in %.0f s: %s", summary["seconds"], out_dir)
@@ -495,18 +499,29 @@ def format_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["config"]
     cal = summary.get("calibrated")
     dec = summary.get("decoder") or {}
+    data = summary.get("data")
     sha = (summary.get("encoder_identity") or {}).get("weights_sha256")
     models = []
     if dec:
         models.append(f"decoder: {dec.get('mapper')} mapper (prefix {dec.get('prefix_length')}), {dec.get('lm')} LM "
                       f"{dec.get('lm_depth')}×{dec.get('lm_dim')}, captions cut at {dec.get('max_length')} tokens")
-    if sha:
+    if sha and data is None:
         models.append(f"mini-CLIP weights sha256 {sha[:12]}")
+    if data is not None:  # the user's store and test split: the same data for every seed
+        test = data["test"]
+        split = f" ({test['split']})" if test.get("split") else ""
+        where = (f"Store {data['store']} ({cfg['n_captions']:,} training captions), {cfg['steps']} steps of batch "
+                 f"{cfg['batch_size']} per decoder; test split {test['path']}{split}: "
+                 f"{data['test_images_scored']} images, {_decoding(cfg['decode'])} decoding; "
+                 f"{len(summary['seeds'])} training seed(s) ({', '.join(str(s) for s in summary['seeds'])}).")
+    else:
+        where = (f"Toy world: {cfg['n_captions']:,} text-only training captions, {cfg['steps']} steps of batch "
+                 f"{cfg['batch_size']} per decoder, {cfg['n_test']} held-out test images (5 references each) per "
+                 f"seed, {_decoding(cfg['decode'])} decoding; {len(summary['seeds'])} seed(s) "
+                 f"({', '.join(str(s) for s in summary['seeds'])}), each with its own corpus, test set and "
+                 f"training seed.")
     notes = [
-        f"Toy world: {cfg['n_captions']:,} text-only training captions, {cfg['steps']} steps of batch "
-        f"{cfg['batch_size']} per decoder, {cfg['n_test']} held-out test images (5 references each) per seed, "
-        f"{_decoding(cfg['decode'])} decoding; {len(summary['seeds'])} seed(s) "
-        f"({', '.join(str(s) for s in summary['seeds'])}), each with its own corpus, test set and training seed.",
+        where,
         *([_sentence("; ".join(models))] if models else []),
         f"Metrics ×1 (pycocoevalcap), mean over seeds. SE combines seeds and test images: {summary['se_formula']}.",
     ]
@@ -609,7 +624,8 @@ def plot_sweep(summary: dict[str, Any], path: str | Path) -> Path | None:
     caption = (f"{label} against the noise variance; x axis log scale"
                + ("; variance 0 (no noise) is drawn in the separate left panel (broken axis)" if zero and pos else "")
                + f". Error bars ±1 SE over {n} seed(s) and the test images; grey dots: single seeds.")
-    fig.suptitle(f"capdec sweep: {label} vs noise variance (toy world)", fontsize=11)
+    where = "toy world" if summary.get("data") is None else Path(summary["data"]["store"]).name
+    fig.suptitle(f"capdec sweep: {label} vs noise variance ({where})", fontsize=11)
     fig.text(0.5, 0.015, "\n".join(textwrap.wrap(caption, 125)), ha="center", va="bottom", fontsize=7.5)
     fig.subplots_adjust(left=0.09, right=0.98, top=0.80, bottom=0.2)
     path = Path(path)

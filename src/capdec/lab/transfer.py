@@ -9,6 +9,10 @@ The paper's two transfer settings, reproduced offline:
   of captions in the target style).
 - **cross-domain** (COCO ↔ Flickr30k): decoders trained on one domain's captions caption the other
   domain's images, with and without noise, beside the in-domain scores.
+
+:func:`run_styles` and :func:`run_cross_domain` build the toy world's data and call
+:func:`styles_experiment` and :func:`cross_domain_experiment`, which run on any prepared data — the
+user's stores and test splits too (``capdec experiment styles / cross-domain``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from capdec.lab.experiment import (
     ExperimentConfig,
+    ToyData,
     VariantResult,
     embed_store,
     evaluate_checkpoint,
@@ -59,6 +65,16 @@ def _transfer_config(config: ExperimentConfig | None) -> ExperimentConfig:
     return replace(config, model={"max_length": 48, **config.model})
 
 
+@dataclass
+class StyleSource:
+    """One style: its training sentences, and the test images' references in that style."""
+
+    store: Any  # EmbeddingStore of the styled sentences
+    references: list[list[str]]  # per test image
+    embeddings: Any = None  # the test images' embeddings (None: the experiment data's test images)
+    images: Sequence[Any] | None = None  # the test images for the report (None: the experiment data's)
+
+
 @reusing_scorers
 def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, styles: tuple[str, ...] | None = None,
                n_style: int = 3000, finetune_steps: int | None = None, finetune_lr: float | None = None,
@@ -72,12 +88,33 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
     out_dir = Path(out_dir)
     config = _transfer_config(config)
     styles = tuple(styles or STYLES)
-    finetune_steps = finetune_steps or max(1, config.steps // 2)
-    finetune_lr = finetune_lr or config.lr / 2
     data = prepare_data(config, out_dir / "data", encoder=encoder, show_progress=show_progress)
     encoder = data.encoder
     test_scenes = sample_scenes(config.n_test, config.seed, "test")
     classifier = train_style_classifier(seed=config.seed, styles=styles)
+    sources = {}
+    for style in styles:
+        texts = list(corpus(n_style, seed=config.seed, split="train", grammar=style))
+        store = embed_store(out_dir / "data" / f"{style}_store", captions_from_list(texts), encoder.encode_text,
+                            encoder)
+        # the test images' references, in this style (the scenes of test_set; no need to render them again)
+        sources[style] = StyleSource(store, [captions(scene, 5, seed=config.seed, grammar=style)
+                                             for scene in test_scenes])
+    return styles_experiment(out_dir, data, sources, classifier, finetune_steps=finetune_steps,
+                             finetune_lr=finetune_lr, show_progress=show_progress, t0=t0)
+
+
+def styles_experiment(out_dir: str | Path, data: ToyData, sources: dict[str, StyleSource], classifier: Any, *,
+                      finetune_steps: int | None = None, finetune_lr: float | None = None,
+                      show_progress: bool | None = None, t0: float | None = None) -> dict[str, Any]:
+    """Per style: the factual decoder, a style-only decoder, and the factual one fine-tuned on the style
+    (``--init-from``), scored against the style's references and by ``classifier`` (``accuracy(texts,
+    style)``). Writes metrics.json and report.html in ``out_dir``; returns the metrics."""
+    t0 = time.time() if t0 is None else t0
+    out_dir = Path(out_dir)
+    config = data.config
+    finetune_steps = finetune_steps or max(1, config.steps // 2)
+    finetune_lr = finetune_lr or config.lr / 2
     noise = NoiseConfig(variance=config.noise_variance)
     logger.info("training the factual decoder (%d captions, %d steps)", len(data.text_store), config.steps)
     factual = train_variant(data, out_dir / "runs" / "factual", noise=noise, show_progress=show_progress)
@@ -86,15 +123,11 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
     style_refs: dict[str, list[list[str]]] = {}
     predictions: dict[str, dict[str, list[str]]] = {}
     classifier_check: dict[str, float] = {}
-    for style in styles:
-        texts = list(corpus(n_style, seed=config.seed, split="train", grammar=style))
-        store = embed_store(out_dir / "data" / f"{style}_store", captions_from_list(texts), encoder.encode_text,
-                            encoder)
-        # the test images' references, in this style (the scenes of test_set; no need to render them again)
-        refs = [captions(scene, 5, seed=config.seed, grammar=style) for scene in test_scenes]
+    for style, source in sources.items():
+        store, refs = source.store, source.references
         style_refs[style] = refs
         classifier_check[style] = classifier.accuracy([r for rs in refs for r in rs], style)
-        logger.info("%s: training on %d styled sentences only (%d steps)", style, len(texts), config.steps)
+        logger.info("%s: training on %d styled sentences only (%d steps)", style, len(store), config.steps)
         only = train_variant(data, out_dir / "runs" / f"{style}_only", noise=noise, stores=[store],
                              show_progress=show_progress)
         logger.info("%s: fine-tuning the factual decoder (%d steps)", style, finetune_steps)
@@ -103,7 +136,7 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
         results[style], predictions[style] = {}, {}
         for name, ck in (("factual", factual), ("style_only", only), ("finetuned", tuned)):
             r = evaluate_checkpoint(data, ck[0], name, train_seconds=ck[1], references=refs,
-                                    show_progress=show_progress)
+                                    embeddings=source.embeddings, show_progress=show_progress)
             acc = classifier.accuracy(r.predictions, style)
             row = _row(r, STYLE_METRICS)
             row["style_accuracy"] = round(acc, 4)
@@ -115,18 +148,23 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
     metrics = {
         "results": results,
         "descriptions": STYLE_RUNS,
-        "style_sentences": n_style,
+        "style_sentences": (len(next(iter(sources.values())).store) if data.source.get("kind") == "toy"
+                            else {style: len(s.store) for style, s in sources.items()}),
         "finetune_steps": finetune_steps,
         "finetune_lr": finetune_lr,
         "classifier_accuracy_on_styled_references": classifier_check,
         "noise_variance": config.noise_variance,
-        "encoder": encoder.spec,
+        "encoder": data.encoder.spec,
         "config": config.to_dict(),
-        "n_test_images": len(data.test_images),
+        "n_test_images": (len(data.test_images) if data.source.get("kind") == "toy"
+                          else {style: len(s.references) for style, s in sources.items()}),
         "seconds": round(time.time() - t0, 1),
     }
+    if data.source.get("kind") != "toy":
+        metrics["data"] = {**data.source, "styles": {style: getattr(s.store, "path", None) and str(s.store.path)
+                                                     for style, s in sources.items()}}
     write_json(out_dir / "metrics.json", metrics)
-    _styles_report(out_dir / "report.html", data, metrics, predictions, style_refs)
+    _styles_report(out_dir / "report.html", data, metrics, predictions, style_refs, sources)
     return metrics
 
 
@@ -146,6 +184,21 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
         datas[name] = prepare_data(replace(config, grammar=d.grammar, world=d.world, test_grammar=None, test_world=None),
                                    out_dir / "data" / name, encoder=encoder, show_progress=show_progress)
         encoder = datas[name].encoder
+    return cross_domain_experiment(out_dir, datas, config=config, show_progress=show_progress, t0=t0)
+
+
+def cross_domain_experiment(out_dir: str | Path, datas: dict[str, ToyData], *, config: ExperimentConfig | None = None,
+                            show_progress: bool | None = None, t0: float | None = None) -> dict[str, Any]:
+    """Train on each domain's captions (with and without noise) and caption every domain's test images.
+
+    ``datas``: domain name -> its prepared data (training store + test images); ``config`` (default: the
+    first domain's) gives the noise variance recorded. Writes metrics.json and report.html in ``out_dir``.
+    """
+    t0 = time.time() if t0 is None else t0
+    out_dir = Path(out_dir)
+    domains = tuple(datas)
+    config = config or next(iter(datas.values())).config
+    encoder = next(iter(datas.values())).encoder
     noise = NoiseConfig(variance=config.noise_variance)
     variants = {"noise": noise, "no_noise": replace(noise, variance=0.0)}
     results: dict[str, dict[str, Any]] = {}
@@ -171,6 +224,8 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
         "n_test_images": {name: len(datas[name].test_images) for name in domains},
         "seconds": round(time.time() - t0, 1),
     }
+    if next(iter(datas.values())).source.get("kind") != "toy":
+        metrics["data"] = {name: d.source for name, d in datas.items()}
     write_json(out_dir / "metrics.json", metrics)
     _domains_report(out_dir / "report.html", datas, metrics, predictions)
     return metrics
@@ -179,6 +234,12 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
 def _domain_stats(data: Any) -> dict[str, Any]:
     from capdec.lab.toyworld import get_world, tokenize_words
 
+    if data.source.get("kind") != "toy":
+        from capdec.corpus_tools import corpus_stats
+
+        s = corpus_stats(data.text_store.captions, top=1)
+        return {"store": data.source["store"], "captions": s["captions"], "mean_caption_words": s["mean_words"],
+                "vocabulary": s["vocabulary"], "test": data.source["test"]["path"], "test_images": len(data.ids)}
     caps = data.text_store.captions
     words = [tokenize_words(c) for c in caps]
     world = get_world(data.config.world)
@@ -192,7 +253,7 @@ def _domain_stats(data: Any) -> dict[str, Any]:
 
 # -- reports --------------------------------------------------------------------------------------
 def _styles_report(path: Path, data: Any, metrics: dict[str, Any], predictions: dict[str, dict[str, list[str]]],
-                   style_refs: dict[str, list[list[str]]]) -> None:
+                   style_refs: dict[str, list[list[str]]], sources: dict[str, StyleSource]) -> None:
     from capdec.lab.report import metrics_table, write_report
 
     cols = [*STYLE_METRICS, "style_accuracy"]
@@ -200,15 +261,31 @@ def _styles_report(path: Path, data: Any, metrics: dict[str, Any], predictions: 
                f"± binomial SE)", metrics_table(rows, cols, descriptions=STYLE_RUNS))
               for style, rows in metrics["results"].items()]
     check = metrics["classifier_accuracy_on_styled_references"]
-    tables.append(("The style classifier (naive Bayes on word uni/bigrams, trained on val-split captions)",
+    trained_on = "val-split captions" if data.source.get("kind") == "toy" else "the factual and styled corpora"
+    tables.append((f"The style classifier (naive Bayes on word uni/bigrams, trained on {trained_on})",
                    metrics_table({s: {"accuracy on the styled references": a} for s, a in check.items()},
                                  ["accuracy on the styled references"], row_header="style")))
-    intro = (f"Text only: {len(data.text_store):,} factual captions and {metrics['style_sentences']:,} styled "
-             f"sentences per style, no images. Factual and style-only decoders: {data.config.steps} steps; fine-tuning: "
+    toy = data.source.get("kind") == "toy"
+    styled = (f"{metrics['style_sentences']:,} styled sentences per style" if toy else
+              "styled sentences (" + ", ".join(f"{s}: {n:,}" for s, n in metrics["style_sentences"].items()) + ")")
+    tests = (f"{len(data.test_images)} held-out test images" if toy else
+             "test images with styled references (" + ", ".join(f"{s}: {n:,}" for s, n in
+                                                                metrics["n_test_images"].items()) + ")")
+    intro = (f"Text only: {len(data.text_store):,} factual captions and {styled}, no images. Factual and style-only "
+             f"decoders: {data.config.steps} steps; fine-tuning: "
              f"{metrics['finetune_steps']} steps from the factual checkpoint at lr {metrics['finetune_lr']}. Noise "
-             f"variance {metrics['noise_variance']}. {len(data.test_images)} held-out test images. Total "
+             f"variance {metrics['noise_variance']}. {tests}. Total "
              f"{metrics['seconds']:.0f} s.")
     gallery = []
+    if not toy:  # each style has its own test images
+        for style, source in sources.items():
+            images = source.images if source.images is not None else data.test_images
+            for i in range(min(8, len(images))):
+                gallery.append({"image": images[i], "references": style_refs[style][i][:2],
+                                "captions": {f"{style}/{run}": p[i] for run, p in predictions[style].items()}})
+        write_report(path, title="capdec experiment styles: style-guided captioning from text alone", intro=intro,
+                     tables=tables, gallery=gallery, footer="references shown: the style's own")
+        return
     for i in range(min(16, len(data.test_images))):
         caps = {f"{style}/{run}": predictions[style][run][i] for style in predictions for run in predictions[style]
                 if run != "factual"}
@@ -232,13 +309,14 @@ def _domains_report(path: Path, datas: dict[str, Any], metrics: dict[str, Any],
         summary[key.split(" ")[0]] = {"CIDEr no noise": base["CIDEr"], "CIDEr no noise_se": base.get("CIDEr_se"),
                                       "CIDEr with noise": row["CIDEr"], "CIDEr with noise_se": row.get("CIDEr_se"),
                                       "gain": round(row["CIDEr"] - base["CIDEr"], 4)}
+    first = next(iter(datas.values()))
+    toy = first.source.get("kind") == "toy"
+    domain_cols = (["grammar", "world", "mean_caption_words", "vocabulary", "mean_objects_per_scene"] if toy else
+                   ["store", "captions", "mean_caption_words", "vocabulary", "test", "test_images"])
     tables = [("CIDEr, train domain → test domain", metrics_table(summary, ["CIDEr no noise", "CIDEr with noise",
                                                                              "gain"], row_header="train → test")),
               ("All scores (×1, ± per-image bootstrap SE)", metrics_table(results, list(DOMAIN_METRICS))),
-              ("The domains", metrics_table(metrics["domains"], ["grammar", "world", "mean_caption_words",
-                                                                 "vocabulary", "mean_objects_per_scene"],
-                                                   row_header="domain"))]
-    first = next(iter(datas.values()))
+              ("The domains", metrics_table(metrics["domains"], domain_cols, row_header="domain"))]
     intro = (f"Each decoder is trained on one domain's {len(first.text_store):,} captions (no images), "
              f"{first.config.steps} steps, with noise variance {metrics['noise_variance']} or none, and captions "
              f"every domain's {len(first.test_images)} held-out test images. Total {metrics['seconds']:.0f} s.")
@@ -247,6 +325,8 @@ def _domains_report(path: Path, datas: dict[str, Any], metrics: dict[str, Any],
         for i in range(min(8, len(data.test_images))):
             caps = {k.replace(f"→{test_d}", ""): v[i] for k, v in predictions.items() if f"→{test_d} " in k}
             gallery.append({"image": data.test_images[i], "captions": caps, "references": data.references[i][:3]})
-    write_report(path, title="capdec demo --cross-domain: COCO-like ↔ Flickr-like in the toy world", intro=intro,
+    title = ("capdec demo --cross-domain: COCO-like ↔ Flickr-like in the toy world" if toy else
+             "capdec experiment cross-domain: " + " ↔ ".join(datas))
+    write_report(path, title=title, intro=intro,
                  tables=tables, gallery=gallery, footer="gallery: test images of each domain, captioned by every "
                                                         "decoder (label: training domain and noise)")
