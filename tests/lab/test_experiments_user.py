@@ -81,7 +81,7 @@ def test_sweep_on_user_data_resumes_and_marks_calibrated(user_data, tmp_path, ca
     assert "a image store, but this needs a text store" in capsys.readouterr().err
 
 
-def test_compare_table1(user_data, tmp_path):
+def test_compare_table1(user_data, tmp_path, capsys):
     d = user_data
     out = tmp_path / "compare"
     assert main(["-q", "experiment", "compare", "--store", str(d["store"]), "--image-store", str(d["image_store"]),
@@ -95,6 +95,11 @@ def test_compare_table1(user_data, tmp_path):
     assert sup["data"]["modality"] == "image" and sup["noise"]["variance"] == 0.0
     html = (out / "report.html").read_text()
     assert "text-only vs supervised vs no noise" in html and html.count("<div class='card'>") == 17
+    # the same directory with other inputs would reuse these checkpoints: refused
+    assert main(["-q", "experiment", "compare", "--store", str(d["store"]), "--image-store", str(d["image_store"]),
+                 "--test", str(d["test"]), "--images-root", str(d["images"]), "--out", str(out), *_budget(d),
+                 "--noise-variance", "0.1"]) == 2
+    assert "holds an experiment with other settings (config differ)" in capsys.readouterr().err
 
 
 def test_cross_domain_table2(user_data, coco_dir, tiny_hf_clip, tmp_path):

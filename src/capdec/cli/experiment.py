@@ -141,6 +141,31 @@ def _prepare(args, config, *, store, test, images_root, image_store=None, cache=
                              cache_dir=cache or Path(args.out) / "test_data", max_test_images=args.max_test_images)
 
 
+def _pin(args: argparse.Namespace, config, inputs: dict) -> None:
+    """Refuse to reuse an output directory made with other inputs or settings: its finished checkpoints
+    would be taken as this run's (OUT/experiment.json records what the directory holds)."""
+    from pathlib import Path
+
+    from capdec.errors import InputError
+    from capdec.utils import read_json, write_json
+
+    cfg = config.to_dict()
+    cfg.pop("n_captions"), cfg.pop("n_test"), cfg.pop("n_paired")
+    pinned = json.loads(json.dumps({"experiment": args.experiment, "inputs": inputs, "config": cfg,
+                                    "split": args.split, "max_test_images": args.max_test_images,
+                                    "finetune": [getattr(args, "finetune_steps", None),
+                                                 getattr(args, "finetune_lr", None)]}, default=str))
+    path = Path(args.out) / "experiment.json"
+    if path.is_file():
+        old = read_json(path)
+        if old != pinned:
+            diff = [k for k in sorted({*old, *pinned}) if old.get(k) != pinned.get(k)]
+            raise InputError(f"{args.out} holds an experiment with other settings ({', '.join(diff)} differ); its "
+                             f"checkpoints would be reused: choose another --out, or delete {args.out}")
+        return
+    write_json(path, pinned)
+
+
 def _print_table(rows: dict, cols: list[str], header: str) -> None:
     width = max([len(header), *map(len, rows)]) + 2
     print(f"{header:<{width}}" + "".join(f"{c:>18}" for c in cols))
@@ -155,8 +180,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     if not args.test:
         raise InputError("compare needs --test FILE (the test split with references)")
-    data = _prepare(args, user_config(args, seed=args.seed), store=args.store, test=args.test,
-                    images_root=args.images_root, image_store=args.image_store)
+    config = user_config(args, seed=args.seed)
+    _pin(args, config, {"store": args.store, "image_store": args.image_store, "test": args.test,
+                        "images_root": args.images_root})
+    data = _prepare(args, config, store=args.store, test=args.test, images_root=args.images_root,
+                    image_store=args.image_store)
     metrics = run_demo(args.out, compare=True, data=data)
     _print_table(metrics["results"], ["CIDEr", "Bleu_4", "METEOR", "ROUGE_L"], "run")
     print(f"\nwrote {args.out}/metrics.json and {args.out}/report.html in {metrics['seconds']:.0f} s")
@@ -172,6 +200,7 @@ def _cross_domain(args: argparse.Namespace) -> int:
     if len(args.domain) < 2:
         raise InputError("cross-domain needs at least two --domain NAME STORE TEST [IMAGES_ROOT]")
     config = user_config(args, seed=args.seed)
+    _pin(args, config, {"domains": args.domain, "images_root": args.images_root})
     datas, encoder = {}, None
     for spec in args.domain:
         if len(spec) not in (3, 4):
@@ -205,7 +234,9 @@ def _styles(args: argparse.Namespace) -> int:
         styles[name] = (store, test)
     first, (_, first_test) = next(iter(styles.items()))
     cache = Path(args.out) / "test_data"
-    data = _prepare(args, user_config(args, seed=args.seed), store=args.store, test=first_test,
+    config = user_config(args, seed=args.seed)
+    _pin(args, config, {"store": args.store, "styles": args.style, "images_root": args.images_root})
+    data = _prepare(args, config, store=args.store, test=first_test,
                     images_root=args.images_root, cache=cache / first)
     sources = user_style_sources(styles, data, split=args.split, images_root=args.images_root, cache_dir=cache,
                                  max_test_images=args.max_test_images)

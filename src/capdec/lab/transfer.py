@@ -104,6 +104,7 @@ def run_styles(out_dir: str | Path, *, config: ExperimentConfig | None = None, s
                              finetune_lr=finetune_lr, show_progress=show_progress, t0=t0)
 
 
+@reusing_scorers
 def styles_experiment(out_dir: str | Path, data: ToyData, sources: dict[str, StyleSource], classifier: Any, *,
                       finetune_steps: int | None = None, finetune_lr: float | None = None,
                       show_progress: bool | None = None, t0: float | None = None) -> dict[str, Any]:
@@ -187,6 +188,7 @@ def run_cross_domain(out_dir: str | Path, *, config: ExperimentConfig | None = N
     return cross_domain_experiment(out_dir, datas, config=config, show_progress=show_progress, t0=t0)
 
 
+@reusing_scorers
 def cross_domain_experiment(out_dir: str | Path, datas: dict[str, ToyData], *, config: ExperimentConfig | None = None,
                             show_progress: bool | None = None, t0: float | None = None) -> dict[str, Any]:
     """Train on each domain's captions (with and without noise) and caption every domain's test images.
