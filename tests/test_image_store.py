@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from capdec.cli import main
-from capdec.datasets import read_image_dataset
 from capdec.errors import InputError
+from capdec.formats import read_image_dataset
 from capdec.store import EmbeddingStore
 
 

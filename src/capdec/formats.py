@@ -949,3 +949,195 @@ def _dataset_pairs(ds: Dataset, images_root: str | os.PathLike | None) -> tuple[
     if not paths:
         raise InputError(f"none of the {len(ds)} images of the {ds.split!r} split of {ds.path} is under {root}")
     return paths, caps
+
+
+# ---------------------------------------------------------------------------------------------
+# captioned-image datasets: (image path, image id, captions)
+# ---------------------------------------------------------------------------------------------
+# Everything that needs images *with* their captions calls read_image_dataset: image-embedding stores
+# (capdec embed --modality image) and the test splits of experiments (capdec sweep --test, capdec
+# experiment). Formats (from the content unless format= says otherwise):
+#   coco      a COCO caption annotation file (images[] with id + file_name, annotations[]); one split
+#   refs      a JSON list of {"file_name" or "image", "image_id"?, "captions": [...]} (karpathy_test_refs.json)
+#   jsonl     JSON Lines of {"image", "caption"} or {"image", "captions": [...]}, optional image_id and
+#             split; several lines may name the same image (their captions are joined)
+#   karpathy  dataset_coco.json / dataset_flickr30k.json (read by karpathy_from_data: split train = train +
+#             restval, val, test, all; images at images_root/filepath/filename)
+# Relative image paths are under images_root (default: the dataset file's folder), falling back to the
+# base name directly under it; missing or unreadable images are skipped later, by the image loader.
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+DATASET_FORMATS = ("coco", "refs", "jsonl", "karpathy")
+
+
+@dataclass
+class ImageRecord:
+    """One image of a dataset and its captions (normalised, non-empty)."""
+
+    image: str  # path of the image file (resolved against images_root)
+    image_id: Any  # the dataset's id (COCO id), else the file name as written
+    captions: list[str]
+
+
+@dataclass
+class ImageDataset:
+    records: list[ImageRecord]
+    path: str  # the dataset file
+    format: str
+    split: str | None
+    images_root: str
+    skipped: dict[str, int] = field(default_factory=dict)  # images left out, by reason (e.g. no captions)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def n_captions(self) -> int:
+        return sum(len(r.captions) for r in self.records)
+
+    def references(self) -> list[list[str]]:
+        return [r.captions for r in self.records]
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "split": self.split, "images_root": self.images_root,
+                "images": len(self), "captions": self.n_captions, "skipped": dict(self.skipped)}
+
+
+def _resolve(name: str, root: Path) -> str:
+    p = Path(os.path.expanduser(name))
+    if p.is_absolute():
+        return str(p)
+    if not (root / p).exists() and (root / p.name).exists():
+        return str(root / p.name)
+    return str(root / p)
+
+
+def detect_dataset_format(path: Path) -> tuple[str, Any]:
+    """The format of ``path`` and, for a .json file, its parsed content (read once)."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl", None
+    if path.suffix.lower() != ".json":
+        raise InputError(f"{path}: a captioned-image dataset is a COCO/Karpathy .json, a JSON list of "
+                         f"{{file_name, captions}} or a .jsonl of {{image, caption}}; pass format= otherwise")
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        first = data["images"][0] if data["images"] else {}
+        if isinstance(first, dict) and "sentences" in first:
+            return "karpathy", data
+        if "annotations" in data:
+            return "coco", data
+    if isinstance(data, list):
+        return "refs", data
+    keys = ", ".join(map(repr, data)) if isinstance(data, dict) else type(data).__name__
+    raise InputError(f"{path}: not a captioned-image dataset (found {keys}); expected a COCO annotation file "
+                     f"(images + annotations), a Karpathy split file, or a JSON list of {{file_name, captions}}")
+
+
+def _no_split(fmt: str, split: str | None, path: Path) -> None:
+    if split not in (None, "all"):
+        raise InputError(f"{path}: a {fmt} file has no splits (it is one split); drop --split {split}")
+
+
+def _read_coco(path: Path, data: Any, root: Path, split: str | None) -> tuple[list[ImageRecord], dict[str, int]]:
+    _no_split("COCO annotation", split, path)
+    caps: dict[Any, list[str]] = {}
+    for i, ann in enumerate(data.get("annotations") or []):
+        if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
+            raise InputError(f"{path}: annotations[{i}] needs 'image_id' and a 'caption' string")
+        text = _clean(ann["caption"])
+        if text:
+            caps.setdefault(ann["image_id"], []).append(text)
+    records, skipped = [], {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise InputError(f"{path}: images[{i}] needs 'id' and a 'file_name' string")
+        if im["id"] not in caps:
+            skipped["no_captions"] = skipped.get("no_captions", 0) + 1
+            continue
+        records.append(ImageRecord(_resolve(im["file_name"], root), im["id"], caps[im["id"]]))
+    return records, skipped
+
+
+def _read_refs(path: Path, data: Any, root: Path, split: str | None) -> tuple[list[ImageRecord], dict[str, int]]:
+    _no_split("reference list", split, path)
+    records = []
+    for i, row in enumerate(data):
+        name = row.get("file_name", row.get("image")) if isinstance(row, dict) else None
+        captions = row.get("captions") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not isinstance(captions, list):
+            raise InputError(f"{path}: entry {i} needs 'file_name' (or 'image') and a 'captions' list")
+        texts = [_clean(c) for c in captions if isinstance(c, str) and _clean(c)]
+        records.append(ImageRecord(_resolve(name, root), row.get("image_id", name), texts))
+    return records, {}
+
+
+def _read_jsonl(path: Path, data: Any, root: Path, split: str | None) -> tuple[list[ImageRecord], dict[str, int]]:
+    rows, lines = parse_json_or_jsonl(path, read_text(path))
+    if lines is None:
+        raise InputError(f"{path}: expected JSON Lines (one {{image, caption}} object per line), got one JSON document")
+    by_image: dict[str, ImageRecord] = {}
+    skipped: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        where = location(path, i, lines)
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise InputError(f"{where}: expected an object with an 'image' path and a 'caption' (or 'captions' list)")
+        if "caption" in row:
+            texts = [row["caption"]]
+        elif isinstance(row.get("captions"), list):
+            texts = row["captions"]
+        else:
+            raise InputError(f"{where}: no 'caption' string or 'captions' list")
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError(f"{where}: captions must be strings")
+        if split not in (None, "all"):
+            if "split" not in row:
+                raise InputError(f"{where}: --split {split} given but the record has no 'split' field")
+            if row["split"] != split:
+                skipped["other_split"] = skipped.get("other_split", 0) + 1
+                continue
+        rec = by_image.setdefault(row["image"], ImageRecord(_resolve(row["image"], root),
+                                                            row.get("image_id", row["image"]), []))
+        rec.captions.extend(t for t in map(_clean, texts) if t)
+    records = [r for r in by_image.values() if r.captions]
+    if len(records) < len(by_image):
+        skipped["no_captions"] = len(by_image) - len(records)
+    return records, skipped
+
+
+def _read_karpathy(path: Path, data: Any, root: Path, split: str | None) -> tuple[list[ImageRecord], dict[str, int]]:
+    # the Karpathy reader above decides splits (train = train + restval) and ids (cocoid, numeric stem, name)
+    ds = karpathy_from_data(data, path, split or "all")
+    records = [ImageRecord(_resolve(img.relpath, root), img.image_id, [t for t in map(_clean, img.sentences) if t])
+               for img in ds.images]
+    kept = [r for r in records if r.captions]
+    return kept, ({"no_captions": len(records) - len(kept)} if len(kept) < len(records) else {})
+
+
+_READERS = {"coco": _read_coco, "refs": _read_refs, "jsonl": _read_jsonl, "karpathy": _read_karpathy}
+
+
+def read_image_dataset(path: str | os.PathLike, *, split: str | None = None,
+                       images_root: str | os.PathLike | None = None, format: str = "auto") -> ImageDataset:
+    """Read a captioned-image dataset (see the module docstring); images without captions are left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such dataset file")
+    if format != "auto" and format not in DATASET_FORMATS:
+        raise InputError(f"unknown dataset format {format!r}; use auto or one of {', '.join(DATASET_FORMATS)}")
+    if format == "auto":
+        fmt, data = detect_dataset_format(path)
+    else:
+        fmt, data = format, None if format == "jsonl" else read_json(path)
+    root = Path(images_root) if images_root is not None else path.parent
+    if images_root is not None and not root.is_dir():
+        raise InputError(f"--images-root {root}: no such directory")
+    records, skipped = _READERS[fmt](path, data, root, split)
+    if not records:
+        raise InputError(f"{path}: no captioned images{f' in split {split!r}' if split else ''}")
+    return ImageDataset(records=records, path=str(path), format=fmt, split=split, images_root=str(root),
+                        skipped=skipped)
+
+

@@ -3,7 +3,7 @@
 The supervised comparison of the paper (ClipCap: the decoder trained on *image* embeddings of paired
 data) and its "pre-train on images, then fine-tune on text" recipe both need a store of image
 embeddings paired with captions. :func:`embed_image_dataset` reads a dataset with
-:func:`capdec.datasets.read_image_dataset`, loads each image once with the image loader
+:func:`capdec.formats.read_image_dataset`, loads each image once with the image loader
 (:mod:`capdec.images`: EXIF, alpha, bombs; unreadable files are listed in the store's ``stats`` and
 skipped, with their captions), encodes it once, and writes a store whose ``rows.npy`` maps every caption
 to its image's row — five captions of an image share one stored embedding. The store records
@@ -22,8 +22,8 @@ import numpy as np
 
 from capdec.artifacts import jsonable
 from capdec.corpus import captions_sha256
-from capdec.datasets import ImageDataset, read_image_dataset
 from capdec.errors import InputError
+from capdec.formats import ImageDataset, read_image_dataset
 from capdec.images import DEFAULT_MAX_PIXELS, iter_image_batches
 from capdec.store import EmbeddingStore, EmbedRun, _check_target
 from capdec.utils import progress, sha256_file

@@ -94,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_image(args: argparse.Namespace) -> int:
-    from capdec.datasets import read_image_dataset
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
+    from capdec.formats import read_image_dataset
     from capdec.image_store import embed_image_dataset
 
     if len(args.corpus) != 1:

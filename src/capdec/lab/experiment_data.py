@@ -7,7 +7,7 @@ In the toy world, :func:`capdec.lab.experiment.prepare_data` generates all of it
 
 - the user's text store (``capdec embed``), and optionally an image store (``capdec embed --modality
   image``) for the supervised baseline and the image mean of the centroid shift;
-- a test split read with :func:`capdec.datasets.read_image_dataset` (a COCO annotation file, a JSON list
+- a test split read with :func:`capdec.formats.read_image_dataset` (a COCO annotation file, a JSON list
   of ``{file_name, captions}`` or a JSONL of ``{image, caption}``); its images are encoded once with the
   store's encoder (unreadable ones are listed and left out) and cached in ``cache_dir``, so every seed,
   noise level and rerun of an experiment scores the same images without encoding them again.
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from capdec.datasets import ImageDataset, read_image_dataset
 from capdec.errors import InputError
+from capdec.formats import ImageDataset, read_image_dataset
 from capdec.lab.experiment import ExperimentConfig, ToyData
 from capdec.noise import PAPER_VARIANCE, mean_embedding
 
