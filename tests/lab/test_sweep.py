@@ -135,7 +135,11 @@ def test_cli_bad_input(tmp_path, capsys):
     assert "--variances" in capsys.readouterr().err
     assert main(["sweep", "--out", out, "--steps", "0"]) == 2
     assert main(["sweep", "--out", out, "--encoder", "hf:x"]) == 2
-    assert "toy world only" in capsys.readouterr().err
+    assert "without --store, capdec sweep runs in the toy world" in capsys.readouterr().err
+    assert main(["sweep", "--out", out, "--store", str(tmp_path)]) == 2  # your data needs a test split too
+    assert "needs both --store STORE and --test FILE" in capsys.readouterr().err
+    assert main(["sweep", "--out", out, "--lm", "gpt2"]) == 2  # a decoder option of the --store mode
+    assert "applies to a sweep on your data" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: an empty list
         main(["sweep", "--out", out, "--variances"])
     with pytest.raises(SystemExit):  # argparse: both calibration sources

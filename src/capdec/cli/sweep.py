@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if not args.encoder.split(":", 1)[0] == "toy":
-        raise InputError(f"--encoder {args.encoder!r}: capdec sweep runs in the toy world only; use toy or toy:DIR")
+        raise InputError(f"--encoder {args.encoder!r}: without --store, capdec sweep runs in the toy world; use toy "
+                         f"or toy:DIR, or sweep your own data with --store STORE --test FILE")
 
     cfg = ExperimentConfig()
     for flag, name in (("captions", "n_captions"), ("test_images", "n_test"), ("steps", "steps"),
