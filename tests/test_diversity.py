@@ -1,11 +1,11 @@
-"""Diversity diagnostics (capdec.diversity and ``capdec evaluate``'s "diversity" block)."""
+"""Diversity diagnostics (capdec.metrics.diversity and ``capdec evaluate``'s "diversity" block)."""
 
 from __future__ import annotations
 
 import json
 
 from capdec.cli import main
-from capdec.diversity import caption_diversity, caption_key
+from capdec.metrics.diversity import caption_diversity, caption_key
 
 
 def test_caption_diversity_exact():

@@ -22,9 +22,9 @@ TINY_DECODER = {"mapper": "mlp", "prefix_length": 2, "lm_dim": 32, "lm_depth": 1
 def no_java(monkeypatch):
     """Score without Java (Python tokenizer, no METEOR): the Java scorers are tested in test_metrics.py, and
     starting them for every decoder here would cost more than the experiments themselves."""
-    import capdec.metrics
+    import capdec.metrics.scorers
 
-    monkeypatch.setattr(capdec.metrics, "_java", lambda: None)
+    monkeypatch.setattr(capdec.metrics.scorers, "_java", lambda: None)
 
 
 @pytest.fixture(scope="module")

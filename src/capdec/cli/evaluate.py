@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _diversity(captions: dict, train_corpus: str | None) -> dict:
     """Diversity of the scored captions; copies from ``train_corpus`` (a caption file or a store) when given."""
-    from capdec.diversity import caption_diversity
+    from capdec.metrics.diversity import caption_diversity
 
     training = None
     if train_corpus:

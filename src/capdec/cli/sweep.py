@@ -48,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decoding of the test images (beam: beam search of 3)")
     p.add_argument("--metric", default="CIDEr", choices=["CIDEr", "Bleu_4", "METEOR", "ROUGE_L", "Bleu_1"],
                    help="the metric the verdict and plot use")
-    p.add_argument("--encoder", default=None, metavar="SPEC",
-                   help="toy: the mini-CLIP, toy (shipped weights, the default) or toy:DIR (from 'capdec toyworld "
-                        "train-clip'); --store: the CLIP the store was made with (default: its recorded spec)")
+    p.add_argument("--encoder", default="toy", metavar="SPEC",
+                   help="the mini-CLIP: toy (shipped weights) or toy:DIR (from 'capdec toyworld train-clip'); with "
+                        "--store the CLIP is the one the store records, unless another spec is given here")
     add_user_data_arguments(p)
 
 
@@ -68,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("split", "images_root", "max_test_images", "lm", "model_config", "lr"):
         if getattr(args, flag) is not None:
             raise InputError(f"--{flag.replace('_', '-')} applies to a sweep on your data (--store and --test)")
-    args.encoder = args.encoder or "toy"
     for flag in ("steps", "captions", "test_images", "batch_size", "calibrate_pairs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -118,7 +117,7 @@ def _run_user(args: argparse.Namespace) -> int:
     calibrated_file = args.noise_file  # its variance is added to the grid and marked
     args.noise_variance = args.noise_file = None  # the sweep sets every variance itself
     encoder = None
-    if args.encoder:
+    if args.encoder != "toy":  # the default: take the CLIP the store records
         from capdec.encoders import load_encoder
 
         encoder = load_encoder(args.encoder, device=args.device)
