@@ -34,6 +34,10 @@ def _corpus_reader_args(p: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from capdec.cli import HelpFormatter
 
+    class ListingFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+        """Keeps the description's line breaks (it lists the sub-commands)."""
+
+    parser.formatter_class = ListingFormatter
     sub = parser.add_subparsers(dest="tool", metavar="TOOL", required=True)
 
     p = sub.add_parser("sentences", help="open text -> one caption-length sentence per line",
@@ -145,8 +149,10 @@ def _rebalance(args: argparse.Namespace) -> int:
                          f"write .txt or .jsonl for a {fmt} corpus")
     if out_ext == ".json":
         # the same COCO file with each annotation's caption rebalanced (ids, images, licences untouched)
-        data = json.loads(Path(args.corpus).read_text(encoding="utf-8-sig"))
+        from capdec.formats import read_json
+
         read_corpus(args.corpus, format="coco")  # validates the annotations with the usual errors
+        data = read_json(args.corpus)
         anns = data["annotations"]
         new, swapped, report = rebalance_gender([a["caption"] for a in anns], p=args.p, direction=args.direction,
                                                 seed=args.seed)

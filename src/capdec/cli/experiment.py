@@ -48,6 +48,10 @@ def add_user_data_arguments(p: argparse.ArgumentParser, *, test: bool = True) ->
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from capdec.cli import HelpFormatter
 
+    class ListingFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+        """Keeps the description's line breaks (it lists the sub-commands)."""
+
+    parser.formatter_class = ListingFormatter
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
 
     def common(p: argparse.ArgumentParser, *, test: bool = True) -> None:
