@@ -91,6 +91,10 @@ def test_compare_table1(user_data, tmp_path, capsys):
     assert all(r["CIDEr"] is not None and "CIDEr_se" in r for r in m["results"].values())
     assert m["n_test_images"] == 17 and m["noise_variance"] == 0.016 and m["data"]["image_store"]
     assert m["clip"] == {}  # no toy mini-CLIP card for a real encoder
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 17 and rows[0]["file"].endswith("COCO_val2014_000000000257.jpg")
+    assert rows[0]["references"] == [" ".join(c.split()) for c in d["captions"]["COCO_val2014_000000000257.jpg"]]
+    assert set(rows[0]) >= {"capdec", "no_noise", "supervised", "shifted"}
     sup = json.loads((out / "runs" / "supervised" / "config.json").read_text())
     assert sup["data"]["modality"] == "image" and sup["noise"]["variance"] == 0.0
     html = (out / "report.html").read_text()

@@ -161,10 +161,11 @@ def _clip_card(encoder: Any) -> dict[str, Any]:
 def _write_predictions(path: Path, data: Any, results: dict[str, VariantResult]) -> None:
     import json
 
+    files = getattr(data.test_images, "paths", None)  # the user's test images: their files
     with open(path, "w", encoding="utf-8") as f:
         for i, ident in enumerate(data.ids):
-            row = {"image": ident, "references": data.references[i],
-                   **{name: r.predictions[i] for name, r in results.items()}}
+            row = {"image": ident, **({"file": files[i]} if files is not None else {}),
+                   "references": data.references[i], **{name: r.predictions[i] for name, r in results.items()}}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
