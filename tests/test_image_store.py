@@ -36,12 +36,18 @@ def photo_dataset(coco_dir, tmp_path_factory):
     rows += [{"image": "broken.jpg", "caption": "a broken file"}, {"image": "missing.jpg", "caption": "nothing"}]
     jsonl = root / "pairs.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the Karpathy layout (dataset_coco.json): filepath/filename, split, sentences[].raw, cocoid
+    karpathy = root / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": n, "cocoid": meta[n]["image_id"], "imgid": i,
+         "split": "test" if meta[n]["in_karpathy_test"] else ("restval" if i % 2 else "train"),
+         "sentences": [{"raw": c, "tokens": c.lower().split()} for c in cs]} for i, (n, cs) in enumerate(caps.items())]}))
     coco = root / "coco.json"
     coco.write_text(json.dumps({
         "images": [{"id": meta[n]["image_id"], "file_name": n} for n in caps],
         "annotations": [{"id": k, "image_id": meta[n]["image_id"], "caption": c}
                         for k, (n, c) in enumerate((n, c) for n, cs in caps.items() for c in cs)]}))
-    return {"root": root, "jsonl": jsonl, "coco": coco, "captions": caps}
+    return {"root": root, "jsonl": jsonl, "coco": coco, "karpathy": karpathy, "captions": caps, "meta": meta}
 
 
 def test_read_image_dataset_formats(photo_dataset, coco_dir):
@@ -53,6 +59,15 @@ def test_read_image_dataset_formats(photo_dataset, coco_dir):
     assert [r.captions for r in coco.records] == [r.captions for r in ds.records[:17]]
     refs = read_image_dataset(coco_dir / "karpathy_test_refs.json", images_root=coco_dir / "images")
     assert len(refs) == 1097 and all(len(r.captions) == 5 for r in refs.records)
+    # Karpathy: the test split is the 5 Karpathy-test photos; train = train + restval; ids are cocoids
+    test = read_image_dataset(photo_dataset["karpathy"], split="test", images_root=photo_dataset["root"])
+    in_test = [n for n in photo_dataset["captions"] if photo_dataset["meta"][n]["in_karpathy_test"]]
+    assert len(test) == len(in_test) == 5
+    assert [r.image_id for r in test.records] == [photo_dataset["meta"][n]["image_id"] for n in in_test]
+    assert test.records[0].image == str(photo_dataset["root"] / in_test[0])  # val2014/ absent: the flat folder
+    train = read_image_dataset(photo_dataset["karpathy"], split="train", images_root=photo_dataset["root"])
+    assert len(train) == 12 and train.records[0].captions == [" ".join(c.split()) for c in
+                                                             photo_dataset["captions"][train.records[0].image.rsplit("/", 1)[-1]]]
     with pytest.raises(InputError, match="no splits"):
         read_image_dataset(photo_dataset["coco"], split="train")
     with pytest.raises(InputError, match="has no 'split' field"):

@@ -962,7 +962,7 @@ def _dataset_pairs(ds: Dataset, images_root: str | os.PathLike | None) -> tuple[
 #   jsonl     JSON Lines of {"image", "caption"} or {"image", "captions": [...]}, optional image_id and
 #             split; several lines may name the same image (their captions are joined)
 #   karpathy  dataset_coco.json / dataset_flickr30k.json (read by karpathy_from_data: split train = train +
-#             restval, val, test, all; images at images_root/filepath/filename)
+#             restval, the default as for caption corpora; val, test, all; images at images_root/filepath/filename)
 # Relative image paths are under images_root (default: the dataset file's folder), falling back to the
 # base name directly under it; missing or unreadable images are skipped later, by the image loader.
 
@@ -1109,7 +1109,7 @@ def _read_jsonl(path: Path, data: Any, root: Path, split: str | None) -> tuple[l
 
 def _read_karpathy(path: Path, data: Any, root: Path, split: str | None) -> tuple[list[ImageRecord], dict[str, int]]:
     # the Karpathy reader above decides splits (train = train + restval) and ids (cocoid, numeric stem, name)
-    ds = karpathy_from_data(data, path, split or "all")
+    ds = karpathy_from_data(data, path, split or "train")  # the default of capdec embed's text corpora too
     records = [ImageRecord(_resolve(img.relpath, root), img.image_id, [t for t in map(_clean, img.sentences) if t])
                for img in ds.images]
     kept = [r for r in records if r.captions]

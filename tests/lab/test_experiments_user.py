@@ -37,6 +37,12 @@ def user_data(coco_dir, tiny_hf_clip, hf_store, tmp_path_factory):
     caps = json.loads((photos / "captions.json").read_text())
     test = root / "test_refs.json"  # the karpathy_test_refs.json layout: [{file_name, captions}]
     test.write_text(json.dumps([{"file_name": n, "captions": c} for n, c in caps.items()]))
+    meta = json.loads((photos / "images_meta.json").read_text())
+    karpathy = root / "dataset_coco.json"  # the Karpathy split file layout; its test split: 5 of the photos
+    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": n, "cocoid": meta[n]["image_id"],
+         "split": "test" if meta[n]["in_karpathy_test"] else "train", "sentences": [{"raw": x} for x in c]}
+        for n, c in caps.items()]}))
     pairs = root / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"image": str(photos / n), "caption": c[0]}) + "\n" for n, c in caps.items()))
     image_store = root / "image_store"
@@ -46,7 +52,7 @@ def user_data(coco_dir, tiny_hf_clip, hf_store, tmp_path_factory):
     assert main(["-q", "calibrate", str(pairs), "--encoder", tiny_hf_clip, "--out", str(noise)]) == 0
     decoder = root / "decoder.json"
     decoder.write_text(json.dumps(TINY_DECODER))
-    return {"store": hf_store, "image_store": image_store, "test": test, "images": photos, "noise": noise,
+    return {"store": hf_store, "image_store": image_store, "test": test, "karpathy": karpathy, "images": photos, "noise": noise,
             "decoder": decoder, "root": root, "captions": caps}
 
 
@@ -84,26 +90,35 @@ def test_sweep_on_user_data_resumes_and_marks_calibrated(user_data, tmp_path, ca
 def test_compare_table1(user_data, tmp_path, capsys):
     d = user_data
     out = tmp_path / "compare"
+    # the test split of a Karpathy-format file (dataset_coco.json --split test)
     assert main(["-q", "experiment", "compare", "--store", str(d["store"]), "--image-store", str(d["image_store"]),
-                 "--test", str(d["test"]), "--images-root", str(d["images"]), "--out", str(out), *_budget(d)]) == 0
+                 "--test", str(d["karpathy"]), "--split", "test", "--images-root", str(d["images"]), "--out", str(out),
+                 *_budget(d)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["results"]) == ["capdec", "no_noise", "supervised", "shifted"]
     assert all(r["CIDEr"] is not None and "CIDEr_se" in r for r in m["results"].values())
-    assert m["n_test_images"] == 17 and m["noise_variance"] == 0.016 and m["data"]["image_store"]
+    assert m["n_test_images"] == 5 and m["noise_variance"] == 0.016 and m["data"]["image_store"]
+    assert m["data"]["test"]["format"] == "karpathy" and m["data"]["test"]["split"] == "test"
     assert m["clip"] == {}  # no toy mini-CLIP card for a real encoder
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    assert len(rows) == 17 and rows[0]["file"].endswith("COCO_val2014_000000000257.jpg")
-    assert rows[0]["references"] == [" ".join(c.split()) for c in d["captions"]["COCO_val2014_000000000257.jpg"]]
+    first = rows[0]["file"].rsplit("/", 1)[-1]
+    assert len(rows) == 5 and rows[0]["image"] == json.loads((d["images"] / "images_meta.json").read_text())[first]["image_id"]
+    assert rows[0]["references"] == [" ".join(c.split()) for c in d["captions"][first]]
     assert set(rows[0]) >= {"capdec", "no_noise", "supervised", "shifted"}
     sup = json.loads((out / "runs" / "supervised" / "config.json").read_text())
     assert sup["data"]["modality"] == "image" and sup["noise"]["variance"] == 0.0
     html = (out / "report.html").read_text()
-    assert "text-only vs supervised vs no noise" in html and html.count("<div class='card'>") == 17
+    assert "text-only vs supervised vs no noise" in html and html.count("<div class='card'>") == 5
     # the same directory with other inputs would reuse these checkpoints: refused
     assert main(["-q", "experiment", "compare", "--store", str(d["store"]), "--image-store", str(d["image_store"]),
-                 "--test", str(d["test"]), "--images-root", str(d["images"]), "--out", str(out), *_budget(d),
-                 "--noise-variance", "0.1"]) == 2
+                 "--test", str(d["karpathy"]), "--split", "test", "--images-root", str(d["images"]), "--out", str(out),
+                 *_budget(d), "--noise-variance", "0.1"]) == 2
     assert "holds an experiment with other settings (config differ)" in capsys.readouterr().err
+    # a Karpathy file holds several splits: the one to score must be named
+    assert main(["-q", "experiment", "compare", "--store", str(d["store"]), "--image-store", str(d["image_store"]),
+                 "--test", str(d["karpathy"]), "--images-root", str(d["images"]), "--out", str(tmp_path / "x"),
+                 *_budget(d)]) == 2
+    assert "name the split to score with --split" in capsys.readouterr().err
 
 
 def test_cross_domain_table2(user_data, coco_dir, tiny_hf_clip, tmp_path):

@@ -56,8 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "once, paired with its captions (the supervised baseline)")
     img.add_argument("--images-root", metavar="DIR",
                      help="folder the dataset's image file names are under (default: the dataset's folder)")
-    img.add_argument("--split", help="the dataset split to embed, for datasets with splits (JSONL with a 'split' "
-                                     "field); all: every image")
     img.add_argument("--workers", type=int, default=4, help="image loading threads")
 
 
@@ -70,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
     set_threads_from_env()
     if args.modality == "image":
         return _run_image(args)
-    if args.images_root or args.split:
+    if args.images_root:
         from capdec.errors import InputError
 
-        raise InputError("--images-root and --split apply to image stores: add --modality image")
+        raise InputError("--images-root applies to image stores: add --modality image")
     start = time.perf_counter()
     # read (and validate) the corpus before loading a possibly large model
     corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe,

@@ -90,6 +90,17 @@ def _open_store(path: str | os.PathLike, modality: str) -> Any:
     return store
 
 
+def read_test_split(test: str | os.PathLike, *, split: str | None, images_root: str | os.PathLike | None,
+                    max_test_images: int | None = None) -> ImageDataset:
+    """The test images with their references; a Karpathy-split file needs the split named (no default)."""
+    dataset = read_image_dataset(test, split=split or "all", images_root=images_root)
+    if dataset.format == "karpathy" and split in (None, "all"):
+        raise InputError(f"{test} is a Karpathy-split file: name the split to score with --split (test or val)")
+    if max_test_images is not None:
+        dataset = replace(dataset, records=dataset.records[:max_test_images])
+    return dataset
+
+
 def _test_digest(dataset: ImageDataset, encoder: Any) -> str:
     from capdec.image_store import dataset_digest
 
@@ -149,9 +160,7 @@ def prepare_user_data(config: ExperimentConfig, *, store: str | os.PathLike, tes
     text_store.check_encoder(encoder)
     if paired is not None:
         check_identity(text_store.encoder_identity, paired.encoder_identity, what=f"image store {image_store}")
-    dataset = read_image_dataset(test, split=split, images_root=images_root)
-    if max_test_images is not None:
-        dataset = replace(dataset, records=dataset.records[:max_test_images])
+    dataset = read_test_split(test, split=split, images_root=images_root, max_test_images=max_test_images)
     emb, kept, skipped = encode_test_set(dataset, encoder, cache_dir, show_progress=show_progress)
     records = [dataset.records[i] for i in kept]
     config = replace(config, n_captions=len(text_store), n_test=len(records),
@@ -213,9 +222,7 @@ def user_style_sources(styles: dict[str, tuple[str | os.PathLike, str | os.PathL
     for name, (store_path, test_path) in styles.items():
         store = _open_store(store_path, "text")
         check_identity(data.text_store.encoder_identity, store.encoder_identity, what=f"style store {store_path}")
-        dataset = read_image_dataset(test_path, split=split, images_root=images_root)
-        if max_test_images is not None:
-            dataset = replace(dataset, records=dataset.records[:max_test_images])
+        dataset = read_test_split(test_path, split=split, images_root=images_root, max_test_images=max_test_images)
         emb, kept, _ = encode_test_set(dataset, data.encoder, Path(cache_dir) / name, show_progress=show_progress)
         records = [dataset.records[i] for i in kept]
         sources[name] = StyleSource(store=store, references=[r.captions for r in records], embeddings=emb,
