@@ -12,7 +12,8 @@ DESCRIPTION = (
     "a CLIP text encoder and write an embedding store directory (meta.json, embeddings.npy, "
     "captions.jsonl). An interrupted run resumes where it stopped; rerunning a finished store with the "
     "same corpus and encoder does nothing. With --modality image, CORPUS is one captioned-image dataset (a COCO "
-    "annotation file, a JSON list of {file_name, captions}, or a JSONL of {image, caption}) and every image is "
+    "annotation file, a Karpathy-split file with --split, a JSON list of {file_name, captions}, or a JSONL of "
+    "{image, caption}) and every image is "
     "embedded once with the image tower; its captions share that embedding (an image store, for the supervised "
     "ClipCap baseline). Unreadable images are listed and skipped."
 )

@@ -8,7 +8,8 @@ import logging
 
 HELP = "the paper's experiments on your data: text-only vs supervised (Table 1), cross-domain (Table 2), styles"
 DESCRIPTION = """Run CapDec's experiments on your own embedding stores ('capdec embed'), a test split with
-references (a COCO annotation file, a JSON list of {file_name, captions}, or a JSONL of {image, caption})
+references (a Karpathy-split file with --split test, a COCO annotation file, a JSON list of
+{file_name, captions}, or a JSONL of {image, caption})
 and its images. Every decoder is trained on the same budget; test images are encoded once with the stores'
 CLIP and scored with coco-caption metrics and per-image bootstrap standard errors. Each experiment writes
 OUT/metrics.json (table), OUT/report.html (tables, training curves, a captioned gallery) and its checkpoints.
@@ -31,9 +32,11 @@ def add_user_data_arguments(p: argparse.ArgumentParser, *, test: bool = True) ->
     """Options shared by every experiment on the user's data (also used by 'capdec sweep --store')."""
     g = p.add_argument_group("test split")
     if test:
-        g.add_argument("--test", metavar="FILE", help="test split with references: COCO annotation .json, JSON "
-                                                      "list of {file_name, captions}, or JSONL {image, caption}")
-    g.add_argument("--split", help="split to use from a dataset file with splits (JSONL 'split' field)")
+        g.add_argument("--test", metavar="FILE",
+                       help="test split with references: a Karpathy-split .json (with --split), a COCO annotation "
+                            ".json, a JSON list of {file_name, captions}, or a JSONL of {image, caption}")
+    g.add_argument("--split", help="the split to score, for a file with splits: test or val of a Karpathy-split file "
+                                   "(required there), or a JSONL 'split' value")
     g.add_argument("--images-root", metavar="DIR", help="folder the test images' file names are under "
                                                          "(default: the test file's folder)")
     g.add_argument("--max-test-images", type=int, metavar="N", help="score only the first N test images")
