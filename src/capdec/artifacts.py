@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,9 @@ def write_rows(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> No
             f.write("\n")
 
 
-def read_rows(path: str | os.PathLike, count: int, *, redo: str, holder: str = "the store") -> list[dict[str, Any]]:
-    """The ``count`` records of a ``captions.jsonl``, each an object with a ``caption`` string."""
+def iter_rows(path: str | os.PathLike, *, redo: str) -> Iterator[dict[str, Any]]:
+    """The records of a ``captions.jsonl`` one at a time (a streaming read: nothing is kept)."""
     path = Path(path)
-    records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             try:
@@ -77,7 +76,12 @@ def read_rows(path: str | os.PathLike, count: int, *, redo: str, holder: str = "
                 raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); {redo}") from e
             if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
                 raise InputError(f"{path}:{lineno}: expected an object with a 'caption' string; {redo}")
-            records.append(record)
+            yield record
+
+
+def read_rows(path: str | os.PathLike, count: int, *, redo: str, holder: str = "the store") -> list[dict[str, Any]]:
+    """The ``count`` records of a ``captions.jsonl``, each an object with a ``caption`` string."""
+    records = list(iter_rows(path, redo=redo))
     if len(records) != count:
         raise InputError(f"{path}: {len(records)} captions but {holder} holds {count} embeddings; {redo}")
     return records

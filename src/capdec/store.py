@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from capdec import distributed
 from capdec.artifacts import check_rows, jsonable, load_matrix, read_meta, read_rows, write_rows
 from capdec.corpus import Corpus, captions_sha256, read_corpus
 from capdec.encoders.base import EncoderError, check_identity
@@ -300,20 +301,30 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
     manifest = {"format": _PARTIAL_FORMAT, "captions_sha256": corpus.captions_sha256,
                 "encoder_identity": identity, "count": len(corpus), "dim": int(encoder.dim),
                 "shard_size": shard_size}
-    _prepare_partial(partial, manifest)
+    # under torchrun the ranks share the missing shards; rank 0 alone touches the partial dir's layout
+    dist_info = distributed.info()
+    if dist_info.is_main:
+        _prepare_partial(partial, manifest)
 
     n = len(corpus)
     shards = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
-    done = {i for i, (lo, hi) in enumerate(shards) if _load_shard(partial, i, hi - lo, encoder.dim) is not None}
+    done = None
+    if dist_info.is_main:
+        done = {i for i, (lo, hi) in enumerate(shards) if _load_shard(partial, i, hi - lo, encoder.dim) is not None}
+    done = distributed.broadcast_object(done)  # also a barrier: the partial dir exists from here on
     resumed = sum(shards[i][1] - shards[i][0] for i in done)
-    if done:
+    if done and dist_info.is_main:
         logger.info("resuming %s: %d of %d shards (%d captions) already embedded", out_dir, len(done),
                     len(shards), resumed)
+    todo = [i for i in range(len(shards)) if i not in done][dist_info.rank :: dist_info.world_size]
+    mine = sum(shards[i][1] - shards[i][0] for i in todo)
     encoded = 0
-    with progress(total=n, initial=resumed, desc="embed", unit="caption", show=show_progress) as bar:
-        for i, (lo, hi) in enumerate(shards):
-            if i in done:
-                continue
+    bar_kw = ({"total": n, "initial": resumed} if not dist_info.enabled
+              else {"total": mine, "desc": f"embed (rank 0 of {dist_info.world_size})"})
+    with progress(**{"desc": "embed", "unit": "caption", **bar_kw},
+                  show=show_progress if dist_info.is_main else False) as bar:
+        for i in todo:
+            lo, hi = shards[i]
             texts = corpus.captions[lo:hi]
             parts = []
             for b in range(0, len(texts), batch_size):  # batches start at the shard start: resume-stable
@@ -331,27 +342,31 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                 raise EncoderError(f"encoder returned non-finite values for caption {bad} "
                                    f"({corpus.captions[bad][:80]!r}); try --precision fp32")
             _save_shard(partial, i, shard, truncated=int(encoder.count_truncated(texts)))
+    if dist_info.enabled:
+        encoded = int(distributed.all_reduce_sum(torch.tensor([encoded])).item())  # waits for every rank's shards
 
-    truncated = sum(_shard_truncated(partial, i) for i in range(len(shards)))
-    if truncated:
-        logger.warning("%d of %d captions were longer than the encoder's context (%s tokens) and were "
-                       "truncated by its tokenizer", truncated, n, getattr(encoder, "context_length", "?"))
-    meta = _make_meta(encoder.spec, encoder.identity, (n, int(encoder.dim)), dtype, corpus.describe(),
-                      {**corpus.stats.as_dict(), "truncated": truncated})
-    with atomic_dir(out_dir, overwrite=replace) as tmp:
-        arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
-        for i, (lo, hi) in enumerate(shards):
-            arr[lo:hi] = _load_shard(partial, i, hi - lo, encoder.dim)
-        arr.flush()
-        del arr
-        write_rows(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
-        write_json(tmp / META, meta)  # last: its presence marks a complete store
-    shutil.rmtree(partial, ignore_errors=True)
+    if dist_info.is_main:
+        truncated = sum(_shard_truncated(partial, i) for i in range(len(shards)))
+        if truncated:
+            logger.warning("%d of %d captions were longer than the encoder's context (%s tokens) and were "
+                           "truncated by its tokenizer", truncated, n, getattr(encoder, "context_length", "?"))
+        meta = _make_meta(encoder.spec, encoder.identity, (n, int(encoder.dim)), dtype, corpus.describe(),
+                          {**corpus.stats.as_dict(), "truncated": truncated})
+        with atomic_dir(out_dir, overwrite=replace) as tmp:
+            arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
+            for i, (lo, hi) in enumerate(shards):
+                arr[lo:hi] = _load_shard(partial, i, hi - lo, encoder.dim)
+            arr.flush()
+            del arr
+            write_rows(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
+            write_json(tmp / META, meta)  # last: its presence marks a complete store
+        shutil.rmtree(partial, ignore_errors=True)
+    distributed.barrier()  # the store is complete before any rank returns it
 
     seconds = time.perf_counter() - start
-    logger.info("embedded %d captions into %s in %.1f s (%d resumed, %d truncated)", n, out_dir, seconds,
-                resumed, truncated)
     store = EmbeddingStore.open(out_dir)
+    logger.info("embedded %d captions into %s in %.1f s (%d resumed, %d truncated)", n, out_dir, seconds,
+                resumed, store.meta["stats"]["truncated"])
     store.embed_run = EmbedRun(encoded=encoded, resumed=resumed, up_to_date=False, seconds=seconds)
     return store
 

@@ -15,7 +15,9 @@ DESCRIPTION = (
     "annotation file, a Karpathy-split file with --split, a JSON list of {file_name, captions}, or a JSONL of "
     "{image, caption}) and every image is "
     "embedded once with the image tower; its captions share that embedding (an image store, for the supervised "
-    "ClipCap baseline). Unreadable images are listed and skipped."
+    "ClipCap baseline). Unreadable images are listed and skipped. Under torchrun ('torchrun --nproc_per_node N -m "
+    "capdec embed ...') the processes share a caption corpus's shards (one GPU each) and the store is the one a "
+    "single process writes."
 )
 
 
@@ -61,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from capdec import distributed
     from capdec.corpus import read_corpus
     from capdec.encoders import load_encoder
     from capdec.store import embed_corpus
@@ -77,9 +80,17 @@ def run(args: argparse.Namespace) -> int:
     # read (and validate) the corpus before loading a possibly large model
     corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe,
                          split=args.split, style_names=args.style_names, style_test=args.style_test)
-    encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
-    store = embed_corpus(corpus, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
-                         shard_size=args.shard_size, overwrite=args.overwrite)
+    device = distributed.device_for(args.device)  # cuda:LOCAL_RANK under torchrun
+    try:
+        distributed.init(device)
+        encoder = load_encoder(args.encoder, device=str(device), precision=args.precision,
+                               batch_size=args.batch_size)
+        store = embed_corpus(corpus, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
+                             shard_size=args.shard_size, overwrite=args.overwrite)
+    finally:
+        distributed.shutdown()
+    if not distributed.info().is_main:
+        return 0
     stats = store.meta["stats"]
     seconds = time.perf_counter() - start
     if store.embed_run is not None and store.embed_run.up_to_date:
@@ -93,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_image(args: argparse.Namespace) -> int:
+    from capdec import distributed
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
     from capdec.formats import read_image_dataset
@@ -100,6 +112,8 @@ def _run_image(args: argparse.Namespace) -> int:
 
     if len(args.corpus) != 1:
         raise InputError(f"--modality image embeds one dataset file, got {len(args.corpus)}")
+    if distributed.launched():
+        raise InputError("--modality image runs as one process; start it without torchrun")
     if args.dedupe or args.format != "auto":
         raise InputError("--dedupe and --format apply to caption corpora (--modality text)")
     start = time.perf_counter()

@@ -15,7 +15,10 @@ learns to reproduce the caption. On an image-embedding store ('capdec embed --mo
 ClipCap, the supervised baseline: noise is off unless --noise-variance is given; '--init-from' such a
 checkpoint and train on a text store for the paper's pre-train-on-images, fine-tune-on-text recipe. The checkpoint directory (--out) holds config.json, weights, the
 tokenizer and metrics.jsonl, and is replaced atomically at every save. --resume continues an
-interrupted run with its recorded configuration.
+interrupted run with its recorded configuration (also with a different number of processes).
+
+Several GPUs or nodes: start it with torchrun, e.g. 'torchrun --nproc_per_node 4 -m capdec train ...';
+--batch-size stays the global batch and rank 0 writes the checkpoint (see the README, "Scaling up").
 
 --recipe NAME applies the CapDec paper's reference settings (flags given on the command line win,
 then --config values, then the recipe, then the defaults below); see docs/reproduce.md."""
@@ -166,6 +169,7 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict, explicit
 
 
 def run(args: argparse.Namespace) -> int:
+    from capdec import distributed
     from capdec.checkpoint import InferenceConfig
     from capdec.config import given as config_given
     from capdec.errors import InputError
@@ -219,9 +223,14 @@ def run(args: argparse.Namespace) -> int:
     args.save_memory = args.save_memory or args.project
     train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
                                   if hasattr(args, f.name) and f.name != "val_max"})
-    result = train(args.stores, args.out, model_config=model_config, noise=noise, config=train_config,
-                   encoder=args.encoder, init_from=args.init_from, resume=args.resume,
-                   mix_weights=args.mix_weights, inference=inference, overwrite=args.overwrite)
+    try:
+        result = train(args.stores, args.out, model_config=model_config, noise=noise, config=train_config,
+                       encoder=args.encoder, init_from=args.init_from, resume=args.resume,
+                       mix_weights=args.mix_weights, inference=inference, overwrite=args.overwrite)
+    finally:
+        distributed.shutdown()
+    if not distributed.info().is_main:
+        return 0
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"trained {result.steps} steps in {result.seconds:.1f}s: train loss {result.train_loss:.4f}{val}; "
           f"checkpoint: {result.path}")

@@ -178,21 +178,36 @@ class CapDecModel(nn.Module):
         return torch.where(count > 0, mean, self.no_entity.to(mean))
 
     def forward(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                retrieved: torch.Tensor | None = None, entity_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean cross-entropy of the caption tokens given the prefix of ``emb``.
+                retrieved: torch.Tensor | None = None, entity_ids: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the caption tokens given the prefix of ``emb``: their mean, or ``reduction="sum"``.
 
-        ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included.
+        ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included. Logits are
+        computed for the caption positions only (the prefix positions' predictions are never scored),
+        which at GPT-2's 50k vocabulary and a 40-vector prefix is most of the LM head's work.
         """
         prefix = self.prefix(emb, retrieved=retrieved, entity_ids=entity_ids)  # (b, L, h)
         b, L, _ = prefix.shape
         tokens = self.lm.get_input_embeddings()(input_ids)  # (b, t, h)
         inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (b, L+t, h)
         mask = torch.cat([attention_mask.new_ones(b, L), attention_mask], dim=1)  # (b, L+t)
-        logits = self.lm(inputs_embeds=inputs, attention_mask=mask).logits  # (b, L+t, V)
-        logits = logits[:, L - 1 : -1]  # position L-1+i predicts token i: (b, t, V)
+        logits = self._caption_logits(inputs, mask, L)  # position L-1+i predicts token i: (b, t, V)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+        if reduction == "sum":
+            return loss
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        return loss / attention_mask.sum().clamp(min=1)
+
+    def _caption_logits(self, inputs: torch.Tensor, mask: torch.Tensor, L: int) -> torch.Tensor:
+        """(b, L+t, h) inputs -> (b, t, V) logits of the positions L-1 .. L+t-2 (those predicting caption tokens)."""
+        body, head = self.lm.base_model, self.lm.get_output_embeddings()
+        if body is self.lm or head is None:  # an LM without the usual body/head split: full logits, then slice
+            return self.lm(inputs_embeds=inputs, attention_mask=mask).logits[:, L - 1 : -1]
+        hidden = body(inputs_embeds=inputs, attention_mask=mask)[0]  # (b, L+t, h)
+        return head(hidden[:, L - 1 : -1])  # (b, t, V)
 
     def tokenize(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Captions -> right-padded (n, t) ids with end-of-sequence appended, mask, and #captions cut."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from capdec.errors import InputError
@@ -20,12 +20,14 @@ logger = logging.getLogger(__name__)
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 
 
-def train_tokenizer(captions: Sequence[str], *, vocab_size: int = 8000, lowercase: bool = True):
-    """Byte-level BPE trained on ``captions`` (never an unknown character), with <pad>/<eos>/<unk>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def train_tokenizer(captions: Sequence[str] | Collection[str], *, vocab_size: int = 8000, lowercase: bool = True):
+    """Byte-level BPE trained on ``captions`` (never an unknown character), with <pad>/<eos>/<unk>.
 
-    if not captions:
+    ``captions``: a list, or any sized re-iterable (e.g. a stream read from a store's file).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if not len(captions):
         raise InputError("cannot train a tokenizer on an empty corpus")
     tok = Tokenizer(models.BPE(unk_token=UNK))
     norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
@@ -35,10 +37,23 @@ def train_tokenizer(captions: Sequence[str], *, vocab_size: int = 8000, lowercas
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(captions, trainer=trainer, length=len(captions))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS,
-                                   unk_token=UNK, clean_up_tokenization_spaces=False)
+    fast = _wrap_tokenizer(tok)
     logger.info("trained a byte-level BPE tokenizer: %d tokens", len(fast))
     return fast
+
+
+def tokenizer_from_json(text: str):
+    """A tokenizer made by :func:`train_tokenizer`, rebuilt from its JSON (``backend_tokenizer.to_str()``)."""
+    from tokenizers import Tokenizer
+
+    return _wrap_tokenizer(Tokenizer.from_str(text))
+
+
+def _wrap_tokenizer(tok):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=EOS,
+                                   unk_token=UNK, clean_up_tokenization_spaces=False)
 
 
 def load_tokenizer(name_or_dir: str, *, local_only: bool | None = None):
@@ -78,7 +93,7 @@ def lm_from_config(config: dict[str, Any]):
     model_type = cfg.pop("model_type", None)
     if model_type is None:
         raise InputError("the LM config has no model_type; the checkpoint is incomplete")
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
+    return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), **kw))
 
 
 def load_pretrained_lm(name_or_dir: str):
@@ -89,7 +104,16 @@ def load_pretrained_lm(name_or_dir: str):
     if not local and (name_or_dir.startswith((".", "/", "~")) or os.sep in name_or_dir.strip("/").replace("/", "", 1)):
         raise InputError(f"LM directory {name_or_dir!r} does not exist")
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local)
+        return _with_sdpa(lambda **kw: AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local, **kw))
     except OSError as e:
         raise InputError(f"could not load the language model {name_or_dir!r}: {e}. Give a local directory with "
                          "config.json and weights, or a hub id with network access.") from e
+
+
+def _with_sdpa(make):
+    """Build with PyTorch's fused scaled-dot-product attention; models that lack it keep their own."""
+    try:
+        return make(attn_implementation="sdpa")
+    except (ValueError, ImportError) as e:  # transformers refuses SDPA for architectures without it
+        logger.info("SDPA attention unavailable for this LM (%s); using its default attention", e)
+        return make()

@@ -1,0 +1,196 @@
+"""Training rows over one or more embedding stores, read per batch (memory does not grow with the corpus).
+
+Rows are numbered across the stores in order (store 0's rows first). A batch of row indices gives
+its embeddings (gathered from the stores' memory maps) and its token ids (from each store's
+:mod:`capdec.tokencache`); captions are never held as Python strings while training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from capdec.encoders.base import check_identity
+from capdec.errors import InputError
+from capdec.tokencache import TokenCache, iter_captions, pad_batch, token_cache
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 65536  # rows per pass when a whole split is read (means, memories)
+
+
+@dataclass
+class TextData:
+    """Caption embeddings of one or more stores (memory-mapped), their token caches, mixing weights."""
+
+    stores: list[Any]  # EmbeddingStore objects
+    encoder_spec: dict[str, Any]
+    encoder_identity: dict[str, Any]
+    sample_weights: torch.Tensor | None = None  # (n,) when mixing corpora with weights
+    sources: list[str] | None = None
+    starts: np.ndarray = field(init=False)  # (S + 1,) first row of each store, then n
+    tokens: list[TokenCache] | None = None  # one per store, after :meth:`attach_tokenizer`
+    modality: str = "text"  # of the embeddings: "text" (CapDec) or "image" (paired images: ClipCap)
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.stores])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.stores[0].dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.stores[0].embeddings.dtype == np.float16 else torch.float32
+
+    def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        return which, idx - self.starts[which]
+
+    def embeddings_at(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(b, d) embeddings of rows ``idx``, in the stored dtype (a copy)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.dim), dtype=self.stores[0].embeddings.dtype)
+        which, local = self._locate(idx)
+        for s in np.unique(which):
+            sel = which == s
+            order = np.argsort(local[sel], kind="stable")  # ascending reads from the memory map
+            rows = np.asarray(self.stores[s].embeddings[local[sel][order]])
+            out[np.nonzero(sel)[0][order]] = rows
+        return torch.from_numpy(out)
+
+    def attach_tokenizer(self, tokenizer: Any, *, build: bool = True, show_progress: bool | None = None) -> None:
+        """Open (or build) each store's token cache for ``tokenizer``."""
+        self.tokens = [token_cache(s, tokenizer, build=build, show_progress=show_progress) for s in self.stores]
+
+    def _need_tokens(self) -> list[TokenCache]:
+        if self.tokens is None:
+            raise RuntimeError("attach_tokenizer() first")
+        return self.tokens
+
+    def token_counts(self, idx: torch.Tensor | np.ndarray, max_length: int) -> np.ndarray:
+        """Tokens each caption contributes to the loss: its ids cut to ``max_length - 1``, plus end-of-sequence."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty(len(idx), dtype=np.int64)
+        which, local = self._locate(idx)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self._need_tokens()[s].lengths(local[sel])
+        return np.minimum(out, max_length - 1) + 1
+
+    def count_cut(self, idx: torch.Tensor | np.ndarray, max_length: int) -> int:
+        """How many of the captions ``idx`` are longer than ``max_length - 1`` ids (cut in training)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        total = 0
+        for lo in range(0, len(idx), _CHUNK * 16):
+            part = idx[lo : lo + _CHUNK * 16]
+            which, local = self._locate(part)
+            for s in np.unique(which):
+                total += int((self._need_tokens()[s].lengths(local[which == s]) > max_length - 1).sum())
+        return total
+
+    def tokens_at(self, idx: torch.Tensor | np.ndarray, *, max_length: int, eos: int,
+                  pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (b, t) ids with end-of-sequence, and mask; ``t`` trimmed to this batch's longest row."""
+        idx = np.asarray(idx, dtype=np.int64)
+        which, local = self._locate(idx)
+        caches = self._need_tokens()
+        rows = [caches[s].row(int(i)) for s, i in zip(which, local)]
+        return pad_batch(rows, max_length=max_length, eos=eos, pad=pad)
+
+    def iter_captions(self, idx: torch.Tensor | np.ndarray | None = None) -> Iterator[str]:
+        """Stream the captions of rows ``idx`` (all rows if None) in row order, read from the stores' files."""
+        keep = None
+        if idx is not None:
+            keep = np.zeros(len(self), dtype=bool)
+            keep[np.asarray(idx, dtype=np.int64)] = True
+        for s, store in enumerate(self.stores):
+            part = None if keep is None else keep[self.starts[s] : self.starts[s + 1]]
+            if store.path is None:
+                yield from (r["caption"] for i, r in enumerate(store.records) if part is None or part[i])
+            else:
+                yield from iter_captions(store.path / "captions.jsonl", part)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption as a list (reads them all; training itself never does)."""
+        return list(self.iter_captions())
+
+    def mean_normalized(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Mean of the L2-normalised embeddings of rows ``idx`` (float32), in one chunked pass."""
+        from capdec.noise import normalize
+
+        idx = np.asarray(idx, dtype=np.int64)
+        total = torch.zeros(self.dim, dtype=torch.float64)
+        for lo in range(0, len(idx), _CHUNK):
+            total += normalize(self.embeddings_at(idx[lo : lo + _CHUNK]).float()).double().sum(0)
+        return (total / max(1, len(idx))).float()
+
+    def gather(self, idx: torch.Tensor | np.ndarray, *, normalized: bool = False) -> torch.Tensor:
+        """(len(idx), d) embeddings in the stored dtype, read in chunks (memory: the result only).
+
+        ``normalized``: L2-normalise each row (in float32, chunk by chunk) before storing it.
+        """
+        from capdec.noise import normalize
+
+        idx = np.asarray(idx, dtype=np.int64)
+        out = torch.empty((len(idx), self.dim), dtype=self.dtype)
+        for lo in range(0, len(idx), _CHUNK):
+            rows = self.embeddings_at(idx[lo : lo + _CHUNK])
+            out[lo : lo + _CHUNK] = normalize(rows.float()).to(self.dtype) if normalized else rows
+        return out
+
+
+class CaptionStream:
+    """Captions of some rows as a re-iterable with a length (a tokenizer trainer's input), read lazily."""
+
+    def __init__(self, data: TextData, idx: torch.Tensor | np.ndarray):
+        self.data, self.idx = data, idx
+
+    def __iter__(self) -> Iterator[str]:
+        return self.data.iter_captions(self.idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) -> TextData:
+    """Open the stores (paths or EmbeddingStore objects) and check they share one encoder."""
+    from capdec.store import EmbeddingStore
+
+    if not stores:
+        raise InputError("no embedding store given")
+    opened = [s if not isinstance(s, (str, os.PathLike)) else EmbeddingStore.open(s) for s in stores]
+    first = opened[0]
+    for s in opened[1:]:
+        check_identity(first.encoder_identity, s.encoder_identity, what=f"embedding store {getattr(s, 'path', s)}")
+        if s.dim != first.dim:
+            raise InputError(f"embedding store {s.path} has dimension {s.dim}, {first.path} has {first.dim}")
+    if mix_weights is not None:
+        if len(mix_weights) != len(opened):
+            raise InputError(f"{len(mix_weights)} mixing weights given for {len(opened)} stores")
+        if any(w < 0 for w in mix_weights) or sum(mix_weights) <= 0:
+            raise InputError("mixing weights must be ≥ 0 and not all 0")
+    modalities = [getattr(s, "modality", "text") for s in opened]
+    if len(set(modalities)) > 1:
+        logger.warning("mixing text and image embedding stores (%s): one noise setting applies to both",
+                       ", ".join(modalities))
+    weights = None
+    if mix_weights is not None:
+        # each store gets a share of every epoch proportional to its weight, whatever its size
+        weights = torch.cat([torch.full((len(s),), w / max(1, len(s))) for s, w in zip(opened, mix_weights)])
+    return TextData(stores=opened, encoder_spec=first.encoder_spec, encoder_identity=first.encoder_identity,
+                    sample_weights=weights, sources=[str(getattr(s, "path", None) or "<memory>") for s in opened],
+                    modality="image" if set(modalities) == {"image"} else "text")
+
+
+__all__ = ["CaptionStream", "TextData", "load_text_data"]
