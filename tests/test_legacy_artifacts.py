@@ -108,9 +108,9 @@ def test_a_legacy_run_plans_as_a_resume_with_its_recorded_configuration(legacy, 
     assert plan.mode == "resume" and plan.state["step"] == 75 and plan.opt_state is not None
     planned = plan.config.to_dict()
     assert {k: planned[k] for k in recorded["train"]} == recorded["train"]
-    # options added since (issue 12) take their defaults, which keep the old behaviour
+    # options added since (issues 12, 14) take their defaults, which keep the old behaviour
     assert {k: v for k, v in planned.items() if k not in recorded["train"]} == \
-        {"keep_epochs": False, "keep_best": False, "val_store": None}
+        {"keep_epochs": False, "keep_best": False, "val_store": None, "length_buckets": False, "compile": False}
     assert plan.noise.variance == recorded["noise"]["variance"]
     fresh = plan_training(legacy / "store", tmp_path / "new")
     assert fresh.mode == "new" and fresh.state == {"step": 0} and fresh.opt_state is None
