@@ -8,6 +8,7 @@ its embeddings (gathered from the stores' memory maps) and its token ids (from e
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ class TextData:
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.stores])]).astype(np.int64)
+        for s in self.stores:
+            random_access(s.embeddings)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -64,13 +67,17 @@ class TextData:
         for s in np.unique(which):
             sel = which == s
             order = np.argsort(local[sel], kind="stable")  # ascending reads from the memory map
-            rows = np.asarray(self.stores[s].embeddings[local[sel][order]])
+            rows = np.array(self.stores[s].embeddings[local[sel][order]])  # a copy, out of the map
             out[np.nonzero(sel)[0][order]] = rows
+            release(self.stores[s].embeddings)
         return torch.from_numpy(out)
 
     def attach_tokenizer(self, tokenizer: Any, *, build: bool = True, show_progress: bool | None = None) -> None:
         """Open (or build) each store's token cache for ``tokenizer``."""
         self.tokens = [token_cache(s, tokenizer, build=build, show_progress=show_progress) for s in self.stores]
+        for cache in self.tokens:
+            random_access(cache.ids)
+            random_access(cache.offsets)
 
     def _need_tokens(self) -> list[TokenCache]:
         if self.tokens is None:
@@ -85,6 +92,7 @@ class TextData:
         for s in np.unique(which):
             sel = which == s
             out[sel] = self._need_tokens()[s].lengths(local[sel])
+            release(self._need_tokens()[s].offsets)
         return np.minimum(out, max_length - 1) + 1
 
     def count_cut(self, idx: torch.Tensor | np.ndarray, max_length: int) -> int:
@@ -96,6 +104,7 @@ class TextData:
             which, local = self._locate(part)
             for s in np.unique(which):
                 total += int((self._need_tokens()[s].lengths(local[which == s]) > max_length - 1).sum())
+                release(self._need_tokens()[s].offsets)
         return total
 
     def tokens_at(self, idx: torch.Tensor | np.ndarray, *, max_length: int, eos: int,
@@ -105,7 +114,11 @@ class TextData:
         which, local = self._locate(idx)
         caches = self._need_tokens()
         rows = [caches[s].row(int(i)) for s, i in zip(which, local)]
-        return pad_batch(rows, max_length=max_length, eos=eos, pad=pad)
+        batch = pad_batch(rows, max_length=max_length, eos=eos, pad=pad)  # copies the rows out of the maps
+        for s in np.unique(which):
+            release(caches[s].ids)
+            release(caches[s].offsets)
+        return batch
 
     def iter_captions(self, idx: torch.Tensor | np.ndarray | None = None) -> Iterator[str]:
         """Stream the captions of rows ``idx`` (all rows if None) in row order, read from the stores' files."""
@@ -148,6 +161,35 @@ class TextData:
             rows = self.embeddings_at(idx[lo : lo + _CHUNK])
             out[lo : lo + _CHUNK] = normalize(rows.float()).to(self.dtype) if normalized else rows
         return out
+
+
+def _mmap_of(array: np.ndarray) -> mmap.mmap | None:
+    mm = getattr(array, "_mmap", None)
+    if mm is None and isinstance(getattr(array, "base", None), mmap.mmap):
+        mm = array.base
+    return mm if hasattr(mm, "madvise") else None
+
+
+def random_access(array: np.ndarray) -> None:
+    """Tell the kernel a memory map is read at random rows (no read-ahead around each page touched)."""
+    mm = _mmap_of(array)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+
+
+def release(array: np.ndarray) -> None:
+    """Unmap the pages of a memory map this process has touched; the data stays in the page cache.
+
+    Reading one row maps its whole page-cache folio (up to 2 MB on recent kernels), so a few thousand
+    random rows would make a store's whole file resident and count in this process's RSS. Batches are
+    copied out of the map, so dropping the mappings after each read costs a page-table walk (~0.5 ms).
+    """
+    mm = _mmap_of(array)
+    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except OSError:  # not supported for this mapping: nothing to release
+            pass
 
 
 class CaptionStream:
