@@ -36,7 +36,7 @@ from capdec.errors import InputError, TrainingError
 from capdec.model import CapDecModel, ModelConfig, build_model
 from capdec.noise import NoiseConfig, add_noise
 from capdec.textdata import CaptionStream, TextData, load_text_data
-from capdec.utils import progress
+from capdec.utils import progress, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -392,6 +392,7 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, n_tokens = _train_step(idx=idx, step=step, **step_kw)
+            release_freed_memory()  # batches change shape every step: keep the heap from growing
             step += 1
             run_loss += loss
             run_n += 1

@@ -117,3 +117,28 @@ def set_threads_from_env() -> None:
     n = os.environ.get("OMP_NUM_THREADS")
     if n and n.isdigit():
         torch.set_num_threads(int(n))
+
+
+_LIBC: Any = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory the C allocator holds after ``free`` back to the OS (glibc's ``malloc_trim``; no-op elsewhere).
+
+    Training batches are trimmed to their own longest caption, so tensors change shape every step and
+    glibc keeps the freed blocks of each size in its heap: measured on CPU, a small model's resident
+    memory crept from 0.74 to 1.2 GB over 20 steps; with a trim after each step it stayed at 0.57-0.68 GB.
+    A trim with little to return takes microseconds.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            libc = None
+        _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
