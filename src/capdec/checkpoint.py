@@ -24,14 +24,14 @@ import functools
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from capdec import __version__
-from capdec.config import Config, option
+from capdec.configs import InferenceConfig
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError
 from capdec.hub import resolve_checkpoint
@@ -43,19 +43,6 @@ from capdec.utils import atomic_dir, read_json, write_json
 logger = logging.getLogger(__name__)
 
 FORMAT = "capdec.checkpoint/1"
-
-
-@dataclass
-class InferenceConfig(Config):
-    """How image embeddings are prepared before decoding (recorded; overridable at caption time)."""
-
-    normalize: bool = option(True, "L2-normalise image embeddings (as the training text embeddings were)", cli=False)
-    shift: list[float] | None = option(None, "added after normalising, then renormalised", cli=False, repr=False)
-    image_mean: list[float] | None = option(None, "subtracted first (C3 centering)", cli=False, repr=False)
-    project: bool = option(False, "DeCap: at caption time, replace image embeddings by their softmax-weighted "
-                                  "projection onto the text memory (implies --save-memory)")
-    tau: float = option(0.01, "projection temperature")
-    project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)")
 
 
 @dataclass
@@ -103,12 +90,10 @@ class Checkpoint:
     def inference_config(self, **overrides: Any) -> InferenceConfig:
         """The recorded inference config with ``overrides`` (None values keep the recorded ones)."""
         cfg = self.inference
-        for k, val in overrides.items():
+        for k in overrides:
             if not hasattr(cfg, k):
                 raise InputError(f"unknown inference option {k!r}")
-            if val is not None:
-                setattr(cfg, k, val)
-        return cfg
+        return replace(cfg, **{k: val for k, val in overrides.items() if val is not None})  # checked again
 
     def prepare_image_embeddings(self, v: torch.Tensor, *, memory: Any = None, **overrides: Any) -> torch.Tensor:
         """Image embeddings (b, d) -> the decoder's query: centre/normalise/shift, then project if asked."""

@@ -21,57 +21,16 @@ import heapq
 import inspect
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from capdec.config import Config
+from capdec.configs import DEFAULT_MAX_LENGTH, STRATEGIES, DecodeConfig  # noqa: F401  (re-exported)
 from capdec.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("beam", "greedy", "sample")
-DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
-
-
-@dataclass
-class DecodeConfig(Config):
-    """How token ids are chosen after the prefix."""
-
-    strategy: str = "beam"  # "beam", "greedy" or "sample"
-    max_length: int | None = None  # most tokens per caption, end-of-sequence included (None: the model's)
-    beam_size: int = 5  # beam: hypotheses kept per image
-    length_penalty: float = 1.0  # beam: rank finished captions by sum log p / length**length_penalty
-    top_k: int = 0  # sample: keep the k most likely tokens (0: all)
-    top_p: float = 1.0  # sample: keep the smallest set of tokens with probability ≥ top_p (1: all)
-    temperature: float = 1.0  # sample: divide the logits by this
-    seed: int | None = None  # sample: seed of the torch.Generator (None: torch's global RNG)
-    use_cache: bool = True  # reuse the LM's key/value cache (False: re-run the whole sequence each step)
-    stop_at_period: bool | None = None  # a '.' token ends the caption too (None: the model's stop_at_period)
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"unknown decoding strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
-        if self.max_length is not None and self.max_length < 1:
-            raise InputError(f"max_length must be ≥ 1, got {self.max_length}")
-        if self.beam_size < 1:
-            raise InputError(f"beam_size must be ≥ 1, got {self.beam_size}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature <= 0.0:
-            raise InputError(f"temperature must be > 0, got {self.temperature} (use strategy 'greedy' for argmax)")
-
-    def replace(self, **changes: Any) -> DecodeConfig:
-        """A copy with some fields changed (unknown names are an error)."""
-        known = {f.name for f in fields(self)}
-        unknown = set(changes) - known
-        if unknown:
-            raise InputError(f"unknown decoding option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return replace(self, **changes)
 
 
 # -- the LM, one step at a time ----------------------------------------------------------------------

@@ -45,7 +45,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,9 @@ import torch
 import torch.nn.functional as F
 
 from capdec.artifacts import check_rows, load_matrix, read_meta, read_rows, write_rows
-from capdec.config import Config
+from capdec.configs import MEMORY_BACKENDS as BACKENDS
+from capdec.configs import MEMORY_INDEXES as INDEXES
+from capdec.configs import MemoryConfig
 from capdec.errors import InputError
 from capdec.utils import atomic_dir, progress, read_json, write_json
 
@@ -64,8 +65,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "capdec.memory/1"
 META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
 INDEX_FILES = {"flat": "index-flat.faiss", "ivf": "index-ivf.faiss"}
-BACKENDS = ("auto", "torch", "faiss")
-INDEXES = ("flat", "ivf")
 DTYPES = ("float16", "float32")
 
 # backend="auto" uses faiss only for an IVF index over at least this many rows. Exact search stays on
@@ -76,33 +75,6 @@ AUTO_IVF_MIN_ROWS = 100_000
 # work space per chunk (the float32 copy of the rows and the (b, c) scores); small enough to stay in cache
 CHUNK_BYTES = 16 << 20
 # row norms further than this from 1 mean the caller forgot to normalise (float16 is ~1e-3 off)
-
-
-@dataclass
-class MemoryConfig(Config):
-    """How a :class:`TextMemory` is searched (recorded in its ``meta.json``)."""
-
-    backend: str = "auto"  # "torch" (exact, chunked), "faiss", or "auto" (faiss for an ivf index over >= 100k rows)
-    index: str = "flat"  # faiss index: "flat" (exact IndexFlatIP) or "ivf" (approximate, for >= ~1M rows)
-    nlist: int | None = None  # ivf: number of inverted lists; None = 4·√n
-    nprobe: int = 32  # ivf: lists scanned per query (more = better recall, slower)
-    train_size: int | None = None  # ivf: rows sampled to train the coarse k-means; None = min(n, 50·nlist)
-    chunk_size: int | None = None  # torch: memory rows per chunk; None = from CHUNK_BYTES
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise InputError(f"unknown memory backend {self.backend!r}; use one of {', '.join(BACKENDS)}")
-        if self.index not in INDEXES:
-            raise InputError(f"unknown memory index {self.index!r}; use one of {', '.join(INDEXES)}")
-        if self.backend == "torch" and self.index == "ivf":
-            raise InputError("index='ivf' needs backend='faiss' (or 'auto'); the torch backend is exact only")
-        for name in ("nlist", "train_size", "chunk_size"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputError(f"memory option {name} must be a positive integer (got {value})")
-        if self.nprobe < 1:
-            raise InputError(f"memory option nprobe must be a positive integer (got {self.nprobe})")
-
 
 
 # -- pure functions over tensors -------------------------------------------------------------------

@@ -13,42 +13,12 @@ Notation: b - batch, d - embedding dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from capdec.config import Config, option
+from capdec.configs import PAPER_VARIANCE, NoiseConfig  # noqa: F401  (re-exported: the config lives in capdec.configs)
 from capdec.errors import InputError
-
-PAPER_VARIANCE = 0.016  # CapDec's ε² for COCO (RN50x4, 640-d)
-
-
-@dataclass
-class NoiseConfig(Config):
-    """How text embeddings are perturbed during training (recorded in the checkpoint)."""
-
-    variance: float = option(PAPER_VARIANCE, "per-coordinate noise variance ε² (default 0.016, the paper's; "
-                                             "0 = no noise)", flag="noise-variance")
-    distribution: str = option("gaussian", "gaussian (CapDec) or uniform in a ball of radius ε",
-                               choices=("gaussian", "uniform"), flag="noise-distribution")
-    normalize: bool = option(True, "L2-normalise before adding noise and after (as the paper)", cli=False)
-    center: bool = option(False, "subtract the corpus's text mean before normalising (C3-style); pair with an "
-                                 "image mean at caption time")
-    text_mean: list[float] | None = option(None, "that mean (filled in by training)", cli=False, repr=False)
-    offset: list[float] | None = option(None, "modality offset added to t (image − text mean)", cli=False,
-                                        repr=False)
-    source: str | None = option(None, "where the values came from (e.g. a calibrate noise.json path)", cli=False)
-
-    def __post_init__(self) -> None:
-        if self.variance < 0 or not math.isfinite(self.variance):
-            raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}")
-        if self.distribution not in ("gaussian", "uniform"):
-            raise InputError(f"noise distribution must be 'gaussian' or 'uniform', got {self.distribution!r}")
-
-    @property
-    def epsilon(self) -> float:
-        return math.sqrt(self.variance)
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -30,7 +30,7 @@ from capdec.checkpoint import (
     read_config,
     save_checkpoint,
 )
-from capdec.config import Config, option
+from capdec.configs import TrainConfig
 from capdec.encoders.base import check_identity
 from capdec.errors import InputError, TrainingError
 from capdec.model import CapDecModel, ModelConfig, build_model
@@ -39,50 +39,6 @@ from capdec.textdata import CaptionStream, TextData, load_text_data
 from capdec.utils import progress, release_freed_memory
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig(Config):
-    """Optimisation and bookkeeping hyperparameters (recorded in the checkpoint)."""
-
-    epochs: int = option(10, "passes over the training captions")
-    max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)")
-    batch_size: int = option(64, "captions per step; under torchrun the global batch, split evenly over the "
-                                 "processes")
-    lr: float | None = option(None, "peak AdamW learning rate (default 2e-5 for a pretrained LM as CapDec, 5e-4 "
-                                    "from scratch)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: int | None = option(None, "linear warm-up steps (default: 5% of the steps, at most 5000)")
-    schedule: str = option("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
-    grad_clip: float = option(1.0, "max gradient norm (0 = off)")
-    amp: str = option("auto", "mixed precision (auto: bf16, or fp16 on GPUs without bf16; bf16 on CPUs with AMX or "
-                              "AVX512-BF16, else fp32; off: fp32 everywhere)", choices=("auto", "off", "fp16", "bf16"))
-    length_buckets: bool = option(False, "batch captions of similar length together: less padding, faster steps; "
-                                         "batches are shuffled within windows of 50")
-    compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
-    val_fraction: float = option(0.02, "captions held out for the clean-embedding validation loss")
-    val_max: int = option(2000, "at most this many validation captions", cli=False)
-    eval_every: int | None = option(None, "validate every N steps (default: each epoch)")
-    save_every: int | None = option(None, "checkpoint every N steps (default: each epoch)")
-    log_every: int = option(20, "metrics.jsonl row every N steps")
-    seed: int = option(0, "seeds data order, noise, dropout and initialisation")
-    save_memory: bool = option(False, "keep the training captions' embeddings in the checkpoint (for --project)")
-    keep_epochs: bool = option(False, "also keep each epoch's weights beside --out as OUT-epoch001, OUT-epoch002, ...")
-    keep_best: bool = option(False, "also keep the weights of the lowest validation loss so far as OUT-best")
-    val_store: str | None = option(None, "validate on this store's captions (e.g. 'capdec embed dataset_coco.json "
-                                         "--split val') instead of holding out --val-fraction of the training "
-                                         "captions", metavar="STORE")
-    device: str = option("auto", "auto (cuda if present; cuda:LOCAL_RANK under torchrun), cpu, cuda:N")
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise InputError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.amp not in ("auto", "off", "fp16", "bf16"):
-            raise InputError(f"amp must be auto, off, fp16 or bf16, got {self.amp!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise InputError("batch_size and epochs must be ≥ 1")
-        if not 0 <= self.val_fraction < 1:
-            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
 # -- pure pieces -----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ without noise); each writes its own tables to DIR/metrics.json and DIR/report.ht
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from capdec.lab.demo import METHODS
+    from capdec.lab.defaults import METHODS
     from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
 
     p.add_argument("--out", default="demo_out", help="output directory")

@@ -22,7 +22,7 @@ logger = logging.getLogger("capdec.cli.sweep")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from capdec.cli.experiment import add_user_data_arguments
-    from capdec.lab.sweep import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED
+    from capdec.lab.defaults import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED
 
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (reused to resume)")
     p.add_argument("--store", metavar="STORE", help="your text store ('capdec embed'); with --test, sweeps on your "

@@ -33,12 +33,9 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # the option flags are generated from the config dataclasses (capdec.config): name, type, choices,
-    # default and help live in one place, the field
-    from capdec.checkpoint import InferenceConfig
+    # default and help live in one place, the field (capdec.configs: torch-free, so --help stays fast)
     from capdec.config import add_arguments as add_config_arguments
-    from capdec.model import ModelConfig
-    from capdec.noise import NoiseConfig
-    from capdec.train import TrainConfig
+    from capdec.configs import InferenceConfig, ModelConfig, NoiseConfig, TrainConfig
 
     p.add_argument("stores", nargs="+", metavar="STORE", help="embedding store directories ('capdec embed')")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -123,8 +120,8 @@ def explicit_options(args: argparse.Namespace) -> set[str]:
 
 def _apply_recipe(args: argparse.Namespace, explicit: set[str], config_keys: set[str]) -> None:
     """The recipe's values for every option neither given on the command line nor in --config."""
+    from capdec.configs import ModelConfig
     from capdec.errors import InputError
-    from capdec.model import ModelConfig
     from capdec.recipes import get_recipe
 
     model_fields = set(_field_names(ModelConfig))

@@ -14,16 +14,12 @@ checkpoints record), so artefacts rebuild the encoder that made them.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from capdec.encoders.base import (
-    Encoder,
-    EncoderError,
-    EncoderMismatchError,
-    check_identity,
-    resolve_device,
-)
 from capdec.errors import InputError
+
+if TYPE_CHECKING:
+    from capdec.encoders.base import Encoder
 
 __all__ = [
     "Encoder", "EncoderError", "EncoderMismatchError", "check_identity", "load_encoder",
@@ -36,6 +32,17 @@ _BACKENDS: dict[str, str] = {
     "hf": "capdec.encoders.hf:HFEncoder",
     "open_clip": "capdec.encoders.openclip:OpenCLIPEncoder",
 }
+# capdec.encoders.base imports torch: its names are loaded on first use, so that importing a torch-free
+# submodule (capdec.encoders.miniclip_config: the toy world's grammar and `capdec toyworld --help`) stays light
+_BASE_NAMES = ("Encoder", "EncoderError", "EncoderMismatchError", "check_identity", "resolve_device")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_NAMES:
+        from capdec.encoders import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def list_backends() -> list[str]:
@@ -43,6 +50,8 @@ def list_backends() -> list[str]:
 
 
 def _backend(kind: str) -> type[Encoder]:
+    from capdec.encoders.base import EncoderError
+
     if kind not in _BACKENDS:
         raise EncoderError(f"unknown encoder kind {kind!r}; known kinds: {', '.join(list_backends())}")
     module, cls = _BACKENDS[kind].split(":")
@@ -51,6 +60,8 @@ def _backend(kind: str) -> type[Encoder]:
 
 def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
     """Turn a spec string (or JSON string, or dict) into the backend's spec dict."""
+    from capdec.encoders.base import EncoderError
+
     if isinstance(spec, dict):
         if "kind" not in spec:
             raise EncoderError(f"encoder spec dict has no 'kind': {spec!r}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from capdec.checkpoint import InferenceConfig
+from capdec.lab.defaults import METHODS
 from capdec.lab.experiment import (
     REPORTED,
     ExperimentConfig,
@@ -47,7 +48,6 @@ DESCRIPTIONS = {
     "retrieval_projection": "retrieval model + projection of the image embedding before retrieval",
 }
 COMPARE = ("capdec", "no_noise", "supervised", "shifted")
-METHODS = ("projection", "capdec_projection", "centering", "retrieval", "retrieval_projection")
 
 
 @reusing_scorers

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
+from capdec.lab.defaults import DEFAULT_VARIANCES, TOY_CALIBRATION_SEED  # noqa: F401  (re-exported)
 from capdec.lab.experiment import (
     REPORTED,
     ExperimentConfig,
@@ -56,11 +57,9 @@ logger = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "capdec.sweep/1"
 RESULT_FORMAT = "capdec.sweep.run/1"
-DEFAULT_VARIANCES = (0.0, 1e-3, 4e-3, 1.6e-2, 4e-2, 1e-1)
 TABLE_METRICS = ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L")  # the Markdown table's columns, in order
 METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
 RELATIVE_TOLERANCE = 0.10  # the verdict's second notion of "near the best": within 10 % of it
-TOY_CALIBRATION_SEED = 123  # the scenes calibrate_toy draws its pairs from (train split)
 SE_FORMULA = "SE = sqrt(mean_s(b_s^2)/n + var_s(m_s)/n), b_s per-image bootstrap SE, var_s ddof=1 (0 if n=1)"
 
 

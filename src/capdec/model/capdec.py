@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from capdec.config import Config, option
+from capdec.configs import ModelConfig
 from capdec.errors import InputError
 from capdec.model.lm import (
     lm_from_config,
@@ -25,7 +23,6 @@ from capdec.model.lm import (
     train_tokenizer,
 )
 from capdec.model.mapper import (
-    MAPPER_VARIANTS,
     ClipCapTransformerMapper,
     MLPMapper,
     RetrievalFusion,
@@ -35,66 +32,6 @@ from capdec.model.mapper import (
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of prefix and padding positions: never a real token id
-
-
-@dataclass
-class ModelConfig(Config):
-    """Everything needed to rebuild a CapDec decoder without the training script."""
-
-    embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
-    mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
-                         choices=("transformer", "mlp"))
-    # a checkpoint config without this field gets "legacy" (from_dict), so old checkpoints load and decode as before
-    mapper_variant: str = option("clipcap", "transformer mapper: clipcap (ClipCap's / CapDec's exact layers: ReLU, "
-                                            "no q/k/v bias) or legacy (capdec's earlier GELU mapper)",
-                                 choices=MAPPER_VARIANTS)
-    prefix_length: int = option(10, "prefix vectors (L) given to the LM")
-    clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)")
-    mapper_depth: int = option(8, "transformer mapper layers")
-    mapper_heads: int = option(8, "transformer mapper heads")
-    lm: str = option("scratch", "'scratch' (a small LM trained from scratch with a corpus tokenizer) or a Hugging "
-                                "Face causal LM id/directory (e.g. gpt2)")
-    freeze_lm: bool = option(False, "train the mapper only (ClipCap's prefix-only variant); off: fine-tune the LM too")
-    max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)")
-    stop_at_period: bool = option(False, "the model never learned an end token (imported ClipCap / CapDec weights, "
-                                         "see capdec.clipcap): decoding ends a caption at its first '.' by default",
-                                  cli=False)
-    # from-scratch LM (lm == "scratch")
-    lm_dim: int = option(256, "scratch LM hidden size")
-    lm_depth: int = option(4, "scratch LM layers")
-    lm_heads: int = option(4, "scratch LM heads")
-    vocab_size: int = option(8000, "scratch tokenizer vocabulary (an upper bound: small corpora give fewer)")
-    lowercase: bool = option(True, "lowercase text for the scratch tokenizer")
-    dropout: float = option(0.1, "scratch LM dropout")
-    # retrieval augmentation (IFCap): needs the training captions as a memory (saved in the checkpoint)
-    retrieval_k: int = option(0, "IFCap: fuse the k nearest training captions (of the noised query) with the query "
-                                 "through cross-attention before the mapper (0 = off); the memory is kept in the "
-                                 "checkpoint")
-    entity_slots: int = option(0, "IFCap entity filtering: up to N words frequent among the retrieved captions "
-                                  "become extra prefix vectors the decoder can copy (needs --retrieval-k)")
-    entity_min_count: int = option(2, "a word must occur in at least this many retrieved captions to be an entity")
-    lm_config: dict[str, Any] | None = option(None, "resolved transformers config (filled at build)", cli=False,
-                                              repr=False)
-
-    def __post_init__(self) -> None:
-        if self.mapper not in ("mlp", "transformer"):
-            raise InputError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
-        if self.mapper_variant not in MAPPER_VARIANTS:
-            raise InputError(f"mapper_variant must be one of {', '.join(MAPPER_VARIANTS)}, got {self.mapper_variant!r}")
-        for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.entity_slots and not self.retrieval_k:
-            raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
-        if self.lm == "scratch" and self.lm_dim % self.lm_heads:
-            raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, *, strict: bool = False, where: str = "") -> ModelConfig:
-        d = dict(d or {})
-        if not strict:
-            d.setdefault("mapper_variant", "legacy")  # written before the field existed: the GELU mapper
-        return super().from_dict(d, strict=strict, where=where)
 
 
 class CapDecModel(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAPPER_VARIANTS = ("clipcap", "legacy")
+from capdec.configs import MAPPER_VARIANTS  # noqa: F401  (re-exported)
 
 
 class MLPMapper(nn.Module):

@@ -1,0 +1,256 @@
+"""The pipeline's configs, one dataclass per stage, torch-free.
+
+Every option of the pipeline is declared here once, with its default and its help text
+(:func:`capdec.config.option`); the ``capdec train`` and ``capdec caption`` flags are generated from
+these fields (:func:`capdec.config.add_arguments`), so building a command's parser imports no torch.
+The stage modules re-export their config (``from capdec.train import TrainConfig`` keeps working).
+
+==================  =======================================  ==========================================
+config              what it decides                          used by
+==================  =======================================  ==========================================
+``NoiseConfig``     how text embeddings are perturbed        :mod:`capdec.noise`, recorded in checkpoints
+``ModelConfig``     the decoder's architecture               :mod:`capdec.model`
+``TrainConfig``     optimisation and bookkeeping             :mod:`capdec.train`
+``InferenceConfig`` how image embeddings are prepared        :mod:`capdec.checkpoint`, :mod:`capdec.caption`
+``DecodeConfig``    how tokens are chosen after the prefix   :mod:`capdec.decode`
+``MemoryConfig``    how a text memory is searched            :mod:`capdec.memory`
+==================  =======================================  ==========================================
+
+The base class (dict round trips, the policy for unknown keys, flag generation) is :mod:`capdec.config`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from capdec.config import Config, option
+from capdec.errors import InputError
+
+PAPER_VARIANCE = 0.016  # CapDec's ε² for COCO (RN50x4, 640-d)
+MAPPER_VARIANTS = ("clipcap", "legacy")  # transformer mapper layers: ClipCap's exact ones, or capdec's earlier GELU
+STRATEGIES = ("beam", "greedy", "sample")
+DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
+MEMORY_BACKENDS = ("auto", "torch", "faiss")
+MEMORY_INDEXES = ("flat", "ivf")
+
+
+@dataclass
+class NoiseConfig(Config):
+    """How text embeddings are perturbed during training (recorded in the checkpoint)."""
+
+    variance: float = option(PAPER_VARIANCE, "per-coordinate noise variance ε² (default 0.016, the paper's; "
+                                             "0 = no noise)", flag="noise-variance")
+    distribution: str = option("gaussian", "gaussian (CapDec) or uniform in a ball of radius ε",
+                               choices=("gaussian", "uniform"), flag="noise-distribution")
+    normalize: bool = option(True, "L2-normalise before adding noise and after (as the paper)", cli=False)
+    center: bool = option(False, "subtract the corpus's text mean before normalising (C3-style); pair with an "
+                                 "image mean at caption time")
+    text_mean: list[float] | None = option(None, "that mean (filled in by training)", cli=False, repr=False)
+    offset: list[float] | None = option(None, "modality offset added to t (image − text mean)", cli=False,
+                                        repr=False)
+    source: str | None = option(None, "where the values came from (e.g. a calibrate noise.json path)", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.variance < 0 or not math.isfinite(self.variance):
+            raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}")
+        if self.distribution not in ("gaussian", "uniform"):
+            raise InputError(f"noise distribution must be 'gaussian' or 'uniform', got {self.distribution!r}")
+
+    @property
+    def epsilon(self) -> float:
+        return math.sqrt(self.variance)
+
+
+@dataclass
+class ModelConfig(Config):
+    """Everything needed to rebuild a CapDec decoder without the training script."""
+
+    embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
+    mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
+                         choices=("transformer", "mlp"))
+    # a checkpoint config without this field gets "legacy" (from_dict), so old checkpoints load and decode as before
+    mapper_variant: str = option("clipcap", "transformer mapper: clipcap (ClipCap's / CapDec's exact layers: ReLU, "
+                                            "no q/k/v bias) or legacy (capdec's earlier GELU mapper)",
+                                 choices=MAPPER_VARIANTS)
+    prefix_length: int = option(10, "prefix vectors (L) given to the LM")
+    clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)")
+    mapper_depth: int = option(8, "transformer mapper layers")
+    mapper_heads: int = option(8, "transformer mapper heads")
+    lm: str = option("scratch", "'scratch' (a small LM trained from scratch with a corpus tokenizer) or a Hugging "
+                                "Face causal LM id/directory (e.g. gpt2)")
+    freeze_lm: bool = option(False, "train the mapper only (ClipCap's prefix-only variant); off: fine-tune the LM too")
+    max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)")
+    stop_at_period: bool = option(False, "the model never learned an end token (imported ClipCap / CapDec weights, "
+                                         "see capdec.clipcap): decoding ends a caption at its first '.' by default",
+                                  cli=False)
+    # from-scratch LM (lm == "scratch")
+    lm_dim: int = option(256, "scratch LM hidden size")
+    lm_depth: int = option(4, "scratch LM layers")
+    lm_heads: int = option(4, "scratch LM heads")
+    vocab_size: int = option(8000, "scratch tokenizer vocabulary (an upper bound: small corpora give fewer)")
+    lowercase: bool = option(True, "lowercase text for the scratch tokenizer")
+    dropout: float = option(0.1, "scratch LM dropout")
+    # retrieval augmentation (IFCap): needs the training captions as a memory (saved in the checkpoint)
+    retrieval_k: int = option(0, "IFCap: fuse the k nearest training captions (of the noised query) with the query "
+                                 "through cross-attention before the mapper (0 = off); the memory is kept in the "
+                                 "checkpoint")
+    entity_slots: int = option(0, "IFCap entity filtering: up to N words frequent among the retrieved captions "
+                                  "become extra prefix vectors the decoder can copy (needs --retrieval-k)")
+    entity_min_count: int = option(2, "a word must occur in at least this many retrieved captions to be an entity")
+    lm_config: dict[str, Any] | None = option(None, "resolved transformers config (filled at build)", cli=False,
+                                              repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mapper not in ("mlp", "transformer"):
+            raise InputError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
+        if self.mapper_variant not in MAPPER_VARIANTS:
+            raise InputError(f"mapper_variant must be one of {', '.join(MAPPER_VARIANTS)}, got {self.mapper_variant!r}")
+        for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.entity_slots and not self.retrieval_k:
+            raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
+        if self.lm == "scratch" and self.lm_dim % self.lm_heads:
+            raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, *, strict: bool = False, where: str = "") -> ModelConfig:
+        d = dict(d or {})
+        if not strict:
+            d.setdefault("mapper_variant", "legacy")  # written before the field existed: the GELU mapper
+        return super().from_dict(d, strict=strict, where=where)
+
+
+@dataclass
+class TrainConfig(Config):
+    """Optimisation and bookkeeping hyperparameters (recorded in the checkpoint)."""
+
+    epochs: int = option(10, "passes over the training captions")
+    max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)")
+    batch_size: int = option(64, "captions per step; under torchrun the global batch, split evenly over the "
+                                 "processes")
+    lr: float | None = option(None, "peak AdamW learning rate (default 2e-5 for a pretrained LM as CapDec, 5e-4 "
+                                    "from scratch)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: 5% of the steps, at most 5000)")
+    schedule: str = option("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    grad_clip: float = option(1.0, "max gradient norm (0 = off)")
+    amp: str = option("auto", "mixed precision (auto: bf16, or fp16 on GPUs without bf16; bf16 on CPUs with AMX or "
+                              "AVX512-BF16, else fp32; off: fp32 everywhere)", choices=("auto", "off", "fp16", "bf16"))
+    length_buckets: bool = option(False, "batch captions of similar length together: less padding, faster steps; "
+                                         "batches are shuffled within windows of 50")
+    compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
+    val_fraction: float = option(0.02, "captions held out for the clean-embedding validation loss")
+    val_max: int = option(2000, "at most this many validation captions", cli=False)
+    eval_every: int | None = option(None, "validate every N steps (default: each epoch)")
+    save_every: int | None = option(None, "checkpoint every N steps (default: each epoch)")
+    log_every: int = option(20, "metrics.jsonl row every N steps")
+    seed: int = option(0, "seeds data order, noise, dropout and initialisation")
+    save_memory: bool = option(False, "keep the training captions' embeddings in the checkpoint (for --project)")
+    keep_epochs: bool = option(False, "also keep each epoch's weights beside --out as OUT-epoch001, OUT-epoch002, ...")
+    keep_best: bool = option(False, "also keep the weights of the lowest validation loss so far as OUT-best")
+    val_store: str | None = option(None, "validate on this store's captions (e.g. 'capdec embed dataset_coco.json "
+                                         "--split val') instead of holding out --val-fraction of the training "
+                                         "captions", metavar="STORE")
+    device: str = option("auto", "auto (cuda if present; cuda:LOCAL_RANK under torchrun), cpu, cuda:N")
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise InputError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.amp not in ("auto", "off", "fp16", "bf16"):
+            raise InputError(f"amp must be auto, off, fp16 or bf16, got {self.amp!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise InputError("batch_size and epochs must be ≥ 1")
+        if not 0 <= self.val_fraction < 1:
+            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class InferenceConfig(Config):
+    """How image embeddings are prepared before decoding (recorded; overridable at caption time)."""
+
+    normalize: bool = option(True, "L2-normalise image embeddings (as the training text embeddings were)", cli=False)
+    shift: list[float] | None = option(None, "added after normalising, then renormalised", cli=False, repr=False)
+    image_mean: list[float] | None = option(None, "subtracted first (C3 centering)", cli=False, repr=False)
+    project: bool = option(False, "DeCap: at caption time, replace image embeddings by their softmax-weighted "
+                                  "projection onto the text memory (implies --save-memory)")
+    tau: float = option(0.01, "projection temperature")
+    project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)")
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0 or not math.isfinite(self.tau):
+            raise InputError(f"tau (the projection temperature) must be > 0, got {self.tau}")
+        if self.project_k is not None and self.project_k < 1:
+            raise InputError(f"project_k must be ≥ 1, got {self.project_k}")
+
+
+@dataclass
+class DecodeConfig(Config):
+    """How token ids are chosen after the prefix."""
+
+    strategy: str = option("beam", "decoding strategy", choices=STRATEGIES)
+    max_length: int | None = option(None, "most tokens per caption, end-of-sequence included (default: the "
+                                          "checkpoint's)")
+    beam_size: int = option(5, "beam: hypotheses kept per image")
+    length_penalty: float = option(1.0, "beam: finished captions are ranked by sum log p / length**this")
+    top_k: int = option(0, "sample: keep the k most likely tokens (0: all)")
+    top_p: float = option(1.0, "sample: nucleus probability mass (keep the smallest set of tokens with "
+                               "probability ≥ this; 1: all)")
+    temperature: float = option(1.0, "sample: logits are divided by this")
+    seed: int | None = option(None, "sample: random seed (reproducible for a given --batch-size; default: "
+                                    "torch's global RNG)")
+    use_cache: bool = option(True, "reuse the LM's key/value cache (off: re-run the whole sequence each step)",
+                             cli=False)
+    stop_at_period: bool | None = option(None, "end a caption at its first '.' (for models that never learned an "
+                                               "end token, as ClipCap/CapDec's released weights; default: as the "
+                                               "checkpoint records, on for imported ones)")
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"unknown decoding strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        if self.max_length is not None and self.max_length < 1:
+            raise InputError(f"max_length must be ≥ 1, got {self.max_length}")
+        if self.beam_size < 1:
+            raise InputError(f"beam_size must be ≥ 1, got {self.beam_size}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature <= 0.0:
+            raise InputError(f"temperature must be > 0, got {self.temperature} (use strategy 'greedy' for argmax)")
+
+    def replace(self, **changes: Any) -> DecodeConfig:
+        """A copy with some fields changed (unknown names are an error)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise InputError(f"unknown decoding option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return replace(self, **changes)
+
+
+@dataclass
+class MemoryConfig(Config):
+    """How a :class:`TextMemory` is searched (recorded in its ``meta.json``)."""
+
+    backend: str = "auto"  # "torch" (exact, chunked), "faiss", or "auto" (faiss for an ivf index over >= 100k rows)
+    index: str = "flat"  # faiss index: "flat" (exact IndexFlatIP) or "ivf" (approximate, for >= ~1M rows)
+    nlist: int | None = None  # ivf: number of inverted lists; None = 4·√n
+    nprobe: int = 32  # ivf: lists scanned per query (more = better recall, slower)
+    train_size: int | None = None  # ivf: rows sampled to train the coarse k-means; None = min(n, 50·nlist)
+    chunk_size: int | None = None  # torch: memory rows per chunk; None = from CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.backend not in MEMORY_BACKENDS:
+            raise InputError(f"unknown memory backend {self.backend!r}; use one of {', '.join(MEMORY_BACKENDS)}")
+        if self.index not in MEMORY_INDEXES:
+            raise InputError(f"unknown memory index {self.index!r}; use one of {', '.join(MEMORY_INDEXES)}")
+        if self.backend == "torch" and self.index == "ivf":
+            raise InputError("index='ivf' needs backend='faiss' (or 'auto'); the torch backend is exact only")
+        for name in ("nlist", "train_size", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"memory option {name} must be a positive integer (got {value})")
+        if self.nprobe < 1:
+            raise InputError(f"memory option nprobe must be a positive integer (got {self.nprobe})")
