@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,32 @@ def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
     cfg.write_text('{"batch_size": 8,\n "epochs": }')
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "c.json: line 2 column" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["caption", "serve"])
+def test_decoding_flags_are_the_decode_config(command):
+    """capdec caption / serve build their decoding flags from DecodeConfig: defaults, help and parsed values
+    are the dataclass's, and a bad value is refused by the config's own check (one place)."""
+    from capdec.configs import DecodeConfig
+
+    parser = build_parser(command)._subparsers._group_actions[0].choices[command]
+    actions = {a.dest: a for a in parser._actions}
+    names = [f.name for f in fields(DecodeConfig) if f.metadata["cli"]]
+    shown = [n for n in names if n in actions]
+    assert {"strategy", "beam_size", "max_length", "length_penalty"} <= set(shown)
+    for name in shown:
+        assert actions[name].default == DecodeConfig.default(name), name
+        assert actions[name].help == DecodeConfig.help(name).replace("%", "%%"), name
+    args = parser.parse_args(["ckpt", "--strategy", "greedy", "--beam-size", "3", "--max-length", "7"])
+    assert DecodeConfig(**given(args, DecodeConfig, shown)) == DecodeConfig(strategy="greedy", beam_size=3,
+                                                                            max_length=7)
+
+
+def test_caption_refuses_bad_decoding_and_projection_values_before_loading(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-checkpoint")  # never opened: the values are checked first
+    for flags, message in [(["--beam-size", "0"], "beam_size must be ≥ 1"),
+                           (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+                           (["--tau", "0"], "tau (the projection temperature) must be > 0"),
+                           (["--project-k", "0"], "project_k must be ≥ 1")]:
+        assert main(["caption", missing, "x.jpg", *flags]) == 2
+        assert message in capsys.readouterr().err, flags

@@ -95,6 +95,7 @@ def add_arguments(group: Any, cls: type[Config], names: list[str] | None = None,
                   overrides: dict[str, dict[str, Any]] | None = None) -> None:
     """Add a flag for each CLI field of ``cls`` (``names``: these, in this order).
 
+    A ``bool | None`` field defaulting to None ("decide later") becomes ``--flag / --no-flag``.
     ``unset_default=True`` makes every default None ("not given": the caller then keeps the config's
     own default, or another source's such as a checkpoint's); the help then says the config default.
     ``overrides`` maps a field name to extra ``add_argument`` keywords (e.g. a different default).
@@ -111,9 +112,10 @@ def add_arguments(group: Any, cls: type[Config], names: list[str] | None = None,
         if f.metadata.get("metavar"):
             kwargs["metavar"] = f.metadata["metavar"]
         if kind is bool:
-            if unset_default:
+            if unset_default or default is None:  # --flag / --no-flag; not given: None
                 kwargs.update(action=argparse.BooleanOptionalAction, default=None)
-                kwargs["help"] = f"{help_text} (default: {'on' if default else 'off'})"
+                if default is not None:
+                    kwargs["help"] = f"{help_text} (default: {'on' if default else 'off'})"
             else:
                 kwargs.update(action="store_true", default=False)
         else:

@@ -196,8 +196,8 @@ class DecodeConfig(Config):
     beam_size: int = option(5, "beam: hypotheses kept per image")
     length_penalty: float = option(1.0, "beam: finished captions are ranked by sum log p / length**this")
     top_k: int = option(0, "sample: keep the k most likely tokens (0: all)")
-    top_p: float = option(1.0, "sample: nucleus probability mass (keep the smallest set of tokens with "
-                               "probability ≥ this; 1: all)")
+    top_p: float = option(1.0, "sample: nucleus probability mass (the fewest tokens whose probability sums to "
+                               "≥ this; 1: all)")
     temperature: float = option(1.0, "sample: logits are divided by this")
     seed: int | None = option(None, "sample: random seed (reproducible for a given --batch-size; default: "
                                     "torch's global RNG)")

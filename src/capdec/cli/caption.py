@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from capdec.config import add_arguments as add_config_arguments
+from capdec.config import given
+from capdec.configs import DecodeConfig, InferenceConfig  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
 HELP = "caption images with a trained checkpoint (JSONL, COCO results JSON or CSV)"
@@ -27,6 +30,8 @@ DESCRIPTION = (
     "2 usage or input error."
 )
 FORMATS = ("jsonl", "coco", "csv")
+DECODE_FLAGS = ["strategy", "beam_size", "length_penalty", "max_length", "stop_at_period", "top_p", "top_k",
+                "temperature", "seed"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,29 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--image-mean", metavar="FILE",
                      help="vector subtracted from image embeddings first (.npy, JSON list, or noise.json "
                           "'image_mean'); overrides the checkpoint's")
-    enc.add_argument("--project", action=argparse.BooleanOptionalAction, default=None,
-                     help="DeCap projection: replace each image embedding by a softmax-weighted mix of the text "
-                          "memory's embeddings (default: as the checkpoint records)")
-    enc.add_argument("--tau", type=float, help="projection temperature (default: the checkpoint's, else 0.01)")
-    enc.add_argument("--project-k", type=int, help="project over the k nearest memory items only (default: all)")
+    # --project / --tau / --project-k override the checkpoint's InferenceConfig: not given = as recorded
+    add_config_arguments(enc, InferenceConfig, ["project", "tau", "project_k"], unset_default=True, overrides={
+        "project": {"help": "DeCap projection: replace each image embedding by a softmax-weighted mix of the text "
+                            "memory's embeddings (default: as the checkpoint records)"},
+        "tau": {"help": "projection temperature (default: the checkpoint's, else 0.01)"},
+        "project_k": {"help": "project over the k nearest memory items only (default: the checkpoint's, else all)"}})
     enc.add_argument("--memory", metavar="DIR",
                      help="text memory for --project and retrieval-augmented checkpoints: an embedding store "
                           "('capdec embed') or a saved memory made with the same encoder (default: the "
                           "checkpoint's memory/)")
     dec = parser.add_argument_group("decoding")
-    dec.add_argument("--strategy", choices=["beam", "greedy", "sample"], default="beam", help="decoding strategy")
-    dec.add_argument("--beam-size", type=int, default=5, help="beam: hypotheses kept per image")
-    dec.add_argument("--length-penalty", type=float, default=1.0,
-                     help="beam: finished captions are ranked by sum log p / length**this")
-    dec.add_argument("--max-length", type=int, help="most tokens per caption (default: the checkpoint's)")
-    dec.add_argument("--stop-at-period", action=argparse.BooleanOptionalAction, default=None,
-                     help="end a caption at its first '.' (for models that never learned an end token, as "
-                          "ClipCap/CapDec's released weights; default: as the checkpoint records, on for imported "
-                          "ones)")
-    dec.add_argument("--top-p", type=float, default=1.0, help="sample: nucleus probability mass")
-    dec.add_argument("--top-k", type=int, default=0, help="sample: keep the k most likely tokens (0: all)")
-    dec.add_argument("--temperature", type=float, default=1.0, help="sample: logits are divided by this")
-    dec.add_argument("--seed", type=int, help="sample: random seed (reproducible for a given --batch-size)")
+    add_config_arguments(dec, DecodeConfig, DECODE_FLAGS)  # every DecodeConfig option but use_cache
     run_ = parser.add_argument_group("run")
     run_.add_argument("--batch-size", type=int, default=64, help="images per batch")
     run_.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -236,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from capdec.caption import Captioner
-    from capdec.decode import DecodeConfig
     from capdec.errors import InputError
     from capdec.formats import read_image_ids
     from capdec.images import find_images, lookup_image_id
@@ -244,15 +237,12 @@ def run(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("capdec.caption")
     set_threads_from_env()
-    for name in ("batch_size", "beam_size", "project_k"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-    if args.tau is not None and args.tau <= 0:
-        raise InputError(f"--tau must be > 0, got {args.tau}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    # the configs check their own values (once, in capdec.configs), before anything is loaded
+    decode = DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS))
+    InferenceConfig(**given(args, InferenceConfig, ["tau", "project_k"]))
     fmt = _format(args)
-    decode = DecodeConfig(strategy=args.strategy, max_length=args.max_length, beam_size=args.beam_size,
-                          length_penalty=args.length_penalty, top_k=args.top_k, top_p=args.top_p,
-                          temperature=args.temperature, seed=args.seed, stop_at_period=args.stop_at_period)
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         # our check is the guard now; PIL's own (global) limit would refuse what the user allowed

@@ -6,8 +6,12 @@ import argparse
 import ipaddress
 import logging
 
+from capdec.config import add_arguments as add_config_arguments
+from capdec.config import given
+from capdec.configs import DecodeConfig  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
+DECODE_FLAGS = ["strategy", "beam_size", "max_length", "length_penalty"]  # the server's default DecodeConfig
 HELP = "serve a checkpoint: an HTTP captioning API with dynamic batching and a web page"
 DESCRIPTION = (
     "Serve a checkpoint over HTTP (FastAPI on uvicorn). Open http://HOST:PORT/ for a page where you drop "
@@ -39,11 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="refuse images with more pixels than this (decompression-bomb guard)")
     lim.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504")
     dec = parser.add_argument_group("decoding defaults (a request may override strategy, beam size, max length)")
-    dec.add_argument("--strategy", choices=["beam", "greedy", "sample"], default="beam", help="decoding strategy")
-    dec.add_argument("--beam-size", type=int, default=5, help="beam: hypotheses kept per image")
-    dec.add_argument("--max-length", type=int, help="most tokens per caption (default: the checkpoint's)")
-    dec.add_argument("--length-penalty", type=float, default=1.0,
-                     help="beam: finished captions are ranked by sum log p / length**this")
+    add_config_arguments(dec, DecodeConfig, DECODE_FLAGS)
     run_ = parser.add_argument_group("model")
     run_.add_argument("--encoder", metavar="SPEC",
                       help="encoder to use instead of the one the checkpoint records (the same model, e.g. a local copy)")
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     from capdec.errors import InputError
 
-    for name in ("max_batch", "max_queue", "max_files", "max_connections", "beam_size"):
+    for name in ("max_batch", "max_queue", "max_files", "max_connections"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     for name in ("max_upload_mb", "timeout"):
@@ -66,8 +66,7 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-wait-ms must be ≥ 0, got {args.max_wait_ms}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be from 0 to 65535, got {args.port}")
-    if args.max_length is not None and args.max_length < 1:
-        raise InputError(f"--max-length must be ≥ 1, got {args.max_length}")
+    DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS))  # the decoding flags are checked by their config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from capdec.caption import Captioner
-    from capdec.decode import DecodeConfig
     from capdec.serve import ServeSettings, bind, create_app, uvicorn_config
     from capdec.utils import set_threads_from_env
 
@@ -93,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard (as in capdec caption)
-    decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size, max_length=args.max_length,
-                          length_penalty=args.length_penalty)
+    decode = DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS))
     captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
                                           precision=args.precision, decode=decode, max_pixels=max_pixels,
                                           memory=args.memory)
