@@ -294,3 +294,44 @@ def test_errors_are_actionable(tmp_path):
         MemoryConfig(backend="torch", index="ivf")
     with pytest.raises(InputError, match="not a text memory"):
         TextMemory.load(tmp_path)
+
+
+def test_a_saved_memory_is_an_index_over_a_store(tmp_path):
+    """Saving a memory read from a store writes only meta.json naming that store (path + fingerprint):
+    no second copy of the rows; a memory of arrays keeps its rows as an ordinary store in MEM/store/."""
+    import hashlib
+
+    from capdec.store import EmbeddingStore
+
+    m = _unit(30, 8, seed=11)
+    captions = [f"caption {i}" for i in range(30)]
+    identity = {"backend": "toy", "dim": 8}
+    EmbeddingStore.from_arrays(captions, m, encoder_spec={"backend": "toy"}, encoder_identity=identity).save(
+        tmp_path / "store", dtype="float32")
+    TextMemory.from_store(tmp_path / "store", config=MemoryConfig(nprobe=3)).save(tmp_path / "mem")
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["meta.json"]
+    meta = json.loads((tmp_path / "mem" / "meta.json").read_text())
+    assert meta["format"] == "capdec.memory/2" and meta["store"] == str((tmp_path / "store").resolve())
+    assert meta["store_meta_sha256"] == hashlib.sha256((tmp_path / "store" / "meta.json").read_bytes()).hexdigest()
+    back = TextMemory.load(tmp_path / "mem")
+    assert torch.equal(back.embeddings, m) and back.captions == captions and back.config.nprobe == 3
+    assert back.encoder_identity == identity
+
+    # a memory of arrays holds its rows: MEM/store/ is a store 'capdec embed' would have written
+    TextMemory(m, captions, identity).save(tmp_path / "own")
+    assert EmbeddingStore.open(tmp_path / "own" / "store").captions == captions
+    assert TextMemory.load(tmp_path / "own").captions == captions
+    moved = tmp_path / "moved"
+    (tmp_path / "own").rename(moved)  # self-contained: still loads after a move
+    assert torch.equal(TextMemory.load(moved).embeddings, m)
+
+    # the store re-made (other rows, same shape) or gone: refused, not silently mismatched
+    EmbeddingStore.from_arrays(captions[::-1], m.flip(0), encoder_spec={"backend": "toy"},
+                               encoder_identity=identity).save(tmp_path / "store", dtype="float32", overwrite=True)
+    with pytest.raises(InputError, match="re-made since this memory was saved"):
+        TextMemory.load(tmp_path / "mem")
+    import shutil
+
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(InputError, match="is missing"):
+        TextMemory.load(tmp_path / "mem")

@@ -8,8 +8,9 @@ Layout::
       tokenizer/           the LM tokenizer (save_pretrained)
       README.md            the model card (capdec.model_card), model_card.json its recorded fields
       metrics.jsonl        the training log (one JSON row per logged step)
-      memory/              optional: the training captions' embeddings (capdec.memory.TextMemory), needed
-                           by retrieval-augmented models and used by --project
+      memory/              optional: the training captions' embeddings (capdec.memory.TextMemory: meta.json
+                           and the rows as an embedding store in memory/store/), needed by
+                           retrieval-augmented models and used by --project
       training/            only while resumable: optimizer.pt (torch.save of tensors, loaded with
                            weights_only=True), state.json (step counters, RNG-free: see capdec.train)
 
@@ -166,7 +167,7 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
         for name, text in (files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         if memory is not None:
-            memory.save(tmp / "memory")
+            memory.save(tmp / "memory", reference=False)  # self-contained: its own store inside
         card_for_new_checkpoint(tmp, path, config)  # README.md: the model card the Hub shows
         if training_state is not None:
             (tmp / "training").mkdir()

@@ -14,7 +14,7 @@ Two later methods use such a memory ``M`` (n captions, d dims, L2-normalised row
     scores, idx = memory.search(image_emb, k=5)                   # (b, 5) cosines, (b, 5) row indices
     v = memory.project(image_emb, tau=0.01)                       # (b, d), exact over all n
     v = memory.project(image_emb, tau=0.01, k=256)                # softmax over the top 256 only
-    memory.save("memories/coco-train")                            # embeddings.npy + meta.json (+ captions)
+    memory.save("memories/coco-train")                            # meta.json naming the store (+ faiss index)
 
 Exact search and projection run in torch over chunks of the memory (float32 maths whatever the
 storage dtype), so a 1M x 512 float16 memory needs its 1 GB plus ~100 MB of work space (measured).
@@ -39,6 +39,7 @@ Notation: b - batch of queries, n - memory rows, c - rows in one chunk, d - embe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -53,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from capdec.artifacts import check_rows, load_matrix, read_meta, read_rows, write_rows
+from capdec.artifacts import check_rows, load_matrix, read_meta, read_rows
 from capdec.configs import MEMORY_BACKENDS as BACKENDS
 from capdec.configs import MEMORY_INDEXES as INDEXES
 from capdec.configs import MemoryConfig
@@ -62,8 +63,18 @@ from capdec.utils import atomic_dir, progress, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "capdec.memory/1"
+# A saved memory is an index over an embedding store, not a second copy of the format:
+#   MEM/meta.json          capdec.memory/2: the store (a path, and the sha256 of its meta.json so a re-made
+#                          store is noticed), the search config, which faiss indexes are saved
+#   MEM/store/             only when the memory holds its own rows (a memory of in-memory arrays, a
+#                          checkpoint's memory/): an ordinary embedding store (capdec.store)
+#   MEM/index-*.faiss      optional faiss indexes
+# Embeddings and captions are read through capdec.store (the artefact layer's checks). capdec.memory/1
+# directories (embeddings.npy + captions.jsonl beside meta.json, before 0.x) still load.
+FORMAT = "capdec.memory/2"
+LEGACY_FORMAT = "capdec.memory/1"
 META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
+OWN_STORE = "store"  # the subdirectory of a memory that holds its own rows
 INDEX_FILES = {"flat": "index-flat.faiss", "ivf": "index-ivf.faiss"}
 DTYPES = ("float16", "float32")
 
@@ -333,6 +344,7 @@ class TextMemory:
         self.encoder_spec = encoder_spec
         self.config = config or MemoryConfig()
         self._faiss: dict[str, Any] = {}  # index kind -> built/loaded faiss index
+        self._store_path: Path | None = None  # the embedding store on disk the rows are read from, if any
         self._warned_transfer = False
         self._warned_topk = False
 
@@ -352,6 +364,7 @@ class TextMemory:
         memory = cls(store.embeddings, None, store.encoder_identity, encoder_spec=store.encoder_spec,
                      config=config, validate=not store.meta.get("normalized", False), source=source)
         memory._caption_loader = lambda: store.captions
+        memory._store_path = store.path.resolve() if store.path is not None else None
         return memory
 
     @classmethod
@@ -369,25 +382,46 @@ class TextMemory:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
             return cls.from_store(path, config=config, mmap=mmap)
-        if fmt != FORMAT:
+        if fmt == LEGACY_FORMAT:
+            memory = cls._load_legacy(path, meta, mmap=mmap)
+        elif fmt == FORMAT:
+            store = _open_store(path, meta, mmap=mmap)
+            memory = cls.from_store(store, mmap=mmap)
+            memory.encoder_identity, memory.encoder_spec = meta.get("encoder_identity"), meta.get("encoder")
+            if not meta.get("captions", True):
+                memory._caption_loader = None  # the store's rows are placeholders
+        else:
             raise InputError(f"{path / META}: format {fmt!r} is not a text memory ({FORMAT!r}) or embedding store")
-        emb = load_matrix(path / EMBEDDINGS, (int(meta["count"]), int(meta["dim"])), mmap=mmap,
-                          redo="re-create the memory", meta_name=META)
-        memory = cls(emb, None, meta.get("encoder_identity"), encoder_spec=meta.get("encoder"),
-                     config=config or MemoryConfig.from_dict(meta.get("config")), validate=False, source=str(path))
-        if meta.get("captions"):
-            if not (path / CAPTIONS).is_file():
-                raise InputError(f"{path}: {CAPTIONS} is missing though {META} lists captions; re-create the memory")
-            memory._caption_loader = lambda: [r["caption"] for r in read_rows(path / CAPTIONS, len(memory), redo="re-create the memory", holder="the memory")]
+        memory.config = config or MemoryConfig.from_dict(meta.get("config"), where=str(path / META))
+        memory.source = str(path)
         for kind, name in INDEX_FILES.items():
             if (path / name).is_file() and faiss_available():
                 memory._faiss[kind] = _read_faiss_index(path / name, memory)
         return memory
 
+    @classmethod
+    def _load_legacy(cls, path: Path, meta: dict[str, Any], *, mmap: bool) -> TextMemory:
+        """A ``capdec.memory/1`` directory: its own embeddings.npy (+ captions.jsonl) beside meta.json."""
+        emb = load_matrix(path / EMBEDDINGS, (int(meta["count"]), int(meta["dim"])), mmap=mmap,
+                          redo="re-create the memory", meta_name=META)
+        memory = cls(emb, None, meta.get("encoder_identity"), encoder_spec=meta.get("encoder"), validate=False,
+                     source=str(path))
+        if meta.get("captions"):
+            if not (path / CAPTIONS).is_file():
+                raise InputError(f"{path}: {CAPTIONS} is missing though {META} lists captions; re-create the memory")
+            memory._caption_loader = lambda: [r["caption"] for r in read_rows(path / CAPTIONS, len(memory), redo="re-create the memory", holder="the memory")]
+        return memory
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False, dtype: str | None = None,
-             index: bool = True) -> Path:
-        """Write ``embeddings.npy``, ``meta.json``, ``captions.jsonl`` (if known) and, with ``index``,
-        the faiss indices built so far; atomically (a crash leaves no half-written directory)."""
+             index: bool = True, reference: bool | None = None) -> Path:
+        """Write the memory directory (``meta.json`` and, with ``index``, the faiss indexes built so far)
+        atomically: a crash leaves no half-written directory.
+
+        A memory over an embedding store on disk (:meth:`from_store`, :meth:`load`) only *refers* to
+        that store (its path and fingerprint): nothing is copied. Otherwise (``reference=False``, or a
+        memory of in-memory arrays) its rows are written as an embedding store in ``path/store/``, so
+        the directory is self-contained (a checkpoint's ``memory/`` is always).
+        """
         path = Path(path)
         dtype = dtype or self.dtype
         if dtype not in DTYPES:
@@ -396,32 +430,43 @@ class TextMemory:
             raise InputError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
         if path.exists() and not _is_memory_dir(path):  # never delete a directory we did not make
             raise InputError(f"{path} exists and is not a text memory; choose another path or remove it yourself")
-        captions = self.captions
+        store_dir = self._store_path
+        if reference and store_dir is None:
+            raise InputError("this memory is not read from an embedding store on disk: it can only be saved with "
+                             "its rows (reference=False)")
+        if reference is False or store_dir is None or dtype != self.dtype or store_dir.is_relative_to(path.resolve()):
+            store_dir = None  # the rows are written into path/store/ (also when saved over the directory they are in)
         from capdec import __version__
 
         meta = {
-            "format": FORMAT, "dim": self.dim, "count": len(self), "dtype": dtype, "normalized": True,
-            "captions": captions is not None, "encoder": self.encoder_spec,
-            "encoder_identity": self.encoder_identity, "config": self.config.to_dict(),
+            "format": FORMAT, "dim": self.dim, "count": len(self), "dtype": dtype,
+            "store": str(store_dir) if store_dir is not None else OWN_STORE,
+            "store_meta_sha256": None, "captions": self._captions is not None or self._caption_loader is not None,
+            "encoder": self.encoder_spec, "encoder_identity": self.encoder_identity, "config": self.config.to_dict(),
             "faiss_indexes": sorted(self._faiss) if index else [], "source": self.source,
             "capdec_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         with atomic_dir(path, overwrite=overwrite) as tmp:
-            arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(len(self), self.dim))
-            step = 65536
-            for lo in range(0, len(self), step):
-                arr[lo : lo + step] = self._emb[lo : lo + step].to("cpu", getattr(torch, dtype)).numpy()
-            arr.flush()
-            del arr
-            if captions is not None:
-                write_rows(tmp / CAPTIONS, [{"caption": c} for c in captions])
+            if store_dir is None:
+                self._own_store().save(tmp / OWN_STORE, dtype=dtype)
+            meta["store_meta_sha256"] = _sha256(Path(tmp / OWN_STORE if store_dir is None else store_dir) / META)
             if index and self._faiss:
                 faiss = _import_faiss()
                 for kind, idx in self._faiss.items():
                     faiss.write_index(idx, str(tmp / INDEX_FILES[kind]))
             write_json(tmp / META, meta)  # last: its presence marks a complete memory
-        logger.info("saved text memory (%d x %d %s) to %s", len(self), self.dim, dtype, path)
+        logger.info("saved text memory (%d x %d %s) to %s%s", len(self), self.dim, dtype, path,
+                    f" (an index over the store {store_dir})" if store_dir is not None else "")
         return path
+
+    def _own_store(self):
+        """These rows (and captions: empty placeholders when unknown) as an in-memory embedding store."""
+        from capdec.store import EmbeddingStore
+
+        captions = self.captions
+        return EmbeddingStore.from_arrays(captions if captions is not None else [""] * len(self), self._emb,
+                                          encoder_spec=self.encoder_spec or {},
+                                          encoder_identity=self.encoder_identity or {})
 
     # -- properties ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -643,13 +688,36 @@ def _as_tensor(embeddings: np.ndarray | torch.Tensor, source: str) -> torch.Tens
     return t
 
 
+def _open_store(path: Path, meta: dict[str, Any], *, mmap: bool):
+    """The embedding store a ``capdec.memory/2`` directory indexes, checked against its fingerprint."""
+    from capdec.store import EmbeddingStore
+
+    where = Path(meta.get("store") or OWN_STORE)
+    store_dir = where if where.is_absolute() else path / where
+    if not (store_dir / META).is_file():
+        raise InputError(f"{path}: the embedding store this memory indexes, {store_dir}, is missing; restore it, "
+                         f"or re-create the memory")
+    if meta.get("store_meta_sha256") and _sha256(store_dir / META) != meta["store_meta_sha256"]:
+        raise InputError(f"{path}: the embedding store {store_dir} was re-made since this memory was saved (its "
+                         f"{META} differs); re-create the memory (its faiss index would not match)")
+    store = EmbeddingStore.open(store_dir, mmap=mmap)
+    if (len(store), store.dim) != (int(meta["count"]), int(meta["dim"])):
+        raise InputError(f"{path}: the store {store_dir} holds {len(store)} x {store.dim} embeddings but {META} "
+                         f"says {meta['count']} x {meta['dim']}; re-create the memory")
+    return store
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _is_memory_dir(path: Path) -> bool:
     if not path.is_dir():
         return False
     if not any(path.iterdir()):
         return True
     try:
-        return read_json(path / META).get("format") == FORMAT
+        return read_json(path / META).get("format") in (FORMAT, LEGACY_FORMAT)
     except (OSError, ValueError, AttributeError):
         return False
 
