@@ -1,8 +1,7 @@
 """The config base: dataclasses that know their own help, read and write dicts, and make CLI flags.
 
-Every config (:class:`~capdec.model.ModelConfig`, :class:`~capdec.train.TrainConfig`,
-:class:`~capdec.noise.NoiseConfig`, :class:`~capdec.checkpoint.InferenceConfig`,
-:class:`~capdec.memory.MemoryConfig`, :class:`~capdec.decode.DecodeConfig`) is a dataclass deriving
+Every config (the pipeline's are in :mod:`capdec.configs`: ``ModelConfig``, ``TrainConfig``,
+``NoiseConfig``, ``InferenceConfig``, ``MemoryConfig``, ``DecodeConfig``) is a dataclass deriving
 from :class:`Config`, with fields declared by :func:`option`::
 
     @dataclass
