@@ -72,7 +72,7 @@ def test_retrieval_with_entities_trains_and_captions(tmp_path, hf_store, photos)
                  *TINY]) == 0
     ck = load_checkpoint(ckpt, device="cpu")
     assert ck.model_config.retrieval_k == 4 and ck.model_config.entity_slots == 2
-    assert ck.model.fusion is not None and (ckpt / "memory" / "captions.jsonl").is_file()
+    assert ck.model.fusion is not None and (ckpt / "memory" / "store" / "captions.jsonl").is_file()
     prefix = ck.prefix_for_images(torch.nn.functional.normalize(torch.randn(2, ck.model_config.embed_dim), dim=-1))
     assert prefix.shape[1] == ck.model_config.prefix_length + 2
     assert len(caption_jsonl(ckpt, photos)) == 3
