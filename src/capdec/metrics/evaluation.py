@@ -192,6 +192,38 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
     context = scorers if scorers is not None else S.active_context()
     start = time.perf_counter()
     groups = S.resolve_metrics(metrics)
+    report, ids = _matched_ids(predictions, references, strict=strict)
+    if "cider" in groups and len(ids) < 10:
+        logger.warning("CIDEr weighs n-grams by IDF over the references of the images scored; with %d "
+                       "images that is unreliable (with 1, every IDF is 0 and so is CIDEr)", len(ids))
+    java = S._java()
+    tok_kind = _tokenizer_kind(tokenizer, java)
+
+    unavailable: dict[str, str] = {}  # metric -> why it could not run
+    meteor = _start_meteor(groups, java, context, unavailable)  # its JVM loads while Python tokenises
+    try:
+        # one tokenizer run: keys 0..n-1 are the references, n..2n-1 the predictions
+        n = len(ids)
+        both = {k: list(references[i]) for k, i in enumerate(ids)}
+        both.update({n + k: [predictions[i]] for k, i in enumerate(ids)})
+        with S._timed(f"tokenising {sum(map(len, both.values()))} captions ({tok_kind})"):
+            tokens = S._tokenize(both, tok_kind)
+        gts = {k: tokens[k] for k in range(n)}
+        res = {k: tokens[n + k] for k in range(n)}
+        raw = _run_scorers(groups, gts, res, meteor=meteor, context=context, unavailable=unavailable)
+    finally:
+        if meteor is not None and not (context is not None and context.owns(meteor)):
+            meteor.close()
+    scores, per = _collect_scores(groups, raw, ids, per_image=per_image)
+    seconds = time.perf_counter() - start
+    logger.info("scored %d images in %.1fs", n, seconds)
+    return EvalResult(scores=scores, per_image=per, unavailable=unavailable, missing=report,
+                      tokenizer=tok_kind, n_images=n, seconds=seconds)
+
+
+def _matched_ids(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]], *,
+                 strict: bool) -> tuple[MatchReport, list[ImageId]]:
+    """The ids with both a prediction and references (in the references' order), and the mismatch report."""
     _check_inputs(predictions, references)
     report = match_report(predictions, references)
     _warn_mismatch(report)
@@ -208,11 +240,11 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
             f"no prediction matches a reference image ({len(predictions)} predictions, e.g. "
             f"{list(predictions)[:3]}; {len(references)} references, e.g. {list(references)[:3]}); "
             f"ids come from image_id fields or file names (see capdec.images.image_key)")
+    return report, ids
 
-    if "cider" in groups and len(ids) < 10:
-        logger.warning("CIDEr weighs n-grams by IDF over the references of the images scored; with %d "
-                       "images that is unreliable (with 1, every IDF is 0 and so is CIDEr)", len(ids))
-    java = S._java()
+
+def _tokenizer_kind(tokenizer: str, java: str | None) -> str:
+    """``"ptb"`` or ``"simple"`` for the asked ``tokenizer`` (auto: PTB when Java exists)."""
     if tokenizer not in ("auto", "ptb", "simple"):
         raise InputError(f"unknown tokenizer {tokenizer!r}; use auto, ptb or simple")
     if tokenizer == "ptb" and java is None:
@@ -222,33 +254,35 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
     if tok_kind == "simple":
         logger.warning("tokenising with the Python fallback (Java %s): scores approximate coco-caption's",
                        "not found" if java is None else "not used")
+    return tok_kind
 
-    unavailable: dict[str, str] = {}
-    n = len(ids)
+
+def _start_meteor(groups: Sequence[str], java: str | None, context: ScorerContext | None,
+                  unavailable: dict[str, str]) -> Any:
+    """The METEOR scorer to use (None: not asked, or no Java: noted in ``unavailable``); the caller closes
+    one it owns. Also notes whether SPICE can run."""
     meteor = None
+    if "meteor" in groups:
+        if java is None:
+            unavailable["METEOR"] = "Java is not installed (no 'java' on PATH); METEOR runs in the JVM"
+        elif context is not None:  # one JVM for all calls in the context
+            meteor = context.meteor()
+        else:  # the JVM loads its paraphrase table (~10 s) while Python tokenises and scores
+            meteor = S._open_meteor()
+    spice_reason = S.spice_unavailable_reason() if "spice" in groups else None
+    if spice_reason:
+        unavailable["SPICE"] = spice_reason
+    return meteor
+
+
+def _run_scorers(groups: Sequence[str], gts: dict[int, Any], res: dict[int, Any], *, meteor: Any,
+                 context: ScorerContext | None, unavailable: dict[str, str]) -> dict[str, tuple[Any, Any]]:
+    """Each metric group's raw ``(corpus score, per-image scores)``; a scorer that fails is noted in
+    ``unavailable`` and the others still run."""
+    raw: dict[str, tuple[Any, Any]] = {}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capdec-spice")
     spice_future = None
-    raw: dict[str, tuple[Any, Any]] = {}
     try:
-        if "meteor" in groups:
-            if java is None:
-                unavailable["METEOR"] = "Java is not installed (no 'java' on PATH); METEOR runs in the JVM"
-            elif context is not None:  # one JVM for all calls in the context
-                meteor = context.meteor()
-            else:  # the JVM loads its paraphrase table (~10 s) while Python tokenises and scores
-                meteor = S._open_meteor()
-        spice_reason = S.spice_unavailable_reason() if "spice" in groups else None
-        if spice_reason:
-            unavailable["SPICE"] = spice_reason
-
-        # one tokenizer run: keys 0..n-1 are the references, n..2n-1 the predictions
-        both = {k: list(references[i]) for k, i in enumerate(ids)}
-        both.update({n + k: [predictions[i]] for k, i in enumerate(ids)})
-        with S._timed(f"tokenising {sum(map(len, both.values()))} captions ({tok_kind})"):
-            tokens = S._tokenize(both, tok_kind)
-        gts = {k: tokens[k] for k in range(n)}
-        res = {k: tokens[n + k] for k in range(n)}
-
         if "spice" in groups and "SPICE" not in unavailable:  # a separate JVM; no GIL traffic
             spice_future = pool.submit(S._run_spice, gts, res)
         if "bleu" in groups:
@@ -282,10 +316,13 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
                 logger.warning("SPICE failed: %s", e, exc_info=logger.isEnabledFor(logging.DEBUG))
                 unavailable["SPICE"] = f"SPICE failed: {type(e).__name__}: {e}"
     finally:
-        if meteor is not None and not (context is not None and context.owns(meteor)):
-            meteor.close()
         pool.shutdown(wait=True)
+    return raw
 
+
+def _collect_scores(groups: Sequence[str], raw: dict[str, tuple[Any, Any]], ids: list[ImageId], *,
+                    per_image: bool) -> tuple[dict[str, float | None], dict[str, dict[ImageId, float]]]:
+    """Metric name -> corpus score (None: not computed), and with ``per_image`` metric -> id -> score."""
     scores: dict[str, float | None] = {}
     per: dict[str, dict[ImageId, float]] = {}
     for group in groups:
@@ -294,18 +331,12 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
             scores.update(dict.fromkeys(names, None))
             continue
         corpus, each = raw[group]
-        if group == "bleu":
-            pairs = list(zip(names, corpus, each))
-        else:
-            pairs = [(names[0], corpus, each)]
+        pairs = list(zip(names, corpus, each)) if group == "bleu" else [(names[0], corpus, each)]
         for name, value, values in pairs:
             scores[name] = float(value)
             if per_image:
                 per[name] = {i: float(v) for i, v in zip(ids, values)}
-    seconds = time.perf_counter() - start
-    logger.info("scored %d images in %.1fs", n, seconds)
-    return EvalResult(scores=scores, per_image=per, unavailable=unavailable, missing=report,
-                      tokenizer=tok_kind, n_images=n, seconds=seconds)
+    return scores, per
 
 
 # ---------------------------------------------------------------------------------------------
