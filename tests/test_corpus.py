@@ -82,13 +82,13 @@ def test_jsonl_default_and_custom_field(tmp_path):
 
 def test_jsonl_broken_line_names_file_and_line(tmp_path):
     p = write(tmp_path / "c.jsonl", '{"caption": "ok"}\n{"caption": "ok too"}\n{"caption": "broken\n')
-    with pytest.raises(InputError, match=r"c\.jsonl:3: not valid JSON"):
+    with pytest.raises(InputError, match=r"c\.jsonl: line 3 column \d+: not valid JSON"):
         read_corpus(p)
 
 
 def test_jsonl_missing_field_names_field_line_and_what_is_there(tmp_path):
     p = write(tmp_path / "c.jsonl", '{"caption": "ok"}\n{"text": "no caption here", "id": 1}\n')
-    with pytest.raises(InputError, match=r"c\.jsonl:2: no field 'caption' \(fields: 'text', 'id'\).*--field"):
+    with pytest.raises(InputError, match=r"c\.jsonl: line 2: no field 'caption' \(fields: 'text', 'id'\).*--field"):
         read_corpus(p)
 
 
@@ -96,7 +96,7 @@ def test_jsonl_missing_field_names_field_line_and_what_is_there(tmp_path):
                                         ('{"caption": 3}', "JSON int")])
 def test_jsonl_wrong_types(tmp_path, line, what):
     p = write(tmp_path / "c.jsonl", '{"caption": "ok"}\n' + line + "\n")
-    with pytest.raises(InputError, match=rf"c\.jsonl:2: .*{what}"):
+    with pytest.raises(InputError, match=rf"c\.jsonl: line 2: .*{what}"):
         read_corpus(p)
 
 
@@ -126,22 +126,22 @@ def test_csv_custom_column_and_tsv(tmp_path):
 
 def test_csv_missing_column_names_column_and_header_line(tmp_path):
     p = write(tmp_path / "c.csv", "image_id,text\n1,A dog.\n")
-    with pytest.raises(InputError, match=r"c\.csv:1: no column 'caption' .*'image_id', 'text'.*--column"):
+    with pytest.raises(InputError, match=r"c\.csv: line 1: no column 'caption' .*'image_id', 'text'.*--column"):
         read_corpus(p)
 
 
 def test_csv_broken_quoting_names_the_line(tmp_path):
     p = write(tmp_path / "c.csv", 'caption,n\n"ok",1\n"ok",2\n"a "bad" quote",3\n')
-    with pytest.raises(InputError, match=r"c\.csv:4: not valid CSV"):
+    with pytest.raises(InputError, match=r"c\.csv: line 4: not valid CSV"):
         read_corpus(p)
     p = write(tmp_path / "d.csv", 'caption,n\n"ok",1\n"never closed,2\nmore\n')
-    with pytest.raises(InputError, match=r"d\.csv:3: not valid CSV"):
+    with pytest.raises(InputError, match=r"d\.csv: line 3: not valid CSV"):
         read_corpus(p)
 
 
 def test_csv_wrong_field_count_names_the_line(tmp_path):
     p = write(tmp_path / "c.csv", "caption,n\nA dog.,1\nA cat, sitting.,2\n")
-    with pytest.raises(InputError, match=r"c\.csv:3: 3 fields but the header has 2"):
+    with pytest.raises(InputError, match=r"c\.csv: line 3: 3 fields but the header has 2"):
         read_corpus(p)
 
 

@@ -186,7 +186,7 @@ def test_find_images_from_list_files(tree):
     other.write_text("a/2.jpg\n")
     assert find_images("@" + str(other)) == [tree / "a" / "2.jpg"]
     lst.write_text("2.jpg\nmissing.jpg\n")
-    with pytest.raises(InputError, match=r"list.txt, line 2: .*missing.jpg"):
+    with pytest.raises(InputError, match=r"list.txt: line 2: .*missing.jpg"):
         find_images(str(lst))
 
 

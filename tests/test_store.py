@@ -240,7 +240,7 @@ def test_overwrite_replaces_and_failed_runs_leave_the_old_store(encoder, tmp_pat
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption": "ok"}\n{"caption": \n')
-    with pytest.raises(InputError, match=r"bad\.jsonl:2"):
+    with pytest.raises(InputError, match=r"bad\.jsonl: line 2"):
         embed_corpus(bad, out, encoder, overwrite=True, show_progress=False)
     failing = Counting(encoder, fail_at=2, exc=RuntimeError("GPU fell over"))
     with pytest.raises(RuntimeError, match="GPU fell over"):
@@ -397,7 +397,7 @@ def test_cli_embed_jsonl_field_and_errors(clip_dir, tmp_path, capsys):
     out = tmp_path / "store"
     base = ["-q", "embed", str(corpus), "--out", str(out), "--encoder", f"hf:{clip_dir}", "--device", "cpu"]
     assert main(base) == 2
-    assert "c.jsonl:1: no field 'caption'" in capsys.readouterr().err
+    assert "c.jsonl: line 1: no field 'caption'" in capsys.readouterr().err
     assert main([*base, "--field", "text", "--dedupe"]) == 0
     assert "embedded 2 captions (1 empty skipped, 1 duplicates removed, 0 truncated)" in capsys.readouterr().out
     assert main([*base[:-4], "--encoder", str(tmp_path / "nowhere"), "--overwrite"]) == 2

@@ -61,12 +61,17 @@ def read_text(path: Path) -> str:
     return text
 
 
+def at_line(where: str | os.PathLike, line: int, column: int | None = None) -> str:
+    """Where in a file, as every input-layer error names it: ``PATH: line N`` or ``PATH: line N column C``."""
+    return f"{where}: line {line}" + (f" column {column}" if column is not None else "")
+
+
 def parse_json(text: str, where: str | os.PathLike) -> Any:
     """One JSON document; a syntax error names ``where`` (a file, or what the text is), line and column."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{where}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})") from e
+        raise InputError(f"{at_line(where, e.lineno, e.colno)}: malformed JSON ({e.msg})") from e
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -90,19 +95,19 @@ def parse_json_or_jsonl(path: Path, text: str) -> tuple[Any, list[int] | None]:
         try:
             json.loads(numbered[0][1])
         except json.JSONDecodeError:
-            raise InputError(f"{path}: line {whole.lineno} column {whole.colno}: malformed JSON "
+            raise InputError(f"{at_line(path, whole.lineno, whole.colno)}: malformed JSON "
                              f"({whole.msg})") from whole
         records = []
         for lineno, line in numbered:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {lineno} column {e.colno}: malformed JSON line "
+                raise InputError(f"{at_line(path, lineno, e.colno)}: malformed JSON line "
                                  f"({e.msg})") from e
         return records, [lineno for lineno, _ in numbered]
 
 def location(path: Path, index: int, lines: list[int] | None) -> str:
-    return f"{path}: line {lines[index]}" if lines else f"{path}: item {index}"
+    return at_line(path, lines[index]) if lines else f"{path}: item {index}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,17 +168,17 @@ def _iter_jsonl(path: Path, field_name: str) -> Iterator[tuple[str, dict[str, An
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                raise InputError(f"{at_line(path, lineno, e.colno)}: not valid JSON ({e.msg}); "
                                  f"a JSONL file needs one JSON object per line") from e
             if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object with a {field_name!r} field, "
+                raise InputError(f"{at_line(path, lineno)}: expected a JSON object with a {field_name!r} field, "
                                  f"got a JSON {type(record).__name__}")
             if field_name not in record:
-                raise InputError(f"{path}:{lineno}: no field {field_name!r} (fields: "
+                raise InputError(f"{at_line(path, lineno)}: no field {field_name!r} (fields: "
                                  f"{', '.join(map(repr, record)) or 'none'}); choose it with field= (--field)")
             text = record[field_name]
             if not isinstance(text, str):
-                raise InputError(f"{path}:{lineno}: field {field_name!r} is a JSON "
+                raise InputError(f"{at_line(path, lineno)}: field {field_name!r} is a JSON "
                                  f"{'null' if text is None else type(text).__name__}, expected a string")
             yield text, {"line": lineno, **{k: record[k] for k in _KEPT_KEYS if k in record and k != field_name}}
 
@@ -187,7 +192,7 @@ def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, di
             if header is None:
                 raise InputError(f"{path}: empty file, expected a header row naming a {column!r} column")
             if column not in header:
-                raise InputError(f"{path}:1: no column {column!r} in the header (columns: "
+                raise InputError(f"{at_line(path, 1)}: no column {column!r} in the header (columns: "
                                  f"{', '.join(map(repr, header))}); choose it with column= (--column)")
             index = header.index(column)
             kept = {k: header.index(k) for k in _KEPT_KEYS if k in header and k != column}
@@ -198,11 +203,11 @@ def _iter_csv(path: Path, column: str, delimiter: str) -> Iterator[tuple[str, di
                 if not row:  # a blank line is no record
                     continue
                 if len(row) != len(header):
-                    raise InputError(f"{path}:{start}: {len(row)} fields but the header has {len(header)}; "
+                    raise InputError(f"{at_line(path, start)}: {len(row)} fields but the header has {len(header)}; "
                                      f"quote captions that contain {delimiter!r}")
                 yield row[index], {"line": start, **{k: row[i] for k, i in kept.items()}}
         except csv.Error as e:
-            raise InputError(f"{path}:{last_line + 1}: not valid CSV ({e}); check the quoting of that "
+            raise InputError(f"{at_line(path, last_line + 1)}: not valid CSV ({e}); check the quoting of that "
                              f"record") from e
 
 
@@ -212,7 +217,7 @@ def _iter_coco(path: Path, data: Any = None) -> Iterator[tuple[str, dict[str, An
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from e
+                raise InputError(f"{at_line(path, e.lineno, e.colno)}: not valid JSON ({e.msg})") from e
     annotations = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(annotations, list):
         found = f"keys: {', '.join(map(repr, data))}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
@@ -238,8 +243,8 @@ def check_utf8(path: Path) -> str:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column "
-                                 f"{e.start + 1}); re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
+                raise InputError(f"{at_line(path, lineno, e.start + 1)}: not valid UTF-8 (byte 0x{line[e.start]:02x}); "
+                                 f"re-encode the file as UTF-8 (e.g. iconv -t UTF-8)") from e
     return h.hexdigest()
 
 
@@ -773,13 +778,13 @@ def _load_predictions_csv(path: Path, text: str) -> list[Prediction]:
     reader = csv.DictReader(text.splitlines(), dialect=dialect)
     fields = reader.fieldnames or []
     if "caption" not in fields or not ({"image", "image_id", "file_name"} & set(fields)):
-        raise InputError(f"{path}: line 1: a CSV of predictions needs a header with 'caption' and "
+        raise InputError(f"{at_line(path, 1)}: a CSV of predictions needs a header with 'caption' and "
                          f"'image' (or 'image_id'); found {fields}")
     preds = []
     for row in reader:
         rec = {"caption": row.get("caption")}
         rec.update({k: row[k] for k in ("image", "image_id", "file_name") if row.get(k)})
-        preds.append(_prediction_from_record(rec, f"{path}: line {reader.line_num}"))
+        preds.append(_prediction_from_record(rec, at_line(path, reader.line_num)))
     if not preds:
         raise InputError(f"{path}: no predictions in the file")
     return preds
@@ -843,7 +848,7 @@ def read_image_ids(path: str | os.PathLike) -> dict[str, Any]:
             if not row or not "".join(row).strip():
                 continue
             if len(row) < 2:
-                raise InputError(f"{path}, line {lineno}: expected two columns 'file_name,image_id'")
+                raise InputError(f"{at_line(path, lineno)}: expected two columns 'file_name,image_id'")
             name, image_id = row[0].strip(), row[1].strip()
             if lineno == 1 and not image_id.lstrip("-").isdigit() and image_id.lower() in ("image_id", "id"):
                 continue  # header

@@ -108,7 +108,7 @@ def _read_lines(path: str) -> list[str]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as "
+        raise InputError(f"{path}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as "
                          f"UTF-8 (e.g. iconv -t UTF-8)") from e
     return text.split("\n")
 
