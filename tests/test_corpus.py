@@ -206,8 +206,8 @@ def test_bad_utf8_names_file_line_and_column(tmp_path, name, head, bad):
     p = write(tmp_path / name, head + bad)
     line = head.count(b"\n") + 1
     col = bad.index(b"\xe9") + 1
-    with pytest.raises(InputError, match=rf"{name.replace('.', '[.]')}:{line}: not valid UTF-8 \(byte 0xe9 at "
-                                         rf"column {col}\)"):
+    with pytest.raises(InputError, match=rf"{name.replace('.', '[.]')}: line {line} column {col}: not valid UTF-8 "
+                                         rf"\(byte 0xe9\)"):
         read_corpus(p)
 
 
