@@ -80,9 +80,16 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
             "--nproc_per_node", str(nproc), "-m", "capdec", "-q", *args]
 
 
+def _env(tmp_path) -> dict[str, str]:
+    """One thread per rank; torchrun's own temp files (torchelastic_*) go under the test's tmp_path."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+
+
 def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
     """2 gloo ranks == 1 process (val loss to 1e-3 relative); a killed 2-rank run resumes on 1 rank."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     common = ["--batch-size", "32", "--max-steps", "24", "--save-every", "8", "--eval-every", "24",
               "--log-every", "4", "--amp", "off", "--lr", "2e-3", "--seed", "5", *TINY]
     single = tmp_path / "single"
@@ -120,7 +127,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
 
 
 def test_torchrun_refuses_a_batch_it_cannot_split(tmp_path, hf_store):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     out = tmp_path / "c"
     proc = subprocess.run(_torchrun(2, "train", str(hf_store), "--out", str(out), "--batch-size", "33",
                                     "--max-steps", "1", *TINY), env=env, timeout=300, capture_output=True, text=True)
@@ -177,7 +184,7 @@ def test_sharded_embed_equals_single_process_and_resumes_missing_shards(tmp_path
     assert left and len(left) < 10 and not out.exists()
 
     # the rerun through the CLI under torchrun computes only the missing shards
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _env(tmp_path)
     proc = subprocess.run(_torchrun(2, "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip,
                                     "--batch-size", "16", "--shard-size", "32", "--device", "cpu"),
                           env=env, timeout=300, capture_output=True, text=True)
