@@ -18,15 +18,14 @@ CAPTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model():
-    """A tiny CapDec model trained briefly so that it writes real captions and stops with end-of-sequence."""
+def _train_tiny(captions: list[str]):
+    """A tiny CapDec model trained briefly on ``captions`` (one random embedding each) -> (model, embeddings)."""
     torch.manual_seed(0)
     cfg = ModelConfig(embed_dim=16, prefix_length=4, mapper="mlp", lm_dim=48, lm_depth=2, lm_heads=2,
                       vocab_size=1000, max_length=20, dropout=0.0)
-    m = build_model(cfg, captions=CAPTIONS)
-    emb = F.normalize(torch.randn(len(CAPTIONS), 16), dim=-1)
-    ids, mask, _ = m.tokenize(CAPTIONS)
+    m = build_model(cfg, captions=captions)
+    emb = F.normalize(torch.randn(len(captions), 16), dim=-1)
+    ids, mask, _ = m.tokenize(captions)
     opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
     m.train()
     for _ in range(80):
@@ -35,6 +34,13 @@ def model():
         loss.backward()
         opt.step()
     m.eval()
+    return m, emb
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny CapDec model trained briefly so that it writes real captions and stops with end-of-sequence."""
+    m, emb = _train_tiny(CAPTIONS)
     m.train_embeddings = emb  # for the tests: what it was trained on
     return m
 
@@ -224,19 +230,7 @@ PERIOD_CAPTIONS = ["a dog runs on the grass. it is sunny", "a cat sleeps on a ma
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
 def test_stop_at_period_ends_captions_at_the_first_period(strategy):
-    torch.manual_seed(0)
-    cfg = ModelConfig(embed_dim=16, prefix_length=4, mapper="mlp", lm_dim=48, lm_depth=2, lm_heads=2,
-                      vocab_size=1000, max_length=20, dropout=0.0)
-    m = build_model(cfg, captions=PERIOD_CAPTIONS)
-    emb = F.normalize(torch.randn(len(PERIOD_CAPTIONS), 16), dim=-1)
-    ids, mask, _ = m.tokenize(PERIOD_CAPTIONS)
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3)
-    for _ in range(80):
-        loss = m(emb, ids, mask)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    m, emb = _train_tiny(PERIOD_CAPTIONS)
     with torch.no_grad():
         prefix = m.prefix(emb)
     assert m.decode_ids(generate(m, prefix, strategy=strategy)) == PERIOD_CAPTIONS

@@ -161,18 +161,13 @@ def _warn_mismatch(report: MatchReport) -> None:
         more = f", ... ({len(ids)} in all)" if len(ids) > 5 else ""
         return ", ".join(map(repr, ids[:5])) + more
 
-    if report.predictions_without_references:
-        logger.warning("%d predictions have no references and were not scored: %s",
-                       len(report.predictions_without_references), ex(report.predictions_without_references))
-    if report.references_without_predictions:
-        logger.warning("%d reference images have no prediction and were not scored: %s",
-                       len(report.references_without_predictions), ex(report.references_without_predictions))
-    if report.empty_predictions:
-        logger.warning("%d predictions are empty strings (scored as empty captions): %s",
-                       len(report.empty_predictions), ex(report.empty_predictions))
-    if report.empty_references:
-        logger.warning("%d images have an empty reference caption: %s",
-                       len(report.empty_references), ex(report.empty_references))
+    for ids, what in ((report.predictions_without_references, "predictions have no references and were not scored"),
+                      (report.references_without_predictions,
+                       "reference images have no prediction and were not scored"),
+                      (report.empty_predictions, "predictions are empty strings (scored as empty captions)"),
+                      (report.empty_references, "images have an empty reference caption")):
+        if ids:
+            logger.warning("%d %s: %s", len(ids), what, ex(ids))
 
 
 def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]], *,
