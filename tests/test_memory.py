@@ -1,8 +1,8 @@
-"""capdec.memory: exact search against brute force, exclusion, chunking, DeCap projection, save/load."""
+"""capdec.memory: exact search against brute force, exclusion, chunking, DeCap projection, faiss, captions.
+
+Saving and loading: tests/test_memory_persistence.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -212,7 +212,7 @@ def test_ivf_index_recall():
 
 
 def test_auto_backend(monkeypatch):
-    import capdec.memory as mem
+    import capdec.memory.text_memory as mem
 
     memory = TextMemory(_unit(300, 8), config=MemoryConfig(index="ivf", nlist=4))
     assert memory._resolve_backend(None) == "torch"
@@ -220,54 +220,6 @@ def test_auto_backend(monkeypatch):
     assert memory._resolve_backend(None) == ("faiss")
     assert TextMemory(_unit(300, 8))._resolve_backend(None) == "torch"  # exact search stays on torch
     assert memory._resolve_backend("torch") == "torch"
-
-
-@pytest.mark.parametrize("with_index", [False, pytest.param(True, marks=needs_faiss)])
-def test_save_load_round_trip(tmp_path, with_index):
-    m = _unit(500, 16, seed=9).half()
-    captions = [f"a caption number {i} é" for i in range(500)]
-    identity = {"name": "toy", "dim": 16}
-    memory = TextMemory(m, captions, identity, config=MemoryConfig(nprobe=5))
-    if with_index:
-        memory.faiss_index("flat", show_progress=False)
-    memory.save(tmp_path / "mem")
-    assert json.loads((tmp_path / "mem" / "meta.json").read_text())["count"] == 500
-    back = TextMemory.load(tmp_path / "mem")
-    assert back.dtype == "float16" and len(back) == 500 and back.dim == 16
-    assert torch.equal(back.embeddings, m) and back.captions == captions
-    assert back.encoder_identity == identity and back.config.nprobe == 5
-    assert ("flat" in back._faiss) == with_index
-    q = torch.randn(4, 16)
-    assert torch.equal(back.search(q, 3, backend="torch")[1], memory.search(q, 3, backend="torch")[1])
-    if with_index:
-        assert torch.equal(back.search(q, 3, backend="faiss")[1], memory.search(q, 3, backend="torch")[1])
-    with pytest.raises(InputError, match="already exists"):
-        memory.save(tmp_path / "mem")
-    memory.save(tmp_path / "mem", overwrite=True, dtype="float32")
-    assert TextMemory.load(tmp_path / "mem").dtype == "float32"
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "precious.txt").write_text("x")
-    with pytest.raises(InputError, match="not a text memory"):
-        memory.save(tmp_path / "other", overwrite=True)
-    assert (tmp_path / "other" / "precious.txt").exists()
-    no_caps = TextMemory(m).save(tmp_path / "nocaps")
-    assert TextMemory.load(no_caps).captions is None
-
-
-def test_from_store(tmp_path):
-    from capdec.store import EmbeddingStore
-
-    m = _unit(40, 8, seed=10)
-    captions = [f"c{i}" for i in range(40)]
-    spec, identity = {"backend": "toy"}, {"backend": "toy", "dim": 8}
-    store = EmbeddingStore.from_arrays(captions, m, encoder_spec=spec, encoder_identity=identity)
-    saved = store.save(tmp_path / "store", dtype="float16")
-    for source in (saved, tmp_path / "store"):
-        memory = TextMemory.from_store(source)
-        assert len(memory) == 40 and memory.dtype == "float16" and memory.encoder_identity == identity
-        assert memory.captions == captions
-        assert memory.search(m[:2], 1)[1].flatten().tolist() == [0, 1]
-    assert TextMemory.load(tmp_path / "store").captions == captions  # load() also reads stores
 
 
 def test_errors_are_actionable(tmp_path):
@@ -296,42 +248,21 @@ def test_errors_are_actionable(tmp_path):
         TextMemory.load(tmp_path)
 
 
-def test_a_saved_memory_is_an_index_over_a_store(tmp_path):
-    """Saving a memory read from a store writes only meta.json naming that store (path + fingerprint):
-    no second copy of the rows; a memory of arrays keeps its rows as an ordinary store in MEM/store/."""
-    import hashlib
+def test_captions_come_from_a_loader_on_first_use():
+    """A caption loader (a training corpus, a store's captions.jsonl) is called once, when captions are needed."""
+    calls = []
 
-    from capdec.store import EmbeddingStore
+    def loader():
+        calls.append(1)
+        return [f"caption {i}" for i in range(10)]
 
-    m = _unit(30, 8, seed=11)
-    captions = [f"caption {i}" for i in range(30)]
-    identity = {"backend": "toy", "dim": 8}
-    EmbeddingStore.from_arrays(captions, m, encoder_spec={"backend": "toy"}, encoder_identity=identity).save(
-        tmp_path / "store", dtype="float32")
-    TextMemory.from_store(tmp_path / "store", config=MemoryConfig(nprobe=3)).save(tmp_path / "mem")
-    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["meta.json"]
-    meta = json.loads((tmp_path / "mem" / "meta.json").read_text())
-    assert meta["format"] == "capdec.memory/2" and meta["store"] == str((tmp_path / "store").resolve())
-    assert meta["store_meta_sha256"] == hashlib.sha256((tmp_path / "store" / "meta.json").read_bytes()).hexdigest()
-    back = TextMemory.load(tmp_path / "mem")
-    assert torch.equal(back.embeddings, m) and back.captions == captions and back.config.nprobe == 3
-    assert back.encoder_identity == identity
-
-    # a memory of arrays holds its rows: MEM/store/ is a store 'capdec embed' would have written
-    TextMemory(m, captions, identity).save(tmp_path / "own")
-    assert EmbeddingStore.open(tmp_path / "own" / "store").captions == captions
-    assert TextMemory.load(tmp_path / "own").captions == captions
-    moved = tmp_path / "moved"
-    (tmp_path / "own").rename(moved)  # self-contained: still loads after a move
-    assert torch.equal(TextMemory.load(moved).embeddings, m)
-
-    # the store re-made (other rows, same shape) or gone: refused, not silently mismatched
-    EmbeddingStore.from_arrays(captions[::-1], m.flip(0), encoder_spec={"backend": "toy"},
-                               encoder_identity=identity).save(tmp_path / "store", dtype="float32", overwrite=True)
-    with pytest.raises(InputError, match="re-made since this memory was saved"):
-        TextMemory.load(tmp_path / "mem")
-    import shutil
-
-    shutil.rmtree(tmp_path / "store")
-    with pytest.raises(InputError, match="is missing"):
-        TextMemory.load(tmp_path / "mem")
+    memory = TextMemory(_unit(10, 8), caption_loader=loader)
+    assert memory.has_captions and calls == []
+    assert memory.search(_unit(1, 8), 2)[0].shape == (1, 2) and calls == []  # searching needs no captions
+    assert memory.captions_at(torch.tensor([[3, -1]])) == [["caption 3"]]
+    assert memory.captions[9] == "caption 9" and calls == [1]
+    assert not TextMemory(_unit(10, 8)).has_captions
+    with pytest.raises(InputError, match="not both"):
+        TextMemory(_unit(10, 8), ["x"] * 10, caption_loader=loader)
+    with pytest.raises(InputError, match="9 captions for 10 embeddings"):
+        _ = TextMemory(_unit(10, 8), caption_loader=lambda: ["x"] * 9).captions

@@ -451,8 +451,8 @@ def _training_memory(model: CapDecModel, data: TextData, train_idx: torch.Tensor
     # a large memory is searched through faiss's inverted-file index (approximate, sub-linear)
     big = len(train_idx) >= AUTO_IVF_MIN_ROWS and faiss_available()
     memory = TextMemory(data.gather(train_idx, normalized=True), None, data.encoder_identity,
-                        config=MemoryConfig(index="ivf") if big else None, validate=False)
-    memory._caption_loader = lambda: list(data.iter_captions(train_idx))  # read only if used (entities, saving)
+                        config=MemoryConfig(index="ivf") if big else None, validate=False,
+                        caption_loader=lambda: list(data.iter_captions(train_idx)))  # read only if used (entities, saving)
     retrieval = RetrievalContext(memory, model) if model.config.retrieval_k else None
     return memory, retrieval
 
