@@ -129,7 +129,7 @@ def cache_speedup(captioner: Captioner, emb: torch.Tensor, *, strategy: str, bea
     """Decode-only seconds with and without the key/value cache on the same prefixes (same tokens)."""
     model = captioner.model
     with torch.inference_mode():
-        prefix = captioner.checkpoint.prefix_for_images(emb)
+        prefix = captioner.prefix(emb)
     times, tokens = {}, {}
     for use_cache in (True, False):
         t = time.perf_counter()

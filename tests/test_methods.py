@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from capdec.caption import Captioner
 from capdec.checkpoint import load_checkpoint
 from capdec.cli import main
 from capdec.retrieval import frequent_words
@@ -43,8 +44,8 @@ def test_projection_saved_memory_and_caption_override(tmp_path, hf_store, photos
     assert ck.memory is not None and len(ck.memory) == ck.config["data"]["train"]
     # the projected query is a softmax mix of memory rows: it lies in their span, unlike the raw image embedding
     v = torch.nn.functional.normalize(torch.randn(3, ck.model_config.embed_dim), dim=-1)
-    q = ck.prepare_image_embeddings(v, memory=ck.memory)
-    raw = ck.prepare_image_embeddings(v, memory=ck.memory, project=False)
+    q = Captioner(ck).prepare(v)
+    raw = Captioner(ck, project=False).prepare(v)
     nearest = ck.memory.search(q, 1)[0][:, 0]
     assert (nearest > ck.memory.search(raw, 1)[0][:, 0]).all()
     rows = caption_jsonl(ckpt, photos)
@@ -73,7 +74,7 @@ def test_retrieval_with_entities_trains_and_captions(tmp_path, hf_store, photos)
     ck = load_checkpoint(ckpt, device="cpu")
     assert ck.model_config.retrieval_k == 4 and ck.model_config.entity_slots == 2
     assert ck.model.fusion is not None and (ckpt / "memory" / "store" / "captions.jsonl").is_file()
-    prefix = ck.prefix_for_images(torch.nn.functional.normalize(torch.randn(2, ck.model_config.embed_dim), dim=-1))
+    prefix = Captioner(ck).prefix(torch.nn.functional.normalize(torch.randn(2, ck.model_config.embed_dim), dim=-1))
     assert prefix.shape[1] == ck.model_config.prefix_length + 2
     assert len(caption_jsonl(ckpt, photos)) == 3
 

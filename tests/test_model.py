@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from capdec.caption import Captioner
 from capdec.checkpoint import InferenceConfig, load_checkpoint, save_checkpoint
 from capdec.errors import InputError
 from capdec.model import IGNORE_INDEX, MLPMapper, ModelConfig, TransformerMapper, build_model
@@ -70,7 +71,7 @@ def test_checkpoint_round_trip(model, tmp_path):
     model.eval()
     assert torch.allclose(model(emb, ids, mask), ck.model(emb, ids, mask))
     with pytest.raises(InputError, match="dimension"):
-        ck.prepare_image_embeddings(torch.randn(2, 8))
+        Captioner(ck).prepare(torch.randn(2, 8))
 
 
 def test_bad_model_configs():

@@ -33,6 +33,7 @@ from capdec.decode import DecodeConfig, generate
 from capdec.encoders import Encoder, EncoderMismatchError, load_encoder
 from capdec.errors import InputError
 from capdec.images import DEFAULT_MAX_PIXELS, ImageLoadError, Skipped, iter_image_batches, load_image
+from capdec.noise import NoiseConfig, shift_embeddings
 from capdec.utils import progress
 
 logger = logging.getLogger(__name__)
@@ -141,17 +142,47 @@ class Captioner:
     # -- embeddings -> captions -----------------------------------------------------------------------
     def prepare(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(n, d) raw image embeddings -> the mapper's input (the inference config applied)."""
-        memory = self.memory
-        if memory is None and self.checkpoint.inference_config(**self.inference).project:
-            memory = self.checkpoint.memory
-        return self.checkpoint.prepare_image_embeddings(embeddings.float(), memory=memory, **self.inference)
+        cfg = self.checkpoint.inference_config(**self.inference)
+        return prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
+                                        memory=self._memory(retrieval=False, project=cfg.project))
+
+    def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(n, d) raw image embeddings -> the LM prefix (n, L', h): prepared, then retrieval-augmented if the
+        checkpoint is (with its own memory unless one was given)."""
+        cfg = self.checkpoint.inference_config(**self.inference)
+        retrieval = bool(self.model.config.retrieval_k)
+        memory = self._memory(retrieval=retrieval, project=cfg.project)
+        q = prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
+                                     memory=memory)
+        extra: dict[str, torch.Tensor] = {}
+        if retrieval:
+            from capdec.retrieval import RetrievalContext
+
+            extra = RetrievalContext(memory, self.model)(q)
+        with torch.inference_mode():
+            return self.model.prefix(q, **extra)
+
+    def _memory(self, *, retrieval: bool, project: bool) -> Any:
+        """The text memory projection / retrieval use: the one given, else the checkpoint's (None when unused)."""
+        if not (retrieval or project):
+            return self.memory
+        memory = self.memory if self.memory is not None else self.checkpoint.memory
+        if memory is None and retrieval:
+            raise InputError(f"{self.checkpoint.path} is retrieval-augmented but has no memory/; give --memory")
+        return memory
+
+    def _check_dim(self, embeddings: torch.Tensor) -> torch.Tensor:
+        if embeddings.shape[-1] != self.model.config.embed_dim:
+            raise InputError(f"embeddings have dimension {embeddings.shape[-1]}, the checkpoint expects "
+                             f"{self.model.config.embed_dim}")
+        return embeddings
 
     def _decode_config(self, options: dict[str, Any]) -> DecodeConfig:
         return self.decode.replace(**options) if options else self.decode
 
     def _caption_embeddings(self, emb: torch.Tensor, cfg: DecodeConfig) -> list[str]:
         """Raw (b, d) image embeddings -> captions: prepare, prefix (with retrieval), decode."""
-        prefix = self.checkpoint.prefix_for_images(emb.float(), memory=self.memory, **self.inference)  # (b, L, h)
+        prefix = self.prefix(emb)  # (b, L, h)
         return self.model.decode_ids(generate(self.model, prefix.to(self.device), config=cfg))
 
     @torch.inference_mode()
@@ -213,6 +244,25 @@ class Captioner:
         """Caption many files, yielding results as each batch is done; bad files are skipped and collected."""
         return CaptionStream(self, paths, batch_size=batch_size, decode=self._decode_config(decode),
                              show_progress=show_progress)
+
+
+def prepare_image_embeddings(v: torch.Tensor, cfg: InferenceConfig, *, noise: NoiseConfig,
+                             memory: Any = None) -> torch.Tensor:
+    """Image embeddings (b, d) -> the decoder's query, as ``cfg`` says: centre (subtract the image mean),
+    normalise, shift, then project onto the text ``memory`` (DeCap) if asked.
+
+    ``noise`` is the training's: a decoder trained on centred text embeddings needs centred images.
+    """
+    if noise.center and cfg.image_mean is None:
+        raise InputError("this checkpoint was trained with --center: give the image mean "
+                         "(--image-mean FILE, e.g. a calibrate noise.json) so images are centred too")
+    vec = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
+    q = shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean), normalize_output=cfg.normalize)
+    if cfg.project:
+        if memory is None:
+            raise InputError("projection needs a text memory: train with --save-memory or give --memory")
+        q = memory.project(q, tau=cfg.tau, k=cfg.project_k)
+    return q
 
 
 class CaptionStream:
@@ -331,4 +381,4 @@ def read_vector(path: str | os.PathLike, *, keys: Sequence[str] = ()) -> list[fl
     return arr.tolist()
 
 
-__all__ = ["CaptionResult", "CaptionStream", "Captioner", "ImageLoadError", "read_vector"]
+__all__ = ["CaptionResult", "CaptionStream", "Captioner", "ImageLoadError", "prepare_image_embeddings", "read_vector"]

@@ -38,7 +38,7 @@ from capdec.errors import InputError
 from capdec.hub import resolve_checkpoint
 from capdec.model import CapDecModel, ModelConfig, model_from_config
 from capdec.model_card import card_for_new_checkpoint
-from capdec.noise import NoiseConfig, shift_embeddings
+from capdec.noise import NoiseConfig
 from capdec.utils import atomic_dir, read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -95,43 +95,6 @@ class Checkpoint:
             if not hasattr(cfg, k):
                 raise InputError(f"unknown inference option {k!r}")
         return replace(cfg, **{k: val for k, val in overrides.items() if val is not None})  # checked again
-
-    def prepare_image_embeddings(self, v: torch.Tensor, *, memory: Any = None, **overrides: Any) -> torch.Tensor:
-        """Image embeddings (b, d) -> the decoder's query: centre/normalise/shift, then project if asked."""
-        cfg = self.inference_config(**overrides)
-        vec = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-        if v.shape[-1] != self.model_config.embed_dim:
-            raise InputError(f"embeddings have dimension {v.shape[-1]}, the checkpoint expects "
-                             f"{self.model_config.embed_dim}")
-        if self.noise.center and cfg.image_mean is None:
-            raise InputError("this checkpoint was trained with --center: give the image mean "
-                             "(--image-mean FILE, e.g. a calibrate noise.json) so images are centred too")
-        q = shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean),
-                             normalize_output=cfg.normalize)
-        if cfg.project:
-            if memory is None:
-                raise InputError("projection needs a text memory: train with --save-memory or give --memory")
-            q = memory.project(q, tau=cfg.tau, k=cfg.project_k)
-        return q
-
-    def prefix_for_images(self, v: torch.Tensor, *, memory: Any = None, **overrides: Any) -> torch.Tensor:
-        """Image embeddings (b, d) -> the LM prefix (b, L', h), applying every recorded inference option.
-
-        ``memory`` (a TextMemory) is needed for projection and retrieval-augmented models; when None,
-        the checkpoint's own memory is used if it has one.
-        """
-        if memory is None and (self.model_config.retrieval_k or self.inference_config(**overrides).project):
-            memory = self.memory
-        q = self.prepare_image_embeddings(v, memory=memory, **overrides)
-        extra: dict[str, torch.Tensor] = {}
-        if self.model_config.retrieval_k:
-            if memory is None:
-                raise InputError(f"{self.path} is retrieval-augmented but has no memory/; give --memory")
-            from capdec.retrieval import RetrievalContext
-
-            extra = RetrievalContext(memory, self.model)(q)
-        with torch.inference_mode():
-            return self.model.prefix(q, **extra)
 
     @functools.cached_property
     def memory(self):
