@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import lzma
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,15 +13,18 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
-SHARED_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
-COCO = Path(os.environ.get("CAPDEC_COCO_DIR", SHARED_COCO))
+COCO_DATA = Path(__file__).resolve().parent / "data" / "coco"  # real COCO captions and photos (see its README)
 
 
 @pytest.fixture(scope="session")
-def coco_dir() -> Path:
-    if not (COCO / "captions_val2017.json").is_file():
-        pytest.skip(f"real COCO captions not found at {COCO} (set CAPDEC_COCO_DIR)")
-    return COCO
+def coco_dir(tmp_path_factory) -> Path:
+    """tests/data/coco unpacked into a session folder: the caption files decompressed (``*.json``), the
+    17 CC-licensed photos and their ``captions.json`` / ``images_meta.json`` copied to ``images/``."""
+    out = tmp_path_factory.mktemp("coco")
+    for packed in sorted(COCO_DATA.glob("*.json.xz")):
+        (out / packed.name.removesuffix(".xz")).write_bytes(lzma.decompress(packed.read_bytes()))
+    shutil.copytree(COCO_DATA / "images", out / "images")
+    return out
 
 
 @pytest.fixture(scope="session")

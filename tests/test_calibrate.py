@@ -1,7 +1,7 @@
 """capdec.calibrate / ``capdec calibrate``: ε from paired images and captions, noise.json, bad inputs.
 
 Runs a tiny random-weight transformers CLIP (tests/tiny_models.py) on the 17 real COCO photos in
-shared/data/coco/images (CC BY / BY-SA 2.0, attribution in images_meta.json) with their captions.
+tests/data/coco/images (CC BY / BY-SA 2.0, attribution in tests/data/coco/README.md) with their captions.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from capdec.errors import InputError
 
 DATA = Path(__file__).parent / "data"
 COCO_SAMPLE = DATA / "coco_captions_sample.json"
-SHARED_COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco" / "captions_val2017.json"
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -187,9 +186,8 @@ def test_coco_broken_json_and_bad_annotation(tmp_path):
         read_corpus(p)
 
 
-@pytest.mark.skipif(not SHARED_COCO.exists(), reason="shared COCO data not on this machine")
-def test_full_coco_val2017_file():
-    corpus = read_corpus(SHARED_COCO)
+def test_full_coco_val2017_file(coco_dir):
+    corpus = read_corpus(coco_dir / "captions_val2017.json")
     assert len(corpus) == corpus.stats.read == 25014
     assert corpus.sha256 == "b38a92486848a88da87130fb0af7ef790b504628e3817137e21b2d3bd9d9190c"
 

@@ -1,7 +1,7 @@
 """Karpathy-split files and FlickrStyle10K as inputs: readers, corpora, references, caption/calibrate sources.
 
 ``tests/data/karpathy_coco_small.json`` is a small file in the Karpathy-split format with real MS-COCO
-captions (CC BY 4.0); its ``test`` images are the five Karpathy-test photos of the shared COCO folder
+captions (CC BY 4.0); its ``test`` images are the five Karpathy-test photos of tests/data/coco/images
 (CC BY / CC BY-SA 2.0, attribution in ``images_meta.json`` there); the other split labels are assigned
 for the tests.
 """
@@ -22,7 +22,7 @@ from capdec.errors import InputError
 from capdec.metrics import load_references
 
 KARPATHY = Path(__file__).parent / "data" / "karpathy_coco_small.json"
-TEST_IDS = [60623, 189806, 314251, 351530, 479030]  # the Karpathy-test photos in the shared folder
+TEST_IDS = [60623, 189806, 314251, 351530, 479030]  # the Karpathy-test photos in tests/data/coco/images
 
 
 def test_karpathy_splits_ids_and_files():

@@ -20,7 +20,7 @@ TINY = ["--prefix-length", "4", "--mapper-depth", "1", "--mapper-heads", "2", "-
 
 @pytest.fixture(scope="module")
 def photos(coco_dir, tmp_path_factory) -> Path:
-    """Three real CC-licensed COCO photos (attribution: ../shared/data/coco/images/images_meta.json)."""
+    """Three real CC-licensed COCO photos (attribution: tests/data/coco/README.md)."""
     import shutil
 
     d = tmp_path_factory.mktemp("photos")

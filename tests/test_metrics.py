@@ -23,7 +23,8 @@ from capdec.cli import main
 from capdec.errors import InputError
 
 pytest.importorskip("pycocoevalcap")
-needs_java = pytest.mark.skipif(M.scorers._java() is None, reason="Java is not installed")
+NO_JAVA = "Java is not installed (Debian: apt-get install default-jre-headless); METEOR and the PTB tokenizer need it"
+needs_java = pytest.mark.skipif(M.scorers._java() is None, reason=NO_JAVA)
 FAST = "bleu,rouge,cider"  # METEOR's JVM takes ~10 s to start; only a few tests pay for it
 
 
@@ -140,7 +141,7 @@ def test_tokenizer_runs_once_per_call(monkeypatch):
     from pathlib import Path
 
     if M.scorers._java() is None:
-        pytest.skip("Java is not installed")
+        pytest.skip(NO_JAVA)
     calls = []
     original = subprocess.run
 
@@ -404,7 +405,7 @@ def test_spice_is_reported_unavailable_without_downloading(monkeypatch):
     if reason is None:
         pytest.skip("SPICE's CoreNLP jars are installed here")
     if M.scorers._java() is None:
-        pytest.skip("Java is not installed")
+        pytest.skip(NO_JAVA)
     res = M.evaluate({1: "a dog"}, {1: ["a dog runs"]}, metrics="bleu,spice")
     assert res.scores["SPICE"] is None and res.unavailable["SPICE"] == reason
     assert res.scores["Bleu_1"] is not None

@@ -3,7 +3,7 @@
 The same commands as the COCO section of docs/reproduce.md (embed the Karpathy train and val splits,
 ``capdec train --recipe capdec-coco``, caption the test split, evaluate against it), on
 ``tests/data/karpathy_coco_small.json`` (real COCO captions; the test images are the CC-licensed
-Karpathy-test photos of the shared COCO folder) with a tiny random CLIP and a tiny GPT-2 standing in
+Karpathy-test photos of tests/data/coco/images) with a tiny random CLIP and a tiny GPT-2 standing in
 for RN50x4 and GPT-2, and sizes / steps overridden by flags so it runs in seconds.
 """
 

@@ -59,11 +59,9 @@ def checkpoint(trained) -> Path:
 
 @pytest.fixture(scope="module")
 def photos(coco_dir, trained) -> list[Path]:
-    """Real CC-licensed COCO photos (attribution: images/images_meta.json in the shared data folder), then the
-    rendered toy scenes."""
+    """Real CC-licensed COCO photos (attribution: tests/data/coco/README.md), then the rendered toy scenes."""
     found = sorted((coco_dir / "images").glob("*.jpg"))
-    if len(found) < 4:
-        pytest.skip(f"the COCO photos are not in {coco_dir / 'images'}")
+    assert len(found) == 17, found
     return found + trained[1]
 
 
