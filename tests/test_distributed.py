@@ -1,8 +1,10 @@
 """Several processes, one result: torchrun training (DDP over gloo on CPU) and sharded embedding.
 
 The equivalence checks compare against a single-process run of the same command: two ranks that take
-halves of every global batch and normalise the loss by the global token count must end where one
-process does, and a store embedded by two ranks must be byte-identical to one embedded by one.
+halves of every global batch and normalise the loss by the global token count must end with the weights,
+Adam moments and losses one process has (to float rounding), and a store embedded by two ranks must be
+byte-identical to one embedded by one. With dropout on, ranks run in-process (forked) so that their
+masks can be read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from capdec import distributed
 from capdec.cli import main
@@ -70,9 +73,40 @@ def test_device_under_torchrun_follows_local_rank(monkeypatch):
 
 
 # -- training ------------------------------------------------------------------------------------------
-def _val_loss(ckpt: Path) -> float:
+# Tolerances, measured on this test's runs (24 steps, fp32, dropout 0, no gradient clipping):
+# 1 process vs 2 ranks differ by float rounding only: weights by at most 7e-6, Adam's first moment by
+# 9e-6 of its norm, train losses by 9e-8 relative, the validation loss by 0. Three planted bugs gave:
+#   loss averaged per rank (not over the global token count)  weights 4e-3, val loss 5e-5 relative
+#   each rank drawing noise for its own rows only              weights 4e-2, val loss 6e-6
+#   the world-size factor dropped from the loss                weights 6e-4, Adam moments 50% off
+# Gradient clipping is off: a clipped gradient has the same norm at any scale, so it would hide the last one.
+WEIGHTS_ATOL = 5e-5
+MOMENT_RTOL = 1e-4
+LOSS_RTOL = 1e-6
+
+
+def _losses(ckpt: Path) -> tuple[list[float], float]:
+    """(train loss of every log row, last validation loss) from metrics.jsonl."""
     rows = [json.loads(r) for r in (ckpt / "metrics.jsonl").read_text().splitlines()]
-    return [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    return [r["train_loss"] for r in rows if "train_loss" in r], [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+def _assert_trained_alike(a: Path, b: Path) -> None:
+    """Checkpoints ``a`` and ``b`` hold the same training: final weights, Adam's moments, losses."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=WEIGHTS_ATOL, msg=lambda m, k=k: f"{k}: {m}")
+    # Adam's moments are running averages of the gradient and its square: a gradient's scale shows as is
+    sa, sb = (torch.load(c / "training" / "optimizer.pt", weights_only=True)["optimizer"]["state"] for c in (a, b))
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for name in ("exp_avg", "exp_avg_sq"):
+            x, y = sa[i][name], sb[i][name]
+            assert float((y - x).norm()) <= MOMENT_RTOL * float(x.norm()), (i, name, float((y - x).norm() / x.norm()))
+    (ta, va), (tb, vb) = _losses(a), _losses(b)
+    assert len(ta) == len(tb) and all(abs(y - x) <= LOSS_RTOL * x for x, y in zip(ta, tb)), (ta, tb)
+    assert abs(vb - va) <= LOSS_RTOL * va, (va, vb)
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
@@ -87,18 +121,58 @@ def _env(tmp_path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
+        except (OSError, IndexError, ValueError):
+            continue  # ended while we looked
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
+
+
+def _kill_torchrun(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun's ranks, then torchrun, and wait until the ranks are gone.
+
+    torchrun starts each rank in a session of its own, so killing torchrun's process group leaves the
+    ranks training (and writing checkpoints) on their own.
+    """
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, f"expected torchrun's 2 ranks among its children, found {ranks}"
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while any(map(_alive, ranks)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, ranks)), f"ranks {[p for p in ranks if _alive(p)]} outlived the kill"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's ranks through Linux's /proc")
 def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
-    """2 gloo ranks == 1 process (val loss to 1e-3 relative); a killed 2-rank run resumes on 1 rank."""
+    """2 gloo ranks train what 1 process does (weights, Adam moments, losses); a 2-rank run killed
+    mid-way, its ranks gone, resumes on 1 process to the same result."""
     env = _env(tmp_path)
     common = ["--batch-size", "32", "--max-steps", "24", "--save-every", "8", "--eval-every", "24",
-              "--log-every", "4", "--amp", "off", "--lr", "2e-3", "--seed", "5", *TINY]
+              "--log-every", "4", "--amp", "off", "--lr", "2e-3", "--grad-clip", "0", "--seed", "5", *TINY]
     single = tmp_path / "single"
     assert main(["-q", "train", str(hf_store), "--out", str(single), *common]) == 0
 
     ddp = tmp_path / "ddp"
     subprocess.run(_torchrun(2, "train", str(hf_store), "--out", str(ddp), *common), check=True, env=env, timeout=300)
-    one, two = _val_loss(single), _val_loss(ddp)
-    assert abs(two - one) / one < 1e-3, (one, two)
+    _assert_trained_alike(single, ddp)
     state = json.loads((ddp / "training" / "state.json").read_text())
     assert state["step"] == 24 and state["world_size"] == 2
     assert not list(tmp_path.glob("ddp*/**/*.tmp")), "only rank 0 writes"
@@ -116,14 +190,71 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
         except (OSError, ValueError, KeyError):
             pass
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
+    _kill_torchrun(proc)
     step = json.loads(state_file.read_text())["step"]
     assert 8 <= step < 24, "the run must be killed mid-way for this test to mean anything"
     assert main(["-q", "train", str(hf_store), "--out", str(killed), "--resume"]) == 0
-    resumed = _val_loss(killed)
-    assert abs(resumed - one) / one < 1e-3, (one, resumed)
     assert json.loads(state_file.read_text())["world_size"] == 1
+    _assert_trained_alike(single, killed)
+
+
+def _train_worker(rank: int, world: int, port: int, argv: list[str], stop_at_step: int | None,
+                  mask_file: str | None) -> None:
+    """One rank of a training run started in-process (as torchrun would set it up)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import capdec.train
+
+    if stop_at_step is not None:  # every rank stops dead at this step, as a kill would stop it
+        step = capdec.train._train_step
+
+        def step_or_stop(**kw):
+            if kw["step"] == stop_at_step:
+                os._exit(0)
+            return step(**kw)
+
+        capdec.train._train_step = step_or_stop
+    masks: list[torch.Tensor] = []
+    if mask_file is not None:  # the first dropout mask this rank draws in training
+        def record(module, args, output):
+            if isinstance(module, torch.nn.Dropout) and module.training and not masks:
+                masks.append((output == 0) & (args[0] != 0))
+
+        torch.nn.modules.module.register_module_forward_hook(record)
+    assert main(argv) == 0
+    if mask_file is not None:
+        torch.save(masks[0], mask_file.format(rank=rank))
+
+
+def _spawn_train(argv: list[str], *, stop_at_step: int | None = None, mask_file: str | None = None) -> None:
+    mp.start_processes(_train_worker, args=(2, _free_port(), argv, stop_at_step, mask_file), nprocs=2, join=True,
+                       start_method="fork")
+
+
+def test_dropout_ranks_draw_their_own_masks_and_a_resumed_run_continues_the_stream(tmp_path, hf_store):
+    """With dropout on, the 2 ranks' masks differ (one seed for both would drop the same units of
+    their rows), and a run stopped after its step-8 checkpoint and resumed ends where an uninterrupted run
+    does: step t's masks depend on (seed, t, rank), not on how the process got to step t."""
+    common = ["-q", "train", str(hf_store), "--batch-size", "32", "--max-steps", "24", "--save-every", "8",
+              "--eval-every", "24", "--log-every", "4", "--amp", "off", "--lr", "2e-3", "--seed", "5",
+              *TINY, "--dropout", "0.3"]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    _spawn_train([*common, "--out", str(full)], mask_file=str(tmp_path / "mask{rank}.pt"))
+    m0, m1 = (torch.load(tmp_path / f"mask{r}.pt") for r in (0, 1))
+    assert m0.shape == m1.shape and m0.shape[0] == 16  # each rank's half of the batch
+    for m in (m0, m1):
+        assert abs(float(m.float().mean()) - 0.3) < 0.05  # units dropped at the rate asked for
+    agree = float((m0 == m1).float().mean())
+    assert agree < 0.7, f"the ranks' masks agree on {agree:.0%} of units (independent masks: ~58%)"
+
+    _spawn_train([*common, "--out", str(stopped)], stop_at_step=12)
+    assert json.loads((stopped / "training" / "state.json").read_text())["step"] == 8
+    _spawn_train(["-q", "train", str(hf_store), "--out", str(stopped), "--resume"])
+    a, b = load_file(full / "model.safetensors"), load_file(stopped / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert _losses(full) == _losses(stopped)
 
 
 def test_torchrun_refuses_a_batch_it_cannot_split(tmp_path, hf_store):
