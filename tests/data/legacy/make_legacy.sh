@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Writes the legacy fixtures with the PRE-restructure code (/work/base).
+# Writes the legacy fixtures with the PRE-restructure code (commit 72b6fb376874):
+#   git worktree add --detach OLD 72b6fb376874
+#   PYTHON=.venv/bin/python bash tests/data/legacy/make_legacy.sh OUT OLD
+# The decoder is trained enough (1,000 captions, 20 epochs) that its greedy captions of the six test
+# images all differ: the recorded captions then pin how images reach the decoder, not just the checkpoint.
 set -euo pipefail
-export OMP_NUM_THREADS=1 PYTHONPATH=/work/base/src
-PY=/work/main/.venv/bin/python
 OUT=$(realpath -m "${1:?out dir}")
+OLD=$(realpath "${2:?checkout of the old code}")
+PY=${PYTHON:-python3}
+export OMP_NUM_THREADS=1 PYTHONPATH="$OLD/src"
 mkdir -p "$OUT/images"
 $PY - "$OUT" <<'PYEOF'
 import json, sys
 from pathlib import Path
 from capdec import toyworld
 out = Path(sys.argv[1])
-(out / "corpus.txt").write_text("\n".join(toyworld.corpus(80, seed=0)) + "\n")
+(out / "corpus.txt").write_text("\n".join(toyworld.corpus(1000, seed=0)) + "\n")
 images, refs = toyworld.test_set(6, seed=0)
 with open(out / "pairs.jsonl", "w") as f:
     for i, (im, caps) in enumerate(zip(images, refs)):
@@ -19,12 +24,13 @@ with open(out / "pairs.jsonl", "w") as f:
 PYEOF
 cd "$OUT"
 $PY -m capdec -q embed corpus.txt --out store --encoder toy
-$PY -m capdec -q train store --out checkpoint --epochs 15 --batch-size 16 --lr 1e-2 --dropout 0 --save-memory \
-  --prefix-length 4 --mapper-depth 1 --mapper-heads 2 --max-length 16 --lm-dim 16 --lm-depth 2 --lm-heads 2 --vocab-size 200 --seed 0
+$PY -m capdec -q train store --out checkpoint --epochs 20 --batch-size 32 --lr 1e-2 --dropout 0 --save-memory \
+  --noise-variance 0.008 --prefix-length 4 --mapper-depth 1 --mapper-heads 2 --max-length 40 --lm-dim 32 \
+  --lm-depth 2 --lm-heads 2 --vocab-size 400 --seed 0
 $PY -m capdec -q calibrate pairs.jsonl --encoder toy --out noise.json
 $PY -m capdec -q caption checkpoint images --strategy greedy --out captions_greedy.jsonl
 $PY -m capdec -q caption checkpoint images --strategy greedy --project --out captions_greedy_project.jsonl
-PYTHONPATH= git -C /work/base log -1 --format='%H %s' > made_by_commit.txt
+git -C "$OLD" log -1 --format='%H %s' > made_by_commit.txt
 # a sharp numerical signature of checkpoint + encoder + tokenizer: each image's caption loss
 $PY - <<'PYEOF'
 import json
