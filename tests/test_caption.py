@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from capdec.caption import Captioner, read_vector
+from capdec.caption import Captioner
 from capdec.cli import main
 from capdec.encoders import EncoderMismatchError, load_encoder
 from capdec.errors import InputError
 from capdec.images import ImageLoadError, load_image
+from capdec.io.vectors import read_vector
 from capdec.noise import shift_embeddings
 from test_images import BOMB_LIMIT, ZOO_EXPECTED, make_image_zoo
 

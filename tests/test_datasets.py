@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from capdec import formats
 from capdec.cli import main
 from capdec.corpus import read_corpus
 from capdec.errors import InputError
+from capdec.io import read_flickrstyle, read_karpathy, read_name_list
 from capdec.metrics import load_references
 
 KARPATHY = Path(__file__).parent / "data" / "karpathy_coco_small.json"
@@ -26,17 +26,17 @@ TEST_IDS = [60623, 189806, 314251, 351530, 479030]  # the Karpathy-test photos i
 
 
 def test_karpathy_splits_ids_and_files():
-    train = formats.read_karpathy(KARPATHY, "train")
+    train = read_karpathy(KARPATHY, "train")
     assert {im.split for im in train.images} == {"train", "restval"}  # train includes restval
-    assert len(train) == 50 and len(formats.read_karpathy(KARPATHY, "restval")) == 25
-    assert len(formats.read_karpathy(KARPATHY, "val")) == 8
-    test = formats.read_karpathy(KARPATHY, "test")
+    assert len(train) == 50 and len(read_karpathy(KARPATHY, "restval")) == 25
+    assert len(read_karpathy(KARPATHY, "val")) == 8
+    test = read_karpathy(KARPATHY, "test")
     assert [im.image_id for im in test.images] == TEST_IDS  # cocoid
-    assert test.images[0].relpath == "val2014/COCO_val2014_000000060623.jpg"
-    assert all(len(im.sentences) == 5 for im in test.images)
-    assert len(formats.read_karpathy(KARPATHY, "all")) == 63
+    assert test.images[0].file == "val2014/COCO_val2014_000000060623.jpg"
+    assert all(len(im.captions) == 5 for im in test.images)
+    assert len(read_karpathy(KARPATHY, "all")) == 63
     with pytest.raises(InputError, match="unknown split 'dev'.*train includes restval"):
-        formats.read_karpathy(KARPATHY, "dev")
+        read_karpathy(KARPATHY, "dev")
 
 
 def test_flickr30k_ids_are_the_numeric_file_names(tmp_path):
@@ -45,9 +45,9 @@ def test_flickr30k_ids_are_the_numeric_file_names(tmp_path):
         {"filename": "1000092795.jpg", "imgid": 0, "split": "test", "sentences": [{"raw": "Two young guys."}]},
         {"filename": "my_photo.jpg", "imgid": 1, "split": "test", "sentences": [{"raw": "A dog."}]},
         {"filename": "10002456.jpg", "imgid": 2, "split": "train", "sentences": [{"raw": "Workers."}]}]}))
-    test = formats.read_karpathy(path, "test")
+    test = read_karpathy(path, "test")
     assert [im.image_id for im in test.images] == [1000092795, "my_photo.jpg"]
-    assert test.images[0].relpath == "1000092795.jpg"  # no filepath in Flickr30k
+    assert test.images[0].file == "1000092795.jpg"  # no filepath in Flickr30k
     refs = load_references(path, split="test")
     assert refs.captions == {1000092795: ["Two young guys."], "my_photo.jpg": ["A dog."]}
 
@@ -56,19 +56,19 @@ def test_bad_karpathy_files_get_clear_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "holdout", "sentences": []}]}))
     with pytest.raises(InputError, match=r"images\[0\] \(a\.jpg\): unknown split 'holdout'"):
-        formats.read_karpathy(bad)
+        read_karpathy(bad)
     bad.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "val", "sentences": [{"tokens": ["a"]}]}]}))
     with pytest.raises(InputError, match=r"sentences\[0\] has no string 'raw'"):
-        formats.read_karpathy(bad)
+        read_karpathy(bad)
     with pytest.raises(InputError, match="the 'test' split has no images \\(val 1\\)"):
-        formats.read_karpathy(bad, "test")
+        read_karpathy(bad, "test")
 
 
 def test_karpathy_as_a_corpus():
     corpus = read_corpus(KARPATHY)  # detected from the content; train (+restval) by default
     assert corpus.format == "karpathy" and len(corpus) == 250 and corpus.options["split"] == "train"
     assert len(read_corpus(KARPATHY, split="test")) == 25
-    assert corpus.meta[0]["image_id"] == formats.read_karpathy(KARPATHY, "train").images[0].image_id
+    assert corpus.meta[0]["image_id"] == read_karpathy(KARPATHY, "train").images[0].image_id
 
 
 def test_split_on_a_corpus_without_splits_is_refused(tmp_path):
@@ -125,17 +125,17 @@ def style_dir(tmp_path) -> Path:
 
 
 def test_flickrstyle_pairs_captions_with_the_pickled_image_list(style_dir):
-    ds = formats.read_flickrstyle(style_dir / "romantic_train.txt")
+    ds = read_flickrstyle(style_dir / "romantic_train.txt")
     assert [im.image_id for im in ds.images] == STYLE_NAMES
-    assert ds.images[2].sentences == ["A little girl dreams of the caf\xe9 by the sea."]  # Latin-1 decoded
-    test = formats.read_flickrstyle(style_dir / "romantic_train.txt", split="test", test_size=1)
+    assert ds.images[2].captions == ["A little girl dreams of the caf\xe9 by the sea."]  # Latin-1 decoded
+    test = read_flickrstyle(style_dir / "romantic_train.txt", split="test", test_size=1)
     assert [im.image_id for im in test.images] == STYLE_NAMES[2:]
     (style_dir / "names.txt").write_text("\n".join(STYLE_NAMES) + "\n")  # a plain-text list works too
-    assert formats.read_flickrstyle(style_dir / "romantic_train.txt", style_dir / "names.txt").images[0].sentences \
-        == ds.images[0].sentences
+    assert read_flickrstyle(style_dir / "romantic_train.txt", style_dir / "names.txt").images[0].captions \
+        == ds.images[0].captions
     (style_dir / "short.txt").write_text(STYLE_NAMES[0] + "\n")
     with pytest.raises(InputError, match="3 caption lines but .*short.txt names 1 images"):
-        formats.read_flickrstyle(style_dir / "romantic_train.txt", style_dir / "short.txt")
+        read_flickrstyle(style_dir / "romantic_train.txt", style_dir / "short.txt")
 
 
 class _RunsCode:
@@ -147,7 +147,7 @@ def test_a_name_list_pickle_that_would_run_code_is_refused(style_dir):
     with open(style_dir / "train.p", "wb") as f:
         pickle.dump([STYLE_NAMES[0], _RunsCode()], f, protocol=2)
     with pytest.raises(InputError, match="refusing to load shutil.rmtree"):
-        formats.read_name_list(style_dir / "train.p")
+        read_name_list(style_dir / "train.p")
 
 
 def test_flickrstyle_as_corpus_and_references(style_dir, tmp_path):

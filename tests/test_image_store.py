@@ -15,7 +15,7 @@ import torch
 
 from capdec.cli import main
 from capdec.errors import InputError
-from capdec.formats import read_image_dataset
+from capdec.io import read_image_dataset
 from capdec.store import EmbeddingStore
 
 
@@ -51,21 +51,21 @@ def photo_dataset(coco_dir, tmp_path_factory):
 def test_read_image_dataset_formats(photo_dataset, coco_dir):
     ds = read_image_dataset(photo_dataset["jsonl"])
     assert len(ds) == 19 and ds.n_captions == 17 * 5 + 2
-    assert ds.records[0].image == str(photo_dataset["root"] / "COCO_val2014_000000000257.jpg")
-    assert ds.records[0].image_id == 257 and len(ds.records[0].captions) == 5
+    assert ds.images[0].file == str(photo_dataset["root"] / "COCO_val2014_000000000257.jpg")
+    assert ds.images[0].image_id == 257 and len(ds.images[0].captions) == 5
     coco = read_image_dataset(photo_dataset["coco"], images_root=photo_dataset["root"])
-    assert [r.captions for r in coco.records] == [r.captions for r in ds.records[:17]]
+    assert [r.captions for r in coco.images] == [r.captions for r in ds.images[:17]]
     refs = read_image_dataset(coco_dir / "karpathy_test_refs.json", images_root=coco_dir / "images")
-    assert len(refs) == 1097 and all(len(r.captions) == 5 for r in refs.records)
+    assert len(refs) == 1097 and all(len(r.captions) == 5 for r in refs.images)
     # Karpathy: the test split is the 5 Karpathy-test photos; train = train + restval; ids are cocoids
     test = read_image_dataset(photo_dataset["karpathy"], split="test", images_root=photo_dataset["root"])
     in_test = [n for n in photo_dataset["captions"] if photo_dataset["meta"][n]["in_karpathy_test"]]
     assert len(test) == len(in_test) == 5
-    assert [r.image_id for r in test.records] == [photo_dataset["meta"][n]["image_id"] for n in in_test]
-    assert test.records[0].image == str(photo_dataset["root"] / in_test[0])  # val2014/ absent: the flat folder
+    assert [r.image_id for r in test.images] == [photo_dataset["meta"][n]["image_id"] for n in in_test]
+    assert test.images[0].file == str(photo_dataset["root"] / in_test[0])  # val2014/ absent: the flat folder
     train = read_image_dataset(photo_dataset["karpathy"], split="train", images_root=photo_dataset["root"])
-    assert len(train) == 12 and train.records[0].captions == [" ".join(c.split()) for c in
-                                                             photo_dataset["captions"][train.records[0].image.rsplit("/", 1)[-1]]]
+    assert len(train) == 12 and train.images[0].captions == [" ".join(c.split()) for c in
+                                                             photo_dataset["captions"][train.images[0].file.rsplit("/", 1)[-1]]]
     with pytest.raises(InputError, match="no splits"):
         read_image_dataset(photo_dataset["coco"], split="train")
     with pytest.raises(InputError, match="has no 'split' field"):

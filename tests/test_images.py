@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from capdec.errors import InputError
-from capdec.formats import read_image_ids
 from capdec.images import (
     ImageLoadError,
     find_images,
@@ -22,6 +21,7 @@ from capdec.images import (
     lookup_image_id,
     try_load_image,
 )
+from capdec.io import read_image_ids
 
 COCO_IMAGES = Path(__file__).resolve().parent / "data" / "coco" / "images"  # real photos, see its README
 BOMB_LIMIT = 1_000_000  # a lowered decompression-bomb limit for the "huge" image

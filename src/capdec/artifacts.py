@@ -9,7 +9,7 @@ metadata, and read back through the checks here: the metadata parses and names t
 JSON object per line and as many as the embeddings (:func:`read_rows`), and embedding rows are finite
 and L2-normalised (:func:`check_rows`).
 
-User files (corpora, references, predictions, configs) are the input layer's (:mod:`capdec.formats`).
+User files (corpora, references, predictions, configs) are the input layer's (:mod:`capdec.io`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from capdec.errors import InputError
-from capdec.utils import read_json
+from capdec.utils import read_artifact_json
 
 NORM_TOLERANCE = 1e-2  # |row norm - 1| allowed for "L2-normalised" (fp16 storage rounds)
 _CHUNK = 65536  # rows per norm check: flat memory for a memory-mapped million-row matrix
@@ -39,7 +39,7 @@ def read_meta(path: str | os.PathLike, *, redo: str) -> Any:
     """Parse an artefact's JSON metadata file; a damaged one is an :class:`InputError` saying ``redo``."""
     path = Path(path)
     try:
-        return read_json(path)
+        return read_artifact_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); {redo}") from e
 

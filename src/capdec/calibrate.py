@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
-from capdec.formats import read_json, read_pairs  # noqa: F401  (read_pairs re-exported)
 from capdec.images import list_images, load_image  # noqa: F401  (re-exported)
+from capdec.io.image_datasets import read_pairs  # noqa: F401  (re-exported)
+from capdec.io.text import read_json
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from capdec.hub import resolve_checkpoint
 from capdec.model import CapDecModel, ModelConfig, model_from_config
 from capdec.model_card import card_for_new_checkpoint
 from capdec.noise import NoiseConfig
-from capdec.utils import atomic_dir, read_json, write_json
+from capdec.utils import atomic_dir, read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise InputError(f"{path} is not a capdec checkpoint (no config.json)")
     try:
-        config = read_json(cfg_file)
+        config = read_artifact_json(cfg_file)
     except ValueError as e:
         raise InputError(f"{cfg_file} is not valid JSON: {e}") from e
     fmt = config.get("format")
@@ -208,4 +208,4 @@ def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[s
                          "final-only checkpoint)")
     opt_file = path / "training" / "optimizer.pt"
     opt = torch.load(opt_file, map_location="cpu", weights_only=True) if opt_file.is_file() else None
-    return read_json(state_file), opt
+    return read_artifact_json(state_file), opt

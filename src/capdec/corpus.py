@@ -29,19 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
-from capdec.formats import (  # noqa: F401  (re-exported)
-    FORMATS,
-    check_split,
-    check_utf8,
-    detect_format,
-    iter_caption_file,
-    json_kind,
-    read_json,
-)
+from capdec.io.corpora import FORMATS, detect_format, iter_caption_file
+from capdec.io.datasets import check_split, json_kind
+from capdec.io.text import check_utf8, normalize_caption, read_json
 
 logger = logging.getLogger(__name__)
-
-# JSONL fields / CSV columns copied into a caption's metadata when present (evaluation joins on them)
 
 PathLike = str | os.PathLike
 
@@ -84,20 +76,12 @@ class Corpus:
                 "format": self.format, **self.options}
 
 
-def normalize_caption(text: str) -> str:
-    """Collapse every run of whitespace (newlines, tabs, NBSP, ...) to one space; strip the ends."""
-    return " ".join(text.split())
-
-
 def captions_sha256(captions: Iterable[str]) -> str:
     h = hashlib.sha256()
     for c in captions:
         h.update(c.encode("utf-8"))
         h.update(b"\n")  # normalised captions never contain a newline, so this is unambiguous
     return h.hexdigest()
-
-
-# -- one function per format: yield (raw caption, metadata) ----------------------------------------
 
 
 class _Collector:

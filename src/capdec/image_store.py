@@ -3,7 +3,7 @@
 The supervised comparison of the paper (ClipCap: the decoder trained on *image* embeddings of paired
 data) and its "pre-train on images, then fine-tune on text" recipe both need a store of image
 embeddings paired with captions. :func:`embed_image_dataset` reads a dataset with
-:func:`capdec.formats.read_image_dataset`, loads each image once with the image loader
+:func:`capdec.io.read_image_dataset`, loads each image once with the image loader
 (:mod:`capdec.images`: EXIF, alpha, bombs; unreadable files are listed in the store's ``stats`` and
 skipped, with their captions), encodes it once, and writes a store whose ``rows.npy`` maps every caption
 to its image's row — five captions of an image share one stored embedding. The store records
@@ -23,8 +23,9 @@ import numpy as np
 from capdec.artifacts import jsonable
 from capdec.corpus import captions_sha256
 from capdec.errors import InputError
-from capdec.formats import ImageDataset, read_image_dataset
 from capdec.images import DEFAULT_MAX_PIXELS, iter_image_batches
+from capdec.io.datasets import ImageDataset
+from capdec.io.image_datasets import read_image_dataset
 from capdec.store import EmbeddingStore, EmbedRun, _check_target
 from capdec.utils import progress, sha256_file
 
@@ -33,17 +34,17 @@ logger = logging.getLogger(__name__)
 
 def dataset_digest(dataset: ImageDataset) -> str:
     """Digest of what an image store is made from: each image path and its captions, in order."""
-    return captions_sha256(f"{r.image}\t{r.image_id}\t" + "\t".join(r.captions) for r in dataset.records)
+    return captions_sha256(f"{im.file}\t{im.image_id}\t" + "\t".join(im.captions) for im in dataset.images)
 
 
 def encode_dataset_images(dataset: ImageDataset, encoder: Any, *, batch_size: int = 64,
                           max_pixels: int | None = DEFAULT_MAX_PIXELS, num_workers: int = 4,
                           show_progress: bool | None = None) -> tuple[np.ndarray, list[int], list[dict[str, str]]]:
     """Encode every image of ``dataset`` once: (embeddings of the readable ones, their record indices, skipped)."""
-    index = {r.image: i for i, r in enumerate(dataset.records)}
+    index = {im.file: i for i, im in enumerate(dataset.images)}
     parts, kept, skipped = [], [], []
     with progress(total=len(dataset), desc="embed images", unit="image", show=show_progress) as bar:
-        for batch in iter_image_batches([r.image for r in dataset.records], batch_size=batch_size,
+        for batch in iter_image_batches([im.file for im in dataset.images], batch_size=batch_size,
                                         max_pixels=max_pixels, num_workers=num_workers):
             if batch.images:
                 emb = encoder.encode_image(batch.images, batch_size=batch_size)
@@ -91,12 +92,12 @@ def embed_image_dataset(dataset: ImageDataset | str | os.PathLike, out_dir: str 
                        "%s/meta.json, stats.skipped_images)", len(skipped), len(dataset), out_dir)
     captions, records, rows = [], [], []
     for row, i in enumerate(kept):
-        rec = dataset.records[i]
-        for c in rec.captions:
+        img = dataset.images[i]
+        for c in img.captions:
             captions.append(c)
-            records.append({"image": rec.image, "image_id": rec.image_id})
+            records.append({"image": img.file, "image_id": img.image_id})
             rows.append(row)
-    n_skipped_captions = sum(len(dataset.records[i].captions) for i in set(range(len(dataset))) - set(kept))
+    n_skipped_captions = sum(len(dataset.images[i].captions) for i in set(range(len(dataset))) - set(kept))
     corpus_info = {"paths": [str(Path(dataset.path).resolve())], "sha256": sha256_file(dataset.path),
                    "captions_sha256": digest, "format": dataset.format, "split": dataset.split,
                    "images_root": str(Path(dataset.images_root).resolve())}

@@ -107,7 +107,7 @@ def _read_list(list_file: Path, recursive: bool) -> list[Path]:
         try:
             found.extend(_expand(str(path), recursive, in_list=True))
         except InputError as e:
-            raise InputError(f"{list_file}: line {lineno}: {e}") from e  # formats.at_line's style
+            raise InputError(f"{list_file}: line {lineno}: {e}") from e  # capdec.io.text.at_line's style
     return found
 
 

@@ -44,7 +44,7 @@ from capdec.artifacts import check_rows, jsonable, load_matrix, read_meta, read_
 from capdec.corpus import Corpus, captions_sha256, read_corpus
 from capdec.encoders.base import EncoderError, check_identity
 from capdec.errors import InputError
-from capdec.utils import atomic_dir, progress, read_json, write_json
+from capdec.utils import atomic_dir, progress, read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
 def _prepare_partial(partial: Path, manifest: dict[str, Any]) -> None:
     if partial.exists():
         try:
-            old = read_json(partial / "manifest.json")
+            old = read_artifact_json(partial / "manifest.json")
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             old = None
         if old == manifest:
@@ -479,7 +479,7 @@ def _load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None
 
 
 def _shard_truncated(partial: Path, i: int) -> int:
-    return int(read_json(partial / f"shard-{i:06d}.json")["truncated"])
+    return int(read_artifact_json(partial / f"shard-{i:06d}.json")["truncated"])
 
 
 def _read_row_index(path: Path, count: int, n_rows: int) -> np.ndarray:

@@ -63,7 +63,11 @@ def _umask() -> int:
     return mask
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def read_artifact_json(path: str | os.PathLike) -> Any:
+    """A JSON file capdec wrote itself (metadata, manifests, results); raises what :func:`json.load` does.
+
+    A file a *user* hands capdec is read with :func:`capdec.io.read_json` (errors naming line and column).
+    """
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

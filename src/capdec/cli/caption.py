@@ -167,10 +167,10 @@ def _read_shift(path: str) -> list[float]:
     """The caption-time shift: a plain vector / {"shift": ...} as is, or a calibrate noise.json's
     ``-offset``: its offset is image mean − text mean (added to *text* embeddings in training), and an
     image embedding moves toward the text cone by the opposite vector."""
-    from capdec.caption import read_vector
+    from capdec.io.vectors import read_vector
 
     if Path(path).suffix.lower() == ".json":
-        from capdec.formats import read_json
+        from capdec.io.text import read_json
 
         data = read_json(path)
         if isinstance(data, dict) and data.get("shift") is None and data.get("offset") is not None:
@@ -179,7 +179,7 @@ def _read_shift(path: str) -> list[float]:
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from capdec.caption import read_vector
+    from capdec.io.vectors import read_vector
 
     overrides: dict[str, Any] = {}
     if args.normalize is not None:
@@ -196,8 +196,8 @@ def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _dataset_images(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any], list[str]]:
     """(existing image paths, path -> dataset image id, missing paths) of --dataset's --split."""
-    from capdec import formats
     from capdec.errors import InputError
+    from capdec.io.datasets import read_flickrstyle, read_karpathy
 
     if not args.images_root:
         raise InputError("--dataset needs --images-root DIR (the folder its images are under)")
@@ -205,12 +205,12 @@ def _dataset_images(args: argparse.Namespace) -> tuple[list[Path], dict[str, Any
     if not root.is_dir():
         raise InputError(f"--images-root {root}: not a directory")
     if Path(args.dataset).suffix.lower() == ".txt":
-        ds = formats.read_flickrstyle(args.dataset, args.style_names, split=args.split, test_size=args.style_test)
+        ds = read_flickrstyle(args.dataset, args.style_names, split=args.split, test_size=args.style_test)
     else:
-        ds = formats.read_karpathy(args.dataset, args.split)
+        ds = read_karpathy(args.dataset, args.split)
     paths, ids, missing = [], {}, []
     for img in ds.images:
-        path = root / img.relpath
+        path = root / img.file
         if path.is_file():
             paths.append(path)
             ids[str(path)] = img.image_id
@@ -231,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
 
     from capdec.caption import Captioner
     from capdec.errors import InputError
-    from capdec.formats import read_image_ids
     from capdec.images import find_images, lookup_image_id
+    from capdec.io.image_datasets import read_image_ids
     from capdec.utils import set_threads_from_env
 
     log = logging.getLogger("capdec.caption")

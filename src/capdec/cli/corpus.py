@@ -149,7 +149,7 @@ def _rebalance(args: argparse.Namespace) -> int:
                          f"write .txt or .jsonl for a {fmt} corpus")
     if out_ext == ".json":
         # the same COCO file with each annotation's caption rebalanced (ids, images, licences untouched)
-        from capdec.formats import read_json
+        from capdec.io.text import read_json
 
         read_corpus(args.corpus, format="coco")  # validates the annotations with the usual errors
         data = read_json(args.corpus)

@@ -107,8 +107,8 @@ def _run_image(args: argparse.Namespace) -> int:
     from capdec import distributed
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
-    from capdec.formats import read_image_dataset
     from capdec.image_store import embed_image_dataset
+    from capdec.io.image_datasets import read_image_dataset
 
     if len(args.corpus) != 1:
         raise InputError(f"--modality image embeds one dataset file, got {len(args.corpus)}")

@@ -154,7 +154,7 @@ def _pin(args: argparse.Namespace, config, inputs: dict) -> None:
     from pathlib import Path
 
     from capdec.errors import InputError
-    from capdec.utils import read_json, write_json
+    from capdec.utils import read_artifact_json, write_json
 
     cfg = config.to_dict()
     cfg.pop("n_captions"), cfg.pop("n_test"), cfg.pop("n_paired")
@@ -164,7 +164,7 @@ def _pin(args: argparse.Namespace, config, inputs: dict) -> None:
                                                  getattr(args, "finetune_lr", None)]}, default=str))
     path = Path(args.out) / "experiment.json"
     if path.is_file():
-        old = read_json(path)
+        old = read_artifact_json(path)
         if old != pinned:
             diff = [k for k in sorted({*old, *pinned}) if old.get(k) != pinned.get(k)]
             raise InputError(f"{args.out} holds an experiment with other settings ({', '.join(diff)} differ); its "

@@ -187,7 +187,7 @@ def _run_clip_stats(args: argparse.Namespace) -> int:
     if args.card:
         from capdec.encoders import parse_spec
         from capdec.encoders.miniclip import CARD_FILE, shipped_weights_dir
-        from capdec.utils import read_json
+        from capdec.utils import read_artifact_json
 
         spec = parse_spec(args.encoder)
         if spec["kind"] != "toy":
@@ -197,7 +197,7 @@ def _run_clip_stats(args: argparse.Namespace) -> int:
         path = Path(spec.get("weights") or shipped_weights_dir()) / CARD_FILE
         if not path.is_file():
             raise InputError(f"{path} not found (weights trained without a card)")
-        card = read_json(path)
+        card = read_artifact_json(path)
         print(json.dumps(card, indent=2) if args.json else
               f"{card.get('command')}\n{format_stats(card['stats'])}")
         return 0

@@ -146,7 +146,7 @@ def _apply_config_file(args: argparse.Namespace, parser_defaults: dict, explicit
 
     if not args.config:
         return set()
-    from capdec.formats import read_json
+    from capdec.io.text import read_json
 
     try:
         values = read_json(args.config)
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
 
     inference = InferenceConfig(project=args.project, tau=args.tau, project_k=args.project_k)
     if args.image_mean:
-        from capdec.caption import read_vector
+        from capdec.io.vectors import read_vector
 
         inference.image_mean = read_vector(args.image_mean, keys=("image_mean",))
 

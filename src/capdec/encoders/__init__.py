@@ -68,7 +68,7 @@ def parse_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
         return dict(spec)
     spec = spec.strip()
     if spec.startswith("{"):
-        from capdec.formats import parse_json
+        from capdec.io.text import parse_json
 
         try:
             data = parse_json(spec, "encoder spec")

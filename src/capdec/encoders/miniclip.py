@@ -30,7 +30,7 @@ from torch import nn
 
 from capdec.encoders.miniclip_config import MiniCLIPConfig, tokenize_words
 from capdec.errors import InputError
-from capdec.utils import read_json, sha256_file, write_json
+from capdec.utils import read_artifact_json, sha256_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def load_pretrained(directory: str | Path | None = None, *, map_location: str | 
         if not path.is_file():
             raise InputError(f"{path} not found: a mini-CLIP weights directory needs {CONFIG_FILE} and "
                              f"{WEIGHTS_FILE} (make one with 'capdec toyworld train-clip --out DIR')")
-    meta = read_json(config_path)
+    meta = read_artifact_json(config_path)
     if meta.get("format") != FORMAT:
         raise InputError(f"{config_path}: format {meta.get('format')!r} is not {FORMAT!r}")
     model = MiniCLIP(MiniCLIPConfig.from_dict(meta["model"]))

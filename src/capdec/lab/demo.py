@@ -145,7 +145,7 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
 def _clip_card(encoder: Any) -> dict[str, Any]:
     """The mini-CLIP's card (retrieval accuracy and gap statistics), if its weights directory has one."""
     from capdec.encoders.miniclip import shipped_weights_dir
-    from capdec.utils import read_json
+    from capdec.utils import read_artifact_json
 
     if encoder.spec.get("kind") != "toy":
         return {}
@@ -153,7 +153,7 @@ def _clip_card(encoder: Any) -> dict[str, Any]:
     for name in ("card.json",):
         p = where / name
         if p.is_file():
-            card = read_json(p)
+            card = read_artifact_json(p)
             return card.get("stats", card)
     return {}
 

@@ -7,7 +7,7 @@ In the toy world, :func:`capdec.lab.experiment.prepare_data` generates all of it
 
 - the user's text store (``capdec embed``), and optionally an image store (``capdec embed --modality
   image``) for the supervised baseline and the image mean of the centroid shift;
-- a test split read with :func:`capdec.formats.read_image_dataset` (a COCO annotation file, a JSON list
+- a test split read with :func:`capdec.io.read_image_dataset` (a COCO annotation file, a JSON list
   of ``{file_name, captions}`` or a JSONL of ``{image, caption}``); its images are encoded once with the
   store's encoder (unreadable ones are listed and left out) and cached in ``cache_dir``, so every seed,
   noise level and rerun of an experiment scores the same images without encoding them again.
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from capdec.errors import InputError
-from capdec.formats import ImageDataset, read_image_dataset
+from capdec.io.datasets import ImageDataset
+from capdec.io.image_datasets import read_image_dataset
 from capdec.lab.experiment import ExperimentConfig, ToyData
 from capdec.noise import PAPER_VARIANCE, mean_embedding
 
@@ -97,7 +98,7 @@ def read_test_split(test: str | os.PathLike, *, split: str | None, images_root: 
     if dataset.format == "karpathy" and split in (None, "all"):
         raise InputError(f"{test} is a Karpathy-split file: name the split to score with --split (test or val)")
     if max_test_images is not None:
-        dataset = replace(dataset, records=dataset.records[:max_test_images])
+        dataset = replace(dataset, images=dataset.images[:max_test_images])
     return dataset
 
 
@@ -112,14 +113,14 @@ def encode_test_set(dataset: ImageDataset, encoder: Any, cache_dir: str | os.Pat
                     ) -> tuple[torch.Tensor, list[int], list[dict[str, str]]]:
     """Image embeddings of a test split (cached in ``cache_dir``): (embeddings, kept record indices, skipped)."""
     from capdec.image_store import encode_dataset_images
-    from capdec.utils import read_json, write_json
+    from capdec.utils import read_artifact_json, write_json
 
     digest = _test_digest(dataset, encoder)
     if cache_dir is not None:
         cache = Path(cache_dir)
         meta_path, emb_path = cache / "test.json", cache / "test_embeddings.npy"
         if meta_path.is_file() and emb_path.is_file():
-            meta = read_json(meta_path)
+            meta = read_artifact_json(meta_path)
             if meta.get("format") == _CACHE_FORMAT and meta.get("digest") == digest:
                 logger.info("test images: %d embeddings reused from %s", len(meta["kept"]), cache)
                 return torch.from_numpy(np.load(emb_path)), list(meta["kept"]), list(meta["skipped"])
@@ -162,21 +163,21 @@ def prepare_user_data(config: ExperimentConfig, *, store: str | os.PathLike, tes
         check_identity(text_store.encoder_identity, paired.encoder_identity, what=f"image store {image_store}")
     dataset = read_test_split(test, split=split, images_root=images_root, max_test_images=max_test_images)
     emb, kept, skipped = encode_test_set(dataset, encoder, cache_dir, show_progress=show_progress)
-    records = [dataset.records[i] for i in kept]
-    config = replace(config, n_captions=len(text_store), n_test=len(records),
+    images = [dataset.images[i] for i in kept]
+    config = replace(config, n_captions=len(text_store), n_test=len(images),
                      n_paired=len(paired) if paired is not None else 0)
     data = ToyData(config=config, encoder=encoder, text_store=text_store,
-                   test_images=Thumbnails([r.image for r in records]), test_embeddings=emb,
-                   references=[r.captions for r in records], ids=[r.image_id for r in records],
+                   test_images=Thumbnails([im.file for im in images]), test_embeddings=emb,
+                   references=[im.captions for im in images], ids=[im.image_id for im in images],
                    paired_store=paired, text_mean=mean_embedding(text_store.tensor()),
                    image_mean=mean_embedding(torch.from_numpy(np.asarray(paired.vectors, dtype=np.float32)))
                    if paired is not None else None)
     data.device = device
     data.source = {"kind": "user", "store": str(store), "image_store": str(image_store) if image_store else None,
-                   "test": dataset.describe(), "test_images_scored": len(records),
+                   "test": dataset.describe(), "test_images_scored": len(images),
                    "test_images_unreadable": skipped, "encoder": encoder.spec}
     logger.info("data: %d training captions (%s), %d test images with %.1f references each%s", len(text_store),
-                store, len(records), sum(map(len, data.references)) / max(1, len(records)),
+                store, len(images), sum(map(len, data.references)) / max(1, len(images)),
                 f", image store of {len(paired.vectors)} images" if paired is not None else "")
     return data
 
@@ -224,9 +225,9 @@ def user_style_sources(styles: dict[str, tuple[str | os.PathLike, str | os.PathL
         check_identity(data.text_store.encoder_identity, store.encoder_identity, what=f"style store {store_path}")
         dataset = read_test_split(test_path, split=split, images_root=images_root, max_test_images=max_test_images)
         emb, kept, _ = encode_test_set(dataset, data.encoder, Path(cache_dir) / name, show_progress=show_progress)
-        records = [dataset.records[i] for i in kept]
-        sources[name] = StyleSource(store=store, references=[r.captions for r in records], embeddings=emb,
-                                    images=Thumbnails([r.image for r in records]))
+        images = [dataset.images[i] for i in kept]
+        sources[name] = StyleSource(store=store, references=[im.captions for im in images], embeddings=emb,
+                                    images=Thumbnails([im.file for im in images]))
     return sources
 
 

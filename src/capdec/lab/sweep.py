@@ -51,7 +51,7 @@ from capdec.lab.experiment import (
     train_variant,
 )
 from capdec.metrics import reusing_scorers
-from capdec.utils import read_json, write_json
+from capdec.utils import read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def _check_pinned(out_dir: Path, pinned: dict[str, Any]) -> None:
     if not path.is_file():
         write_json(path, pinned)
         return
-    old = read_json(path)
+    old = read_artifact_json(path)
     if old == pinned:
         return
     before, now = old.get("experiment", {}), pinned["experiment"]
@@ -378,7 +378,7 @@ def run_sweep(out_dir: str | Path, *, variances: Sequence[float], seeds: Sequenc
             where = f"[{done}/{total}] seed {seed}, variance {_fmt_var(variance)}"
             result_path = out_dir / "results" / f"seed-{seed}_{run_name(variance)}.json"
             if result_path.is_file():
-                runs.append(RunResult.from_dict(read_json(result_path)))
+                runs.append(RunResult.from_dict(read_artifact_json(result_path)))
                 logger.info("%s: already scored (%s %.3f)", where, metric, runs[-1].scores.get(metric) or float("nan"))
                 continue
             if data is None:
@@ -432,7 +432,7 @@ def _decoder_config(runs: Sequence[RunResult]) -> dict[str, Any] | None:
     for r in runs:
         path = Path(r.checkpoint) / "config.json"
         if path.is_file():
-            model = dict(read_json(path).get("model") or {})
+            model = dict(read_artifact_json(path).get("model") or {})
             model.pop("lm_config", None)  # the Hugging Face config of the LM: long, and derived from the rest
             return model
     return None

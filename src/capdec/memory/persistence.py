@@ -31,7 +31,7 @@ from capdec.artifacts import load_matrix, read_meta, read_rows
 from capdec.configs import MemoryConfig
 from capdec.errors import InputError
 from capdec.memory.faiss_index import write_index
-from capdec.utils import atomic_dir, read_json, write_json
+from capdec.utils import atomic_dir, read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def _is_memory_dir(path: Path) -> bool:
     if not any(path.iterdir()):
         return True
     try:
-        return read_json(path / META).get("format") in (FORMAT, LEGACY_FORMAT)
+        return read_artifact_json(path / META).get("format") in (FORMAT, LEGACY_FORMAT)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -44,20 +44,14 @@ logged (``EvalResult.missing``); ``strict=True`` makes them an error.
 Layout: :mod:`~capdec.metrics.evaluation` (``evaluate``, matching, results),
 :mod:`~capdec.metrics.scorers` (tokenizer, METEOR/SPICE, :class:`ScorerContext`),
 :mod:`~capdec.metrics.bootstrap`, :mod:`~capdec.metrics.clipscore`; the file readers are the input
-layer's (:mod:`capdec.formats`) and are re-exported here.
+layer's (:mod:`capdec.io`) and are re-exported here.
 """
 
 from __future__ import annotations
 
-from capdec.formats import (
-    Prediction,
-    ReferenceSet,
-    load_predictions,
-    load_references,
-    read_predictions,
-    read_references,
-)
 from capdec.images import ImageId, image_key
+from capdec.io.predictions import Prediction, load_predictions, read_predictions
+from capdec.io.references import ReferenceSet, load_references, read_references
 from capdec.metrics.bootstrap import bootstrap_se
 from capdec.metrics.clipscore import CLIP_METRICS, ClipScoreResult, clip_score
 from capdec.metrics.evaluation import EvalResult, MatchReport, align_predictions, evaluate, match_report

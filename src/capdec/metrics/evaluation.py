@@ -11,8 +11,9 @@ from typing import Any
 
 import capdec.metrics.scorers as S
 from capdec.errors import CapdecError, InputError
-from capdec.formats import Prediction, ReferenceSet
 from capdec.images import ImageId, basename, image_key
+from capdec.io.predictions import Prediction
+from capdec.io.references import ReferenceSet
 from capdec.metrics.scorers import ScorerContext
 
 logger = logging.getLogger(__name__)
