@@ -49,15 +49,8 @@ from capdec.model.lm import train_tokenizer
 from capdec.noise import NoiseConfig, add_noise
 from capdec.store import EmbeddingStore
 from capdec.textdata import load_text_data
-from capdec.train import (
-    TrainConfig,
-    _autocast,
-    _train_step,
-    amp_dtype,
-    cpu_has_bf16,
-    make_optimizer,
-    step_seed,
-)
+from capdec.train import TrainConfig, amp_dtype, cpu_has_bf16, make_optimizer, step_seed
+from capdec.train.loop import _autocast, _train_step
 
 logger = logging.getLogger("capdec.benchmarks.train_speed")
 

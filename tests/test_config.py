@@ -1,4 +1,4 @@
-"""The config base (capdec.config): one unknown-key policy, and CLI flags generated from the dataclasses."""
+"""The config base (capdec.config_base): one unknown-key policy, and CLI flags generated from the dataclasses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from capdec.checkpoint import InferenceConfig
 from capdec.cli import build_parser, main
-from capdec.config import given
+from capdec.config_base import given
 from capdec.errors import InputError
 from capdec.model import ModelConfig
 from capdec.noise import NoiseConfig
@@ -102,7 +102,7 @@ def test_train_flags_default_to_the_dataclass_defaults():
 def test_a_new_field_is_one_line_and_becomes_a_flag():
     from dataclasses import dataclass
 
-    from capdec.config import Config, add_arguments, option
+    from capdec.config_base import Config, add_arguments, option
 
     @dataclass
     class Toy(Config):
@@ -120,7 +120,7 @@ def test_a_new_field_is_one_line_and_becomes_a_flag():
 
 
 def test_unknown_keys_warn_when_reading_artefacts_and_are_refused_from_users(caplog):
-    with caplog.at_level(logging.WARNING, logger="capdec.config"):
+    with caplog.at_level(logging.WARNING, logger="capdec.config_base"):
         cfg = TrainConfig.from_dict({"epochs": 3, "from_the_future": 1}, where="ckpt/config.json")
     assert cfg.epochs == 3 and "from_the_future" in caplog.text and "ckpt/config.json" in caplog.text
     with pytest.raises(InputError, match="unknown TrainConfig option.*from_the_future"):

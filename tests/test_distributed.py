@@ -204,17 +204,17 @@ def _train_worker(rank: int, world: int, port: int, argv: list[str], stop_at_ste
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import capdec.train
+    import capdec.train.loop
 
     if stop_at_step is not None:  # every rank stops dead at this step, as a kill would stop it
-        step = capdec.train._train_step
+        step = capdec.train.loop._train_step
 
         def step_or_stop(**kw):
             if kw["step"] == stop_at_step:
                 os._exit(0)
             return step(**kw)
 
-        capdec.train._train_step = step_or_stop
+        capdec.train.loop._train_step = step_or_stop
     masks: list[torch.Tensor] = []
     if mask_file is not None:  # the first dropout mask this rank draws in training
         def record(module, args, output):
@@ -264,7 +264,7 @@ def test_torchrun_refuses_a_batch_it_cannot_split(tmp_path, hf_store):
                                     "--max-steps", "1", *TINY), env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "--batch-size 33 is the global batch and cannot be split evenly over 2 processes" in proc.stderr
-    assert 'capdec/train.py", line' not in proc.stderr, "a clear message, not our traceback (torchrun adds its own)"
+    assert 'capdec/train/' not in proc.stderr, "a clear message, not our traceback (torchrun adds its own)"
     assert not out.exists()
 
 

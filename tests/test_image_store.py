@@ -145,3 +145,22 @@ def test_supervised_then_text_finetune(photo_dataset, tiny_hf_clip, hf_store, tm
 
     before, after = load_file(sup / "model.safetensors"), load_file(tuned / "model.safetensors")
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_recipe_on_an_image_store_trains_without_noise(tmp_path):
+    """ClipCap is trained on the embeddings it will caption: a recipe's ε (0.016) is CapDec's text-only
+    setting and must not reach an image store; an explicit --noise-variance still does."""
+    from capdec.checkpoint import read_config
+    from tiny_stores import make_store
+
+    img = make_store(tmp_path / "img", n=60, modality="image")
+    tiny = ["--lm", "scratch", "--lm-dim", "32", "--lm-depth", "1", "--lm-heads", "2", "--vocab-size", "300",
+            "--prefix-length", "2", "--clip-length", "2", "--mapper-depth", "1", "--max-steps", "1",
+            "--batch-size", "8", "--no-keep-epochs", "--no-keep-best"]
+    assert main(["-q", "train", str(img), "--recipe", "capdec-coco", "--out", str(tmp_path / "a"), *tiny]) == 0
+    cfg = read_config(tmp_path / "a")
+    assert cfg["noise"]["variance"] == 0.0
+    assert (cfg["train"]["weight_decay"], cfg["model"]["mapper"]) == (0.0, "transformer")  # the rest of the recipe
+    assert main(["-q", "train", str(img), "--recipe", "capdec-coco", "--noise-variance", "0.016", "--out",
+                 str(tmp_path / "b"), *tiny]) == 0
+    assert read_config(tmp_path / "b")["noise"]["variance"] == 0.016

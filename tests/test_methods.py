@@ -85,13 +85,13 @@ def test_frequent_words_filters_by_count_and_stopwords():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--entity-slots", "2"], "needs --retrieval-k"),
+    (["--entity-slots", "2"], "entity_slots needs retrieval (retrieval_k > 0)"),  # ModelConfig's own check
     (["--center", "--noise-file", "x.json", "--use-offset"], "cannot be combined"),
     (["--center"], "--center needs --image-mean"),
     (["--project", "--center", "--image-mean", "m.npy"], "cannot be combined"),
     (["--image-mean", "m.npy"], "only makes sense with --center"),
     (["--resume", "--init-from", "x"], "cannot be combined"),
-    (["--tau", "0"], "--tau must be > 0"),
+    (["--tau", "0"], "tau (the projection temperature) must be > 0"),  # InferenceConfig's own check
 ])
 def test_invalid_combinations_are_refused(tmp_path, hf_store, capsys, flags, message):
     out = tmp_path / "never"

@@ -94,16 +94,18 @@ def test_recipe_values_yield_to_explicit_flags_and_a_missing_image_is_skipped(tm
     assert exit_.value.code == 2 and "invalid choice: 'dev'" in capsys.readouterr().err
 
 
-def test_a_noise_file_keeps_its_variance_under_a_recipe():
-    from capdec.cli import build_parser
-    from capdec.cli.train import _apply_recipe, explicit_options
+def test_a_noise_file_keeps_its_variance_under_a_recipe(tmp_path):
+    from capdec.calibrate import NOISE_FORMAT
+    from capdec.train import plan_training
+    from tiny_stores import make_store
 
-    argv = ["store", "--out", "ckpt", "--recipe", "capdec-coco", "--noise-file", "noise.json", "--batch-size", "8"]
-    args = build_parser("train").parse_args(["train", *argv])
-    args._command_argv = argv
-    _apply_recipe(args, explicit_options(args), set())
-    assert args.noise_variance is None  # read from noise.json later, not the recipe's 0.016
-    assert (args.batch_size, args.weight_decay, args.prefix_length) == (8, 0.0, 40)
+    store = make_store(tmp_path / "store")
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps({"format": NOISE_FORMAT, "epsilon": 0.2, "variance": 0.04, "dim": 16}))
+    plan = plan_training(store, tmp_path / "ckpt", recipe="capdec-coco", noise_file=noise,
+                         options={"batch_size": 8, "lm": "scratch"})
+    assert plan.noise.variance == pytest.approx(0.04) and plan.sources["noise.variance"] == "noise file"
+    assert (plan.config.batch_size, plan.config.weight_decay, plan.model_config.prefix_length) == (8, 0.0, 40)
 
 
 def test_train_help_lists_the_recipes(capsys):

@@ -148,3 +148,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, hf_store, capsy
     assert "loss became" in err and "last good checkpoint" in err
     ckpt = load_checkpoint(out, device="cpu")  # still loadable
     assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
+
+
+# -- resume with new options (nanoGPT: the architecture from the checkpoint, the rest as given) -----------
+def _state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "training" / "state.json").read_text())
+
+
+def test_resume_applies_the_options_given_and_refuses_fixed_ones(tmp_path, hf_store, capsys):
+    out = tmp_path / "c"
+    run = ["train", str(hf_store), "--out", str(out), "--batch-size", "16", "--log-every", "1", "--schedule",
+           "constant", "--warmup-steps", "0", *TINY_MODEL]
+    assert main(["-q", *run, "--max-steps", "2", "--lr", "1e-3"]) == 0
+    assert _state(out)["step"] == 2
+    capsys.readouterr()
+    # the budget extends the run, a new learning rate and weight decay apply from the resume point on
+    assert main([*run, "--resume", "--max-steps", "4", "--lr", "5e-4", "--weight-decay", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "max_steps: 2 -> 4" in err and "lr: 0.001 -> 0.0005" in err
+    assert _state(out)["step"] == 4
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["lr"]) for r in rows if "lr" in r] == [(1, 1e-3), (2, 1e-3), (3, 5e-4), (4, 5e-4)]
+    groups = torch.load(out / "training" / "optimizer.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    recorded = json.loads((out / "config.json").read_text())["train"]
+    assert (recorded["max_steps"], recorded["lr"], recorded["weight_decay"]) == (4, 5e-4, 0.5)
+    # what cannot change on resume is refused, by name, and nothing is written
+    before = (out / "model.safetensors").read_bytes()
+    for flag, value, name in [("--batch-size", "8", "batch_size"), ("--lm-dim", "64", "lm_dim"),
+                              ("--noise-variance", "0.1", "noise_variance"), ("--seed", "3", "seed")]:
+        assert main([*run, "--resume", "--max-steps", "6", flag, value]) == 2, flag
+        assert name in capsys.readouterr().err, flag
+    assert (out / "model.safetensors").read_bytes() == before and _state(out)["step"] == 4

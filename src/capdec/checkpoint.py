@@ -199,13 +199,14 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
     return Checkpoint(path=path, model=model, config=config)
 
 
-def load_training_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state.json, optimizer state) of a resumable checkpoint."""
+def load_training_state(path: str | os.PathLike, *,
+                        optimizer: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state.json, optimizer state) of a resumable checkpoint (``optimizer=False``: the state only, None)."""
     path = Path(path)
     state_file = path / "training" / "state.json"
     if not state_file.is_file():
         raise InputError(f"{path} holds no training state to resume from (it was saved without it, or is a "
                          "final-only checkpoint)")
     opt_file = path / "training" / "optimizer.pt"
-    opt = torch.load(opt_file, map_location="cpu", weights_only=True) if opt_file.is_file() else None
+    opt = torch.load(opt_file, map_location="cpu", weights_only=True) if optimizer and opt_file.is_file() else None
     return read_artifact_json(state_file), opt

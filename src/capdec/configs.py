@@ -1,8 +1,8 @@
 """The pipeline's configs, one dataclass per stage, torch-free.
 
 Every option of the pipeline is declared here once, with its default and its help text
-(:func:`capdec.config.option`); the ``capdec train`` and ``capdec caption`` flags are generated from
-these fields (:func:`capdec.config.add_arguments`), so building a command's parser imports no torch.
+(:func:`capdec.config_base.option`); the ``capdec train`` and ``capdec caption`` flags are generated from
+these fields (:func:`capdec.config_base.add_arguments`), so building a command's parser imports no torch.
 The stage modules re-export their config (``from capdec.train import TrainConfig`` keeps working).
 
 ==================  =======================================  ==========================================
@@ -16,17 +16,18 @@ config              what it decides                          used by
 ``MemoryConfig``    how a text memory is searched            :mod:`capdec.memory`
 ==================  =======================================  ==========================================
 
-The base class (dict round trips, the policy for unknown keys, flag generation) is :mod:`capdec.config`.
+The base class (dict round trips, the policy for unknown keys, flag generation) is :mod:`capdec.config_base`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
-from capdec.config import Config, option
+from capdec.config_base import Config, option
 from capdec.errors import InputError
+from capdec.recipes import get_recipe
 
 PAPER_VARIANCE = 0.016  # CapDec's ε² for COCO (RN50x4, 640-d)
 MAPPER_VARIANTS = ("clipcap", "legacy")  # transformer mapper layers: ClipCap's exact ones, or capdec's earlier GELU
@@ -36,9 +37,25 @@ MEMORY_BACKENDS = ("auto", "torch", "faiss")
 MEMORY_INDEXES = ("flat", "ivf")
 
 
+R = TypeVar("R", bound="_FromRecipe")
+
+
+class _FromRecipe:
+    """A config that a named recipe (:mod:`capdec.recipes`) sets values of."""
+
+    RECIPE_SECTION: ClassVar[str]
+
+    @classmethod
+    def from_recipe(cls: type[R], name: str, **changes: Any) -> R:
+        """This config as recipe ``name`` sets it, with ``changes``; the fields neither sets keep their defaults."""
+        return cls(**{**get_recipe(name).section(cls.RECIPE_SECTION), **changes})
+
+
 @dataclass
-class NoiseConfig(Config):
+class NoiseConfig(_FromRecipe, Config):
     """How text embeddings are perturbed during training (recorded in the checkpoint)."""
+
+    RECIPE_SECTION: ClassVar[str] = "noise"
 
     variance: float = option(PAPER_VARIANCE, "per-coordinate noise variance ε² (default 0.016, the paper's; "
                                              "0 = no noise)", flag="noise-variance")
@@ -53,10 +70,9 @@ class NoiseConfig(Config):
     source: str | None = option(None, "where the values came from (e.g. a calibrate noise.json path)", cli=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.variance < 0 or not math.isfinite(self.variance):
             raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}")
-        if self.distribution not in ("gaussian", "uniform"):
-            raise InputError(f"noise distribution must be 'gaussian' or 'uniform', got {self.distribution!r}")
 
     @property
     def epsilon(self) -> float:
@@ -64,8 +80,10 @@ class NoiseConfig(Config):
 
 
 @dataclass
-class ModelConfig(Config):
+class ModelConfig(_FromRecipe, Config):
     """Everything needed to rebuild a CapDec decoder without the training script."""
+
+    RECIPE_SECTION: ClassVar[str] = "model"
 
     embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
     mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
@@ -103,13 +121,13 @@ class ModelConfig(Config):
                                               repr=False)
 
     def __post_init__(self) -> None:
-        if self.mapper not in ("mlp", "transformer"):
-            raise InputError(f"mapper must be 'mlp' or 'transformer', got {self.mapper!r}")
-        if self.mapper_variant not in MAPPER_VARIANTS:
-            raise InputError(f"mapper_variant must be one of {', '.join(MAPPER_VARIANTS)}, got {self.mapper_variant!r}")
+        super().__post_init__()
         for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("retrieval_k", "entity_slots"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.entity_slots and not self.retrieval_k:
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
@@ -124,8 +142,10 @@ class ModelConfig(Config):
 
 
 @dataclass
-class TrainConfig(Config):
+class TrainConfig(_FromRecipe, Config):
     """Optimisation and bookkeeping hyperparameters (recorded in the checkpoint)."""
+
+    RECIPE_SECTION: ClassVar[str] = "train"
 
     epochs: int = option(10, "passes over the training captions")
     max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)")
@@ -157,10 +177,7 @@ class TrainConfig(Config):
     device: str = option("auto", "auto (cuda if present; cuda:LOCAL_RANK under torchrun), cpu, cuda:N")
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise InputError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.amp not in ("auto", "off", "fp16", "bf16"):
-            raise InputError(f"amp must be auto, off, fp16 or bf16, got {self.amp!r}")
+        super().__post_init__()
         if self.batch_size < 1 or self.epochs < 1:
             raise InputError("batch_size and epochs must be ≥ 1")
         if not 0 <= self.val_fraction < 1:
@@ -180,6 +197,7 @@ class InferenceConfig(Config):
     project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.tau <= 0 or not math.isfinite(self.tau):
             raise InputError(f"tau (the projection temperature) must be > 0, got {self.tau}")
         if self.project_k is not None and self.project_k < 1:
@@ -208,8 +226,7 @@ class DecodeConfig(Config):
                                                "checkpoint records, on for imported ones)")
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"unknown decoding strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        super().__post_init__()
         if self.max_length is not None and self.max_length < 1:
             raise InputError(f"max_length must be ≥ 1, got {self.max_length}")
         if self.beam_size < 1:
@@ -242,6 +259,7 @@ class MemoryConfig(Config):
     chunk_size: int | None = None  # torch: memory rows per chunk; None = from CHUNK_BYTES
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.backend not in MEMORY_BACKENDS:
             raise InputError(f"unknown memory backend {self.backend!r}; use one of {', '.join(MEMORY_BACKENDS)}")
         if self.index not in MEMORY_INDEXES:

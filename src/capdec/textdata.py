@@ -192,7 +192,7 @@ def release(array: np.ndarray) -> None:
             pass
 
 
-class CaptionStream:
+class CaptionTexts:
     """Captions of some rows as a re-iterable with a length (a tokenizer trainer's input), read lazily."""
 
     def __init__(self, data: TextData, idx: torch.Tensor | np.ndarray):
@@ -235,4 +235,4 @@ def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) ->
                     modality="image" if set(modalities) == {"image"} else "text")
 
 
-__all__ = ["CaptionStream", "TextData", "load_text_data"]
+__all__ = ["CaptionTexts", "TextData", "load_text_data"]

@@ -286,8 +286,8 @@ def test_model_save_load_round_trip(tmp_path, caplog):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model"]["surprise"] = 1
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    # one policy for artefacts (capdec.config): a field this capdec does not know is logged and ignored
-    with caplog.at_level(logging.WARNING, logger="capdec.config"):
+    # one policy for artefacts (capdec.config_base): a field this capdec does not know is logged and ignored
+    with caplog.at_level(logging.WARNING, logger="capdec.config_base"):
         again = load_pretrained(tmp_path)
     assert "surprise" in caplog.text
     assert torch.allclose(embed_texts(model, texts), embed_texts(again, texts))

@@ -2,7 +2,8 @@
 
 Each subcommand module in this package defines ``HELP`` (one line), ``add_arguments(parser)`` and
 ``run(args) -> int``, and imports its heavy dependencies inside ``run`` so that ``capdec --help``
-stays fast. ``main(argv)`` is what tests call; ``entry()`` is the console script.
+stays fast. A module may also define ``prepare(parser, argv)``, called before the full parse to set the
+parser's defaults from files its command line names (``capdec train --config``). ``main(argv)`` is what tests call; ``entry()`` is the console script.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+        default = getattr(action.default, "value", action.default)  # a default marked with its source (Sourced)
+        if default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 
@@ -83,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     # options before the command are flags without values (-q, -v, --version), so the command is the
     # first other word; "capdec --help" then builds no subcommand's options (demo/sweep import torch)
     command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
-    # what followed the command word, so a command can tell flags given from defaults (train --recipe)
-    args._command_argv = argv[argv.index(command) + 1:] if command in argv else []
+    parser = build_parser(command if command in COMMANDS else "")
+    if command in COMMANDS and hasattr(_module(command), "prepare"):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        try:
+            _module(command).prepare(sub, argv[argv.index(command) + 1:])
+        except CapdecError as e:
+            print(f"capdec {command}: error: {e}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     try:
         return int(args._run(args) or 0)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from capdec.config import add_arguments as add_config_arguments
-from capdec.config import given
+from capdec.config_base import add_arguments as add_config_arguments
+from capdec.config_base import given
 from capdec.configs import DecodeConfig, InferenceConfig  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 

@@ -6,8 +6,8 @@ import argparse
 import ipaddress
 import logging
 
-from capdec.config import add_arguments as add_config_arguments
-from capdec.config import given
+from capdec.config_base import add_arguments as add_config_arguments
+from capdec.config_base import given
 from capdec.configs import DecodeConfig  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 

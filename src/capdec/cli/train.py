@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from dataclasses import fields
+from typing import Any
 
 HELP = "train a CapDec decoder on caption embeddings (text only, with noise)"
 DESCRIPTION = """Train a CapDec decoder from one or more embedding stores made by 'capdec embed'.
@@ -15,13 +16,21 @@ learns to reproduce the caption. On an image-embedding store ('capdec embed --mo
 ClipCap, the supervised baseline: noise is off unless --noise-variance is given; '--init-from' such a
 checkpoint and train on a text store for the paper's pre-train-on-images, fine-tune-on-text recipe. The checkpoint directory (--out) holds config.json, weights, the
 tokenizer and metrics.jsonl, and is replaced atomically at every save. --resume continues an
-interrupted run with its recorded configuration (also with a different number of processes).
+interrupted run (also with a different number of processes).
 
 Several GPUs or nodes: start it with torchrun, e.g. 'torchrun --nproc_per_node 4 -m capdec train ...';
 --batch-size stays the global batch and rank 0 writes the checkpoint (see the README, "Scaling up").
 
---recipe NAME applies the CapDec paper's reference settings (flags given on the command line win,
-then --config values, then the recipe, then the defaults below); see docs/reproduce.md."""
+Where each option comes from, first that has it: a flag on the command line, the --config file, a
+--noise-file's variance, the --recipe (the CapDec paper's reference settings, see docs/reproduce.md), the
+checkpoint (--resume: the run's; --init-from: its architecture), the store (noise 0 on an image store),
+the defaults below. --dry-run prints the resulting plan, each value with its source, and writes nothing.
+
+--resume continues the run in --out from its last save, with its architecture, tokenizer, noise and data
+(stores, mixing weights, batch size, seed, validation split): a flag that would change one of these is
+refused. Other options given apply from the resume point on: --max-steps / --epochs extend the run,
+--lr, --save-every, --eval-every... change; the log lists what changed. An unchanged peak learning rate
+and warm-up stay as the run had them."""
 
 
 def _recipes_help() -> str:
@@ -32,15 +41,15 @@ def _recipes_help() -> str:
 logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    # the option flags are generated from the config dataclasses (capdec.config): name, type, choices,
+    # the option flags are generated from the config dataclasses (capdec.config_base): name, type, choices,
     # default and help live in one place, the field (capdec.configs: torch-free, so --help stays fast)
-    from capdec.config import add_arguments as add_config_arguments
+    from capdec.config_base import add_arguments as add_config_arguments
     from capdec.configs import InferenceConfig, ModelConfig, NoiseConfig, TrainConfig
 
     p.add_argument("stores", nargs="+", metavar="STORE", help="embedding store directories ('capdec embed')")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--config", help="JSON file of option defaults (keys as the flags, with underscores); "
-                                    "flags given on the command line win")
+    p.add_argument("--config", help="JSON file of option defaults (keys as the flags, with underscores; "
+                                    "read before the other flags, which win)")
     p.add_argument("--mix-weights", type=float, nargs="+", metavar="W",
                    help="sampling weight of each store (default: every caption equally likely)")
     p.add_argument("--encoder", help="encoder spec the stores must have been made with (checked)")
@@ -54,8 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "override them")
     p.epilog = _recipes_help()
     p.formatter_class = _formatter_with_epilog(p.formatter_class)
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (options given change it from "
+                                                          "the resume point on; see above)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (JSON: every value with its source) and "
+                                                          "exit without writing anything")
 
     g = p.add_argument_group("noise (training-time embedding perturbation)")
     # None = not given: a --noise-file's variance applies, else the NoiseConfig default (0 on image stores)
@@ -102,172 +114,94 @@ def _formatter_with_epilog(base):
     return Formatter
 
 
-def explicit_options(args: argparse.Namespace) -> set[str]:
-    """The dests of the options given on the command line (not defaults)."""
-    argv = getattr(args, "_command_argv", None)
-    if argv is None:
-        return set()
-    p = argparse.ArgumentParser(add_help=False)
-    add_arguments(p)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-        if not action.option_strings:
-            action.nargs = "*"
-    given, _ = p.parse_known_args(argv)
-    return set(vars(given))
+# -- options in layers (timm's train.py): --config is read first and becomes the parser's defaults --------
+def prepare(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Read --config before the full parse and make its values the parser's defaults, so flags given on the
+    command line win because argparse says so. Every default is marked with its source (``Sourced``: "config
+    file" or "default"), so the planner can tell a flag from a default without looking at argv."""
+    from capdec.config_base import Sourced
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    values = _read_config_file(known.config, parser) if known.config else {}
+    parser.set_defaults(**{a.dest: Sourced(values[a.dest], "config file") if a.dest in values else
+                           Sourced(a.default, "default") for a in _options(parser)})
 
 
-def _apply_recipe(args: argparse.Namespace, explicit: set[str], config_keys: set[str]) -> None:
-    """The recipe's values for every option neither given on the command line nor in --config."""
-    from capdec.configs import ModelConfig
+def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options a config file may set (not --help, --config, the stores or --out)."""
+    return [a for a in parser._actions if a.option_strings and a.dest not in ("help", "config", "out")]
+
+
+def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """The --config file's options by dest, each converted as its flag's value would be."""
     from capdec.errors import InputError
-    from capdec.recipes import get_recipe
-
-    model_fields = set(_field_names(ModelConfig))
-    recipe = get_recipe(args.recipe)
-    if recipe.needs_init_from and not (args.init_from or args.resume):
-        raise InputError(f"recipe {recipe.name} fine-tunes a trained checkpoint: give --init-from CKPT")
-    for name, value in recipe.values.items():
-        if args.init_from and name in model_fields:
-            continue  # fine-tuning keeps the checkpoint's architecture
-        if name == "noise_variance" and args.noise_file:
-            continue  # a calibrated noise file's variance wins over the recipe's
-        if name not in explicit and name not in config_keys:
-            setattr(args, name, value)
-    logger.info("recipe %s: %s", recipe.name, ", ".join(
-        f"{k}={getattr(args, k)}{'' if k not in explicit | config_keys else ' (given)'}" for k in recipe.values))
-
-
-def _apply_config_file(args: argparse.Namespace, parser_defaults: dict, explicit: set[str] | None = None) -> set[str]:
-    """Values from --config replace flags not given on the command line (or, without that knowledge,
-    flags still at their defaults); returns the option names the file set."""
-    from capdec.errors import InputError
-
-    if not args.config:
-        return set()
     from capdec.io.text import read_json
 
     try:
-        values = read_json(args.config)
+        values = read_json(path)
     except InputError as e:
-        raise InputError(f"cannot read --config {args.config}: {e}") from e
+        raise InputError(f"cannot read --config {path}: {e}") from e
     if not isinstance(values, dict):
-        raise InputError(f"--config {args.config}: expected a JSON object of option names and values")
-    keys: set[str] = set()
-    for k, v in values.items():
-        k = k.replace("-", "_")
-        if not hasattr(args, k):
-            raise InputError(f"--config {args.config}: unknown option {k!r}")
-        if (k not in explicit) if explicit is not None else (getattr(args, k) == parser_defaults.get(k)):
-            setattr(args, k, v)
-            keys.add(k)
-    return keys
+        raise InputError(f"--config {path}: expected a JSON object of option names and values")
+    actions = {a.dest: a for a in _options(parser)}
+    out = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in actions:
+            raise InputError(f"--config {path}: unknown option {key!r}")
+        kind = actions[dest].type
+        if kind in (int, float) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            try:
+                value = kind(value)
+            except ValueError:
+                raise InputError(f"--config {path}: {key} must be a number, got {value!r}") from None
+        out[dest] = value
+    return out
+
+
+def options_given(args: argparse.Namespace, names: set[str]) -> dict[str, Any]:
+    """The options among ``names`` given for this run (a flag, or the config file), each ``Sourced``."""
+    from capdec.config_base import Sourced
+
+    out = {}
+    for name in names & set(vars(args)):
+        value = getattr(args, name)
+        value = value if isinstance(value, Sourced) else Sourced(value, "flag")  # argparse set it from argv
+        if value.source != "default":
+            out[name] = value
+    return out
+
+
+def plan_json(plan: dict[str, Any]) -> str:
+    """The plan as indented JSON, each ``{"value": ..., "source": ...}`` on one line."""
+    import re
+
+    text = json.dumps(plan, indent=2)
+    return re.sub(r'\{\n\s*("value": .*),\n\s*("source": .*)\n\s*\}', r"{\1, \2}", text)
 
 
 def run(args: argparse.Namespace) -> int:
     from capdec import distributed
-    from capdec.checkpoint import InferenceConfig
-    from capdec.config import given as config_given
-    from capdec.errors import InputError
-    from capdec.model import ModelConfig
-    from capdec.noise import PAPER_VARIANCE, NoiseConfig
-    from capdec.train import TrainConfig, train
+    from capdec.config_base import Sourced
+    from capdec.train import plan_training, run_training
+    from capdec.train.plan import INPUTS, option_keys
     from capdec.utils import set_threads_from_env
 
+    assert isinstance(args.dry_run, Sourced) or args.dry_run, "parse with capdec.cli.main (it marks the defaults)"
     set_threads_from_env()
-    defaults = {a.dest: a.default for a in _parser_actions()}
-    explicit = explicit_options(args) if hasattr(args, "_command_argv") else None
-    config_keys = _apply_config_file(args, defaults, explicit)
-    if args.recipe:
-        _apply_recipe(args, explicit or set(), config_keys)
-    _check_combinations(args)  # before reading any file: a refused combination costs nothing
-
-    variance, offset, source = args.noise_variance, None, None
-    if args.noise_file:
-        from capdec.calibrate import read_noise_file
-        from capdec.store import EmbeddingStore
-
-        nf = read_noise_file(args.noise_file, encoder_identity=EmbeddingStore.open(args.stores[0]).encoder_identity)
-        source = args.noise_file
-        if variance is None:
-            variance = float(nf["variance"])
-        if args.use_offset:
-            if nf.get("offset") is None:
-                raise InputError(f"{args.noise_file} has no modality offset; calibrate with --images to compute one")
-            offset = list(nf["offset"])
-    elif args.use_offset:
-        raise InputError("--use-offset needs --noise-file (a calibrate noise.json with an offset)")
-    if variance is None and not args.resume and _all_image_stores(args.stores):
-        variance = 0.0  # ClipCap: trained on the embeddings it will caption; train() logs it
-    noise = NoiseConfig(variance=PAPER_VARIANCE if variance is None else variance,
-                        distribution=args.noise_distribution, center=args.center, offset=offset, source=source)
-
-    inference = InferenceConfig(project=args.project, tau=args.tau, project_k=args.project_k)
-    if args.image_mean:
-        from capdec.io.vectors import read_vector
-
-        inference.image_mean = read_vector(args.image_mean, keys=("image_mean",))
-
-    given = config_given(args, ModelConfig)
-    if args.init_from and given:
-        # flags not given take the checkpoint's values, so only the ones given can conflict with it
-        from capdec.checkpoint import read_config
-
-        model_config = ModelConfig.from_dict({**read_config(args.init_from)["model"], **given})
-    else:
-        model_config = ModelConfig(**given) if (given or not args.init_from) else None
-    args.save_memory = args.save_memory or args.project
-    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                                  if hasattr(args, f.name) and f.name != "val_max"})
+    plan = plan_training(args.stores, args.out, options=options_given(args, set(option_keys()) | set(INPUTS)))
+    if args.dry_run is True:  # a flag; not given it is Sourced(False, "default")
+        print(plan_json(plan.describe()))
+        return 0
     try:
-        result = train(args.stores, args.out, model_config=model_config, noise=noise, config=train_config,
-                       encoder=args.encoder, init_from=args.init_from, resume=args.resume,
-                       mix_weights=args.mix_weights, inference=inference, overwrite=args.overwrite)
+        result = run_training(plan)
     finally:
         distributed.shutdown()
     if not distributed.info().is_main:
         return 0
     val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"trained {result.steps} steps in {result.seconds:.1f}s: train loss {result.train_loss:.4f}{val}; "
-          f"checkpoint: {result.path}")
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    print(f"trained {result.steps} steps in {result.seconds:.1f}s: train loss {loss}{val}; checkpoint: {result.path}")
     return 0
-
-
-def _all_image_stores(paths: list[str]) -> bool:
-    """Whether every store holds image embeddings (then training is supervised and noise is off by default)."""
-    from capdec.store import EmbeddingStore
-
-    return all(EmbeddingStore.open(p).modality == "image" for p in paths)
-
-
-def _check_combinations(args: argparse.Namespace) -> None:
-    """Refuse option combinations that cannot work together, saying why."""
-    from capdec.errors import InputError
-
-    if args.entity_slots and not args.retrieval_k:
-        raise InputError("--entity-slots needs --retrieval-k: entities are words of the retrieved captions")
-    if args.center and args.use_offset:
-        raise InputError("--center and --use-offset cannot be combined: centering removes the modality offset "
-                         "that --use-offset would add back")
-    if args.center and not args.image_mean:
-        raise InputError("--center needs --image-mean FILE (the mean image embedding, e.g. from 'capdec calibrate "
-                         "--images'): images must be centred at caption time as captions were in training")
-    if args.image_mean and not args.center:
-        raise InputError("--image-mean only makes sense with --center")
-    if args.project and args.center:
-        raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
-    if args.resume and args.init_from:
-        raise InputError("--resume and --init-from cannot be combined: resume continues --out itself")
-    for name in ("retrieval_k", "entity_slots", "project_k"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name != "project_k" else 1):
-            raise InputError(f"--{name.replace('_', '-')} must be ≥ {0 if name != 'project_k' else 1}")
-    if args.tau <= 0:
-        raise InputError("--tau must be > 0")
-
-
-def _parser_actions():
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    return p._actions

@@ -10,7 +10,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from capdec.config import Config
+from capdec.config_base import Config
 from capdec.errors import InputError
 
 _WORD = re.compile(r"[a-z0-9]+")

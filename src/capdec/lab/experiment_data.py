@@ -74,7 +74,9 @@ def user_config(*, steps: int = 1000, batch_size: int = 64, lr: float | None = N
     full.pop("embed_dim", None)  # taken from the store
     full.pop("lm_config", None)
     if lr is None:
-        lr = 5e-4 if full.get("lm") == "scratch" else 2e-5
+        from capdec.train.schedule import default_lr
+
+        lr = default_lr(full["lm"])
     return ExperimentConfig(seed=seed, n_captions=0, n_test=0, steps=steps, batch_size=batch_size, lr=lr,
                             noise_variance=noise_variance, model=full,
                             decode=decode or {"strategy": "beam", "beam_size": 3})

@@ -1,5 +1,6 @@
 """The config base: dataclasses that know their own help, read and write dicts, and make CLI flags.
 
+(The pipeline's configs themselves are in :mod:`capdec.configs`; this module is what they derive from.)
 Every config (the pipeline's are in :mod:`capdec.configs`: ``ModelConfig``, ``TrainConfig``,
 ``NoiseConfig``, ``InferenceConfig``, ``MemoryConfig``, ``DecodeConfig``) is a dataclass deriving
 from :class:`Config`, with fields declared by :func:`option`::
@@ -16,6 +17,10 @@ from :class:`Config`, with fields declared by :func:`option`::
   choices and default come from the field, the help from its ``help``, so a new option is one line
   and a default cannot drift between the library and the CLI. A field with ``cli=False`` gets no flag;
   ``flag=`` renames it (``NoiseConfig.variance`` is ``--noise-variance``).
+- A field declared with ``choices`` is checked against them when the config is built (``Config.__post_init__``;
+  a subclass with its own checks calls ``super().__post_init__()``), and its flag gets the same choices.
+- :class:`Sourced` is an option's value with where it came from (a flag, a config file, a recipe, a
+  checkpoint, a default); the training planner (:mod:`capdec.train.plan`) resolves options from these.
 """
 
 from __future__ import annotations
@@ -45,8 +50,29 @@ def option(default: Any = MISSING, help: str = "", *, default_factory: Any = MIS
     return dataclasses.field(default=default, metadata=meta, repr=repr)
 
 
+@dataclasses.dataclass(frozen=True)
+class Sourced:
+    """An option's value and where it came from ("flag", "config file", "recipe", "checkpoint", "default", ...).
+
+    ``str()`` is the value's, so a parser default marked this way shows in ``--help`` as the plain value.
+    """
+
+    value: Any
+    source: str
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
 class Config:
     """Base of capdec's config dataclasses (see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise InputError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -88,6 +114,11 @@ def _base_type(annotation: Any) -> Any:
 
 def flag_name(f: dataclasses.Field) -> str:
     return "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
+
+
+def option_name(f: dataclasses.Field) -> str:
+    """The field's option name: its flag's argparse dest (``noise_variance`` for ``NoiseConfig.variance``)."""
+    return (f.metadata.get("flag") or f.name).replace("-", "_")
 
 
 def add_arguments(group: Any, cls: type[Config], names: list[str] | None = None, *, unset_default: bool = False,
@@ -136,8 +167,7 @@ def given(args: argparse.Namespace, cls: type[Config], names: list[str] | None =
     for f in fields(cls):  # type: ignore[arg-type]
         if names is not None and f.name not in names:
             continue
-        dest = (f.metadata.get("flag") or f.name).replace("-", "_")
-        value = getattr(args, dest, None)
+        value = getattr(args, option_name(f), None)
         if value is not None:
             out[f.name] = value
     return out
