@@ -134,6 +134,12 @@ def test_a_config_file_with_an_unknown_option_is_refused(tmp_path, capsys):
     cfg.write_text('{"batch_sise": 8}')
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "unknown option 'batch_sise'" in capsys.readouterr().err
+    # argparse checks the choices of flags only: a config file's value meets the config's own check
+    from tiny_stores import make_store
+
+    cfg.write_text('{"schedule": "weekly"}')
+    assert main(["train", str(make_store(tmp_path / "s")), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "schedule must be one of linear, cosine, constant, got 'weekly'" in capsys.readouterr().err
     cfg.write_text('{"batch_size": 8,\n "epochs": }')
     assert main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "c.json: line 2 column" in capsys.readouterr().err

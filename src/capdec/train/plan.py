@@ -155,7 +155,7 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
     """Decide a training run (see the module docstring for where each value comes from).
 
     ``stores``: embedding store paths or objects. A config object (``model_config``, ``noise``, ``config``,
-    ``inference``) is used whole; ``options`` gives single options by name (``capdec train``'s flags, with
+    ``inference``) is used whole, but for the fields it leaves None ("decide for me"); ``options`` gives single options by name (``capdec train``'s flags, with
     underscores: ``{"max_steps": 4}``), each a value or a :class:`~capdec.config_base.Sourced`.
     ``recipe``: a named recipe under them. ``noise_file``: a calibrate noise.json (its ε², and its offset
     with ``use_offset``). ``image_mean``: C3's image mean (a vector file or the vector) for ``center``.
@@ -177,9 +177,9 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
     where = str(out_dir if mode == "resume" else inputs["init_from"])
     data, mix = _open_data(stores, inputs, recorded, mode, where=where)
     layers = _Layers(given, recorded, mode, data)
-    layers.check_fixed(where=where)
     _check_across_configs(layers, inputs)
     layers.add_files(inputs, data)
+    layers.check_fixed(where=where)
     values = {s: layers.build(s) for s in SECTIONS}
     state = load_training_state(out_dir, optimizer=False)[0] if mode == "resume" else {"step": 0}
     split, schedule = _derive(values, data, out_dir, state if mode == "resume" else None, layers.sources)
@@ -268,7 +268,8 @@ class _Layers:
         built = {k: self.checkpoint[k] for k in BUILT if k in self.checkpoint} if mode != "new" else \
             {"model.embed_dim": Sourced(data.dim, "store")}
         store = {"noise.variance": Sourced(0.0, "store")} if data.modality == "image" else {}
-        self.layers = [built, self.explicit, self.recipe, self.checkpoint, store]
+        self.noise_file: dict[str, Sourced] = {}  # read by add_files
+        self.layers = [built, self.explicit, self.noise_file, self.recipe, self.checkpoint, store]
         self.sources: dict[str, str] = {k: v.source for k, v in given.items() if "." not in k}
 
     def _recipe_values(self, name: Sourced | None) -> tuple[dict[str, Sourced], dict[str, Any]]:
@@ -302,7 +303,8 @@ class _Layers:
 
     def check_fixed(self, *, where: str) -> None:
         """Refuse an explicit value for what the checkpoint fixes, naming each."""
-        asked = {k: v for k, v in self.explicit.items() if self.fixed(k) and v.value != self.recorded(k)}
+        asked = {k: v for k, v in {**self.noise_file, **self.explicit}.items()
+                 if self.fixed(k) and v.value != self.recorded(k)}
         if not asked:
             return
         listed = ", ".join(f"{_name(k)}: {self.recorded(k)} vs {v.value}" for k, v in sorted(asked.items()))
@@ -316,7 +318,7 @@ class _Layers:
     def add_files(self, inputs: dict[str, Any], data: TextData) -> None:
         """The values read from files (noise file, image mean), once the combinations are known to be valid."""
         if inputs["noise_file"]:
-            self.layers.insert(2, _noise_file_values(inputs["noise_file"], inputs["use_offset"], data))
+            self.noise_file.update(_noise_file_values(inputs["noise_file"], inputs["use_offset"], data))
         if inputs["image_mean"] is not None:
             self.explicit["inference.image_mean"] = Sourced(_vector(inputs["image_mean"]), self.sources["image_mean"])
 
