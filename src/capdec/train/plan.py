@@ -155,8 +155,9 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
     """Decide a training run (see the module docstring for where each value comes from).
 
     ``stores``: embedding store paths or objects. A config object (``model_config``, ``noise``, ``config``,
-    ``inference``) is used whole, but for the fields it leaves None ("decide for me"); ``options`` gives single options by name (``capdec train``'s flags, with
-    underscores: ``{"max_steps": 4}``), each a value or a :class:`~capdec.config_base.Sourced`.
+    ``inference``) is used whole, but for the fields it leaves None ("decide for me"). ``options`` gives
+    single options by name (``capdec train``'s flags with underscores, ``{"max_steps": 4}``), each a value
+    or a :class:`~capdec.config_base.Sourced`.
     ``recipe``: a named recipe under them. ``noise_file``: a calibrate noise.json (its ε², and its offset
     with ``use_offset``). ``image_mean``: C3's image mean (a vector file or the vector) for ``center``.
     ``encoder``: a spec or Encoder the stores must have been made with (checked). ``init_from``: fine-tune
@@ -230,7 +231,7 @@ def _open_data(stores: list[Any] | Any, inputs: dict[str, Any], recorded: dict[s
                where: str) -> tuple[TextData, list[float] | None]:
     """The training data (and its mixing weights), checked against the encoder and the checkpoint."""
     stores = list(stores) if isinstance(stores, (list, tuple)) else [stores]
-    was = (recorded or {}).get("data") or {} if mode == "resume" else {}
+    was = ((recorded or {}).get("data") or {}) if mode == "resume" else {}  # what the resumed run trained on
     mix = inputs["mix_weights"] if inputs["mix_weights"] is not None else was.get("mix_weights")
     data = load_text_data(stores, mix)
     if inputs["encoder"] is not None:
@@ -239,15 +240,19 @@ def _open_data(stores: list[Any] | Any, inputs: dict[str, Any], recorded: dict[s
         check_identity(recorded["encoder_identity"], data.encoder_identity,
                        what=f"--init-from checkpoint {where} (vs the embedding store)" if mode == "init_from"
                        else f"checkpoint {where}")
-    if was:
-        moved = len(was.get("stores") or ()) != len(data.sources or ()) or was.get("count", len(data)) != len(data) \
-            or any(Path(a).exists() and Path(a).resolve() != Path(b).resolve()
-                   for a, b in zip(was.get("stores") or (), data.sources or ()))
-        if moved or (mix is not None and mix != was.get("mix_weights")):
+    if was and (not _same_stores(was, data) or mix != was.get("mix_weights")):
             raise InputError(f"--resume: the run trained on {was.get('stores')} ({was.get('count')} captions, mixing "
                              f"weights {was.get('mix_weights')}); stores and mix_weights cannot change when a run "
                              f"resumes (given: {data.sources}, {len(data)} captions, {mix})")
     return data, mix
+
+
+def _same_stores(was: dict[str, Any], data: TextData) -> bool:
+    """Whether ``data`` is what a run recorded training on: as many stores and captions, and each recorded
+    path that exists from here the same directory (a path recorded relative to another directory may not)."""
+    recorded, now = was.get("stores") or [], data.sources or []
+    return len(recorded) == len(now) and was.get("count", len(data)) == len(data) and \
+        all(not Path(a).exists() or Path(a).resolve() == Path(b).resolve() for a, b in zip(recorded, now))
 
 
 def _check_encoder_arg(encoder: Any, data: TextData) -> None:
@@ -276,13 +281,12 @@ class _Layers:
         """The recipe's values this run takes, and those it skips (fixed by a checkpoint, noise on images)."""
         if name is None:
             return {}, {}
-        recipe, take, skip = get_recipe(name.value), {}, {}
-        for section in ("model", "train", "noise"):
-            for k, v in recipe.section(section).items():
-                key = f"{section}.{k}"
-                skipped = self.fixed(key) or (section == "noise" and self.data.modality == "image")
-                (skip if skipped else take)[key] = v if skipped else Sourced(v, "recipe")
-        return take, skip
+        recipe = get_recipe(name.value)
+        values = {f"{s}.{k}": v for s in ("model", "train", "noise") for k, v in recipe.section(s).items()}
+        # ClipCap trains on the embeddings it will caption: a recipe's (text-only) noise is not for an image store
+        skip = {k: v for k, v in values.items() if self.fixed(k) or (k.startswith("noise.") and
+                                                                     self.data.modality == "image")}
+        return {k: Sourced(v, "recipe") for k, v in values.items() if k not in skip}, skip
 
     def fixed(self, key: str) -> bool:
         """Whether the checkpoint fixes ``key`` (its value cannot be asked for differently)."""
