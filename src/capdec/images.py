@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import glob
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -204,8 +205,10 @@ def lookup_image_id(path: str | os.PathLike, mapping: dict[str, Any] | None = No
 # -- loading ------------------------------------------------------------------------------------------
 
 
-def _to_rgb(im: Any) -> Any:
-    """Any PIL mode -> RGB: transparency composited on white, high bit depths scaled, not clipped."""
+def _to_rgb(im: Any, *, sixteen_bit: bool = False) -> Any:
+    """Any PIL mode -> RGB: transparency composited on white, high bit depths scaled, not clipped.
+
+    ``sixteen_bit``: ``im`` holds 16-bit samples (it was ``I;16`` before :func:`_reduce` widened it)."""
     import numpy as np
     from PIL import Image
 
@@ -223,7 +226,7 @@ def _to_rgb(im: Any) -> Any:
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(im).astype(np.float64)
         top = float(arr.max(initial=0))
-        if mode.startswith("I;16") or (mode == "I" and 255 < top <= 65535):
+        if mode.startswith("I;16") or sixteen_bit or (mode == "I" and 255 < top <= 65535):
             arr = arr / 257.0  # 16-bit data: 0..65535 -> 0..255
         elif mode == "F" and arr.min(initial=0) >= 0 and top <= 1:
             arr = arr * 255.0  # float data in 0..1
@@ -235,9 +238,59 @@ def _to_rgb(im: Any) -> Any:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Any:
-    """An RGB PIL image (EXIF orientation applied), or :class:`ImageLoadError` with the reason."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@dataclass(frozen=True)
+class DecodePlan:
+    """What decoding one image will hold, known from its header alone (:func:`plan_decode`)."""
+
+    width: int  # as stored (before EXIF orientation)
+    height: int
+    decoded: int  # pixels of the raster the decoder fills (fewer than width x height when JPEG draft applies)
+    kept: int  # pixels of the image returned, after any reduction
+
+
+def _limits(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None, max_aspect: float | None) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageLoadError(path, f"image has no pixels ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageLoadError(path, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
+                                   "(decompression-bomb guard; raise --max-pixels to allow it)")
+    if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+        raise ImageLoadError(path, f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.4g}:1 is over the limit of "
+                                   f"{max_aspect:g}:1")
+
+
+def _draft(im: Any, min_side: int | None) -> int:
+    """Ask the decoder for a smaller raster whose short side stays ≥ ``min_side`` (JPEG: 1/2, 1/4 or 1/8 of
+    each side; other formats ignore it), and return the integer factor the decoded raster is then reduced by."""
+    if not min_side:
+        return 1
+    short = min(im.size)
+    if short >= 2 * min_side:
+        im.draft(None, (math.ceil(im.width * min_side / short), math.ceil(im.height * min_side / short)))
+    return max(1, min(im.size) // min_side)
+
+
+def _reduced_size(size: tuple[int, int], factor: int) -> tuple[int, int]:
+    return math.ceil(size[0] / factor), math.ceil(size[1] / factor)
+
+
+def _reduce(im: Any, factor: int) -> Any:
+    """``im`` box-averaged by ``factor``; modes whose stored values cannot be averaged are converted first
+    (palette indices to colours, bilevel to grey, 16-bit to 32-bit integers, which ``_to_rgb`` scales alike)."""
+    if factor < 2:
+        return im
+    if im.mode == "P" or im.mode == "PA":
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.reduce(factor)
+
+
+def _open(path: str | os.PathLike) -> Any:
+    from PIL import Image
 
     try:
         size = os.path.getsize(path)
@@ -245,33 +298,71 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         raise ImageLoadError(path, f"cannot read the file ({e.strerror or e})") from e
     if size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    return Image.open(path)
+
+
+def _decode_errors(path: str | os.PathLike, e: Exception) -> ImageLoadError:
+    """The :class:`ImageLoadError` for what PIL raised while opening or decoding ``path``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, ImageLoadError):
+        return e
+    if isinstance(e, UnidentifiedImageError):
+        return ImageLoadError(path, "not an image, or a format PIL cannot read")
+    if isinstance(e, Image.DecompressionBombError):
+        return ImageLoadError(path, f"decompression bomb refused by PIL ({e})")
+    if isinstance(e, OSError):
+        return ImageLoadError(path, f"corrupt or truncated image data ({e})")
+    if isinstance(e, MemoryError):
+        return ImageLoadError(path, "out of memory while decoding")
+    # PIL plugins raise ValueError, SyntaxError, struct.error, ... on bad data
+    return ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})")
+
+
+def plan_decode(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+                max_aspect: float | None = None) -> DecodePlan:
+    """What :func:`load_image` with the same arguments will hold, read from the header without decoding
+    (or :class:`ImageLoadError` for what it refuses from the header alone)."""
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if max_pixels is not None and w * h > max_pixels:
-                raise ImageLoadError(path, f"{w}x{h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                                           "(decompression-bomb guard; raise --max-pixels to allow it)")
+        with _open(path) as im:
+            width, height = im.size
+            _limits(path, im.size, max_pixels, max_aspect)
+            factor = _draft(im, min_side)
+            decoded = im.size
+    except Exception as e:
+        raise _decode_errors(path, e) from e
+    kept = _reduced_size(decoded, factor)
+    return DecodePlan(width, height, decoded[0] * decoded[1], kept[0] * kept[1])
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+               max_aspect: float | None = None) -> Any:
+    """An RGB PIL image (EXIF orientation applied), or :class:`ImageLoadError` with the reason.
+
+    ``min_side``: decode reduced (the JPEG decoder's own scaling, then an integer box average) as far as the
+    short side stays ≥ ``min_side`` (an encoder's input size: it resizes to that anyway), so a large image
+    never exists at full size past its decoding, and a JPEG not even then. ``max_aspect``: refuse images
+    whose long side is more than this many times their short side (they cost a processor that resizes the
+    short side memory in proportion). Both refusals come from the header, before anything is decoded.
+    """
+    from PIL import ImageOps
+
+    try:
+        with _open(path) as im:
+            _limits(path, im.size, max_pixels, max_aspect)
+            factor = _draft(im, min_side)
             im.load()  # decode now: corrupt and truncated data fail here
+            small = _reduce(im, factor)
             try:
-                upright = ImageOps.exif_transpose(im)  # a new image, rotated/flipped as EXIF says
+                upright = ImageOps.exif_transpose(small)  # a new image, rotated/flipped as EXIF says
             except Exception as e:  # a broken EXIF block should not cost the image
                 logger.debug("%s: ignoring unreadable EXIF orientation (%s)", path, e)
-                upright = im
-            rgb = _to_rgb(upright)
+                upright = small
+            rgb = _to_rgb(upright, sixteen_bit=im.mode.startswith("I;16"))
             if rgb is im:
                 rgb = im.copy()  # closing the file would release the pixels of the opened image
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError as e:
-        raise ImageLoadError(path, "not an image, or a format PIL cannot read") from e
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(path, f"decompression bomb refused by PIL ({e})") from e
-    except OSError as e:
-        raise ImageLoadError(path, f"corrupt or truncated image data ({e})") from e
-    except MemoryError as e:
-        raise ImageLoadError(path, "out of memory while decoding") from e
-    except Exception as e:  # PIL plugins raise ValueError, SyntaxError, struct.error, ... on bad data
-        raise ImageLoadError(path, f"cannot decode ({type(e).__name__}: {e})") from e
+    except Exception as e:
+        raise _decode_errors(path, e) from e
     if rgb.width < 1 or rgb.height < 1:
         raise ImageLoadError(path, f"image has no pixels ({rgb.width}x{rgb.height})")
     return rgb

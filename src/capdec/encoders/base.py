@@ -14,6 +14,7 @@ Contract for every backend:
   passes.
 - ``count_truncated(texts)``: how many captions the tokenizer cuts (over-long captions are truncated
   by the tokenizer, never by characters).
+- ``image_size``: the side images are resized to before the vision tower, when known.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ class Encoder(ABC):
     @property
     def context_length(self) -> int | None:
         """Maximum number of text tokens, if the tokenizer has one."""
+        return None
+
+    @property
+    def image_size(self) -> int | None:
+        """The side, in pixels, the image preprocessing resizes to (None: unknown). Images may be decoded
+        reduced as long as their short side stays at least this (``capdec.images.load_image(min_side=)``)."""
         return None
 
     @abstractmethod

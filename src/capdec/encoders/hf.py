@@ -136,6 +136,18 @@ class HFEncoder(Encoder):
         return self._context_length
 
     @property
+    def image_size(self) -> int | None:
+        # CLIP: resize the short side to size["shortest_edge"], crop crop_size; SigLIP: resize to height x width
+        # (a dict in older transformers, a SizeDict with the same keys as attributes in newer ones)
+        sides = []
+        for sizes in (getattr(self.image_processor, "size", None), getattr(self.image_processor, "crop_size", None)):
+            for key in ("shortest_edge", "height", "width"):
+                value = sizes.get(key) if isinstance(sizes, dict) else getattr(sizes, key, None)
+                if isinstance(value, int) and value > 0:
+                    sides.append(value)
+        return max(sides) if sides else None
+
+    @property
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.source}
 

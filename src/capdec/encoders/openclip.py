@@ -122,6 +122,12 @@ class OpenCLIPEncoder(Encoder):
         return int(self.tokenizer.context_length)
 
     @property
+    def image_size(self) -> int | None:
+        size = self._preprocess_cfg.get("size")  # an int, or (height, width)
+        sides = [size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else []
+        return max(sides) if sides and all(isinstance(s, int) for s in sides) else None
+
+    @property
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.model_name, "pretrained": self.pretrained}
 
