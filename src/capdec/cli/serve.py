@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from typing import Any
 
 from capdec.config_base import add_arguments as add_config_arguments
 from capdec.config_base import given
@@ -18,8 +19,12 @@ DESCRIPTION = (
     "or pick images and read their captions; programs POST multipart field 'image' (repeatable) to "
     "/caption and get {\"captions\": [{\"image\", \"caption\"}]}; GET /health and /info describe the server. "
     "Concurrent requests are captioned together (up to --max-batch images, waiting at most --max-wait-ms). "
-    "A bad file (not an image, truncated, over --max-upload-mb, over --max-pixels) gets a 4xx answer naming "
-    "it. There is no authentication: keep the default --host 127.0.0.1 unless the network is trusted. "
+    "A bad file (not an image, truncated, over --max-upload-mb, over --max-pixels, over --max-aspect-ratio) is "
+    "named in the answer's 'errors' while the other files of the request are captioned. Memory is bounded by "
+    "decoded pixels (--max-decode-pixels; large images are decoded reduced to the encoder's input size), and "
+    "slow or idle clients by --header-timeout, --body-timeout and --max-requests (idle connections and /health "
+    "never count against it). "
+    "There is no authentication: keep the default --host 127.0.0.1 unless the network is trusted. "
     "CHECKPOINT is a directory or a Hugging Face Hub repo id (org/name[@revision]). Needs the 'serve' "
     "extra: pip install 'capdec[serve]'."
 )
@@ -30,8 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     net.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    net.add_argument("--max-connections", type=int, default=64,
-                     help="connections served at once; more get 503")
+    net.add_argument("--max-requests", "--max-connections", dest="max_requests", type=int, default=64,
+                     help="captioning requests in progress at once; more get 503 (idle connections, /health, /info "
+                          "and the page do not count; --max-connections is the old name)")
+    net.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection has to send a whole request head; then it is closed (408)")
+    net.add_argument("--body-timeout", type=float, default=60.0,
+                     help="seconds a request has to send its whole body; then it is answered 408 and closed")
     lim = parser.add_argument_group("batching and limits")
     lim.add_argument("--max-batch", type=int, default=32, help="images captioned together at most")
     lim.add_argument("--max-wait-ms", type=float, default=10.0,
@@ -40,8 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-files", type=int, default=16, help="images per request")
     lim.add_argument("--max-upload-mb", type=float, default=10.0, help="size limit of one uploaded file, in MB")
     lim.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                     help="refuse images with more pixels than this (decompression-bomb guard)")
-    lim.add_argument("--timeout", type=float, default=120.0, help="seconds before a request is answered 504")
+                     help="refuse images with more pixels than this (decompression-bomb guard; 0: no limit)")
+    lim.add_argument("--max-decode-pixels", type=int, default=100_000_000,
+                     help="decoded pixels held at once, all requests together (images being decoded, and decoded "
+                          "images waiting to be captioned); a request waits for room, up to --timeout (then 503); "
+                          "a request needing more than this is refused (413). Must be at least --max-pixels")
+    lim.add_argument("--max-aspect-ratio", type=float, default=20.0,
+                     help="refuse images whose long side is over this many times their short side (0: no limit)")
+    lim.add_argument("--timeout", type=float, default=120.0,
+                     help="seconds from a request's upload to its answer; then 504 (503 if it was still waiting for "
+                          "room to decode)")
     dec = parser.add_argument_group("decoding defaults (a request may override strategy, beam size, max length)")
     add_config_arguments(dec, DecodeConfig, DECODE_FLAGS)
     run_ = parser.add_argument_group("model")
@@ -53,27 +71,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
 
 
-def _check(args: argparse.Namespace) -> None:
+def _settings(args: argparse.Namespace) -> Any:
+    """The server's limits from the flags, checked before anything is loaded."""
     from capdec.errors import InputError
+    from capdec.serve.app import ServeSettings
 
-    for name in ("max_batch", "max_queue", "max_files", "max_connections"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
-    for name in ("max_upload_mb", "timeout"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.max_wait_ms < 0:
-        raise InputError(f"--max-wait-ms must be ≥ 0, got {args.max_wait_ms}")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be from 0 to 65535, got {args.port}")
     DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS))  # the decoding flags are checked by their config
+    return ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                         max_files=args.max_files, max_upload_mb=args.max_upload_mb,
+                         max_pixels=args.max_pixels if args.max_pixels > 0 else None, timeout_s=args.timeout,
+                         max_requests=args.max_requests, max_decode_pixels=args.max_decode_pixels,
+                         max_aspect_ratio=args.max_aspect_ratio if args.max_aspect_ratio != 0 else None,
+                         header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
+
+
+def _load(args: argparse.Namespace, decode: DecodeConfig, max_pixels: int | None) -> Any:
+    """The captioner with its encoder loaded; any failure to load the checkpoint is one line (exit 2)."""
+    from capdec.caption import Captioner
+    from capdec.errors import CapdecError, InputError
+
+    try:
+        captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
+                                              precision=args.precision, decode=decode, max_pixels=max_pixels,
+                                              memory=args.memory)
+        captioner.encoder  # noqa: B018  (loaded and checked now: /health means ready)
+    except Exception as e:  # torch, safetensors and transformers raise their own kinds (MemoryError too)
+        text = " ".join(str(e).split())  # one line, whatever the message was
+        if not isinstance(e, CapdecError):
+            text = f"{type(e).__name__}: {text}"
+        if args.checkpoint not in text:
+            text = f"cannot load the checkpoint {args.checkpoint}: {text}"
+        raise InputError(text) from e
+    return captioner
 
 
 def run(args: argparse.Namespace) -> int:
     from capdec.errors import CapdecError, InputError
 
     log = logging.getLogger("capdec.serve")
-    _check(args)
     try:
         import fastapi  # noqa: F401
         import multipart  # noqa: F401
@@ -81,26 +118,20 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise CapdecError(f"capdec serve needs FastAPI, uvicorn and python-multipart ({e}): "
                           "pip install 'capdec[serve]'") from e
+    settings = _settings(args)
     from PIL import Image
 
-    from capdec.caption import Captioner
-    from capdec.serve import ServeSettings, bind, create_app, uvicorn_config
+    from capdec.serve import bind, create_app, uvicorn_config
     from capdec.utils import set_threads_from_env
 
     set_threads_from_env()
-    max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    max_pixels = settings.max_pixels
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         Image.MAX_IMAGE_PIXELS = max_pixels  # our check is the guard (as in capdec caption)
-    decode = DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS))
-    captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
-                                          precision=args.precision, decode=decode, max_pixels=max_pixels,
-                                          memory=args.memory)
+    captioner = _load(args, DecodeConfig(**given(args, DecodeConfig, DECODE_FLAGS)), max_pixels)
     if args.max_length is not None and args.max_length > captioner.model.config.max_length:
         raise InputError(f"--max-length {args.max_length} is over the checkpoint's {captioner.model.config.max_length}")
-    encoder = captioner.encoder  # loaded and checked now: /health means ready
-    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             max_files=args.max_files, max_upload_mb=args.max_upload_mb, max_pixels=max_pixels,
-                             timeout_s=args.timeout)
+    encoder = captioner.encoder
     app = create_app(captioner, settings, checkpoint=args.checkpoint)
     try:
         sock = bind(args.host, args.port)
@@ -117,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving %s (encoder %s) on http://%s:%d/ (Ctrl-C to stop)", args.checkpoint, encoder.spec,
              url_host, port)
     level = logging.getLogger("capdec").getEffectiveLevel()
-    server = uvicorn.Server(uvicorn_config(app, max_connections=args.max_connections,
-                                           log_level="info" if level <= logging.INFO else "warning"))
+    server = uvicorn.Server(uvicorn_config(app, log_level="info" if level <= logging.INFO else "warning"))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught, after a graceful shutdown

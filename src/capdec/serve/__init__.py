@@ -9,7 +9,8 @@
     with ServerThread(create_app(Captioner.from_pretrained("ckpt/"))) as server:
         print(server.url)                                   # http://127.0.0.1:PORT (a free port)
 
-See :mod:`capdec.serve.app` for the endpoints and :mod:`capdec.serve.batcher` for the batching.
+See :mod:`capdec.serve.app` for the endpoints, :mod:`capdec.serve.batcher` for the batching and
+:mod:`capdec.serve.limits` for what keeps the server answering under hostile clients.
 Needs the ``serve`` extra (FastAPI, uvicorn, python-multipart).
 """
 
@@ -23,8 +24,10 @@ from typing import Any
 
 from capdec.serve.app import ServeSettings, create_app
 from capdec.serve.batcher import DynamicBatcher, QueueFull
+from capdec.serve.limits import PixelBudget, http_protocol
 
-__all__ = ["DynamicBatcher", "QueueFull", "ServeSettings", "ServerThread", "bind", "create_app", "uvicorn_config"]
+__all__ = ["DynamicBatcher", "PixelBudget", "QueueFull", "ServeSettings", "ServerThread", "bind", "create_app",
+           "http_protocol", "uvicorn_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +47,20 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-def uvicorn_config(app: Any, *, max_connections: int | None = 64, log_level: str = "warning", **kwargs: Any) -> Any:
-    """A ``uvicorn.Config`` for ``app`` that leaves logging to capdec (no uvicorn handlers installed)."""
+def uvicorn_config(app: Any, *, header_timeout: float | None = None, log_level: str = "warning", **kwargs: Any) -> Any:
+    """A ``uvicorn.Config`` for ``app`` that leaves logging to capdec (no uvicorn handlers installed).
+
+    Connections must send a request head within ``header_timeout`` seconds (default: the app's
+    ``ServeSettings.header_timeout_s``). uvicorn's own ``limit_concurrency`` is left off: it counts open
+    connections, so idle sockets would lock everyone out; the app limits requests in progress instead
+    (``ServeSettings.max_requests``), and never ``/health``.
+    """
     import uvicorn
 
-    return uvicorn.Config(app, log_config=None, log_level=log_level, limit_concurrency=max_connections,
+    if header_timeout is None:
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        header_timeout = getattr(settings, "header_timeout_s", ServeSettings.header_timeout_s)
+    return uvicorn.Config(app, log_config=None, log_level=log_level, http=http_protocol(header_timeout),
                           timeout_graceful_shutdown=5, **kwargs)
 
 
