@@ -6,7 +6,8 @@ a separate process) send one photo per request. Measured, on the same images:
 - ``one_at_a_time``: one client, each request waits for the previous answer (no batching possible);
 - ``concurrent``: ``--clients`` clients at once, ``--requests`` each (the server batches them);
 - ``library_batched``: ``Captioner.caption`` on the same images in batches of ``--max-batch`` (what
-  ``capdec caption`` does; the ceiling for the server, which adds HTTP, upload and image decoding);
+  ``capdec caption`` does; the server adds HTTP and upload, but decodes large images reduced to the
+  encoder's input size, which ``capdec caption`` does not);
 - ``library_at_the_servers_mean_batch``: the same at the batch size the server reached (so the server's
   own overhead shows apart from the batch size its load allowed).
 
@@ -128,10 +129,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "images_per_s": round(n_images / (time.perf_counter() - t), 3)}
 
         settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_files=1,
-                                 max_queue=max(256, n_images), timeout_s=600)
+                                 max_queue=max(256, n_images), timeout_s=600, max_requests=max(64, args.clients))
         app = create_app(captioner, settings, checkpoint=model)
         # the clients run in another process, so that they do not compete with the server for the GIL
-        with ServerThread(app, max_connections=None) as server, \
+        with ServerThread(app) as server, \
                 ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
             def remote(n_clients: int, n_requests: int, paths: list[str]) -> dict[str, Any]:
                 return clients.submit(load, server.url, paths, clients=n_clients, requests=n_requests).result()

@@ -101,7 +101,11 @@ def serving(captioner, **settings):
     """The real server on 127.0.0.1 at a free port, with these ServeSettings."""
     defaults = {"max_wait_ms": 5, "timeout_s": WAIT}
     with ServerThread(create_app(captioner, ServeSettings(**{**defaults, **settings}), checkpoint="hostile")) as srv:
-        yield srv
+        try:
+            yield srv
+        finally:  # a failed test must not leave the worker waiting at a closed gate while the server stops
+            if isinstance(captioner, Gated):
+                captioner.open.set()
 
 
 def _post(url: str, files: list[tuple[str, bytes]], fields: list[tuple[str, str]] = (), **kw) -> httpx.Response:
@@ -217,18 +221,31 @@ def test_requests_wait_for_the_pixel_budget_and_get_it_back(captioner):
     every pixel comes back however a request ends (answered, refused, timed out)."""
     gated = Gated(captioner)
     tile = small_png(60, 60)  # 3600 pixels, kept whole
-    with serving(gated, max_pixels=5000, max_decode_pixels=6000, timeout_s=1.5) as server:
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(_post, server.url, [("first.png", tile)])
-            assert gated.entered.wait(WAIT)  # the first request's pixels are held by the worker
-            assert _load(server.url)["decoded_pixels_held"] == 3600
-            second = _post(server.url, [("second.png", tile)])  # 3600 more do not fit: waits, then 503
-            assert second.status_code == 503 and second.headers["retry-after"] == "1", second.text
-            assert "decoded pixels" in second.json()["detail"]
-            assert first.result(WAIT).status_code == 504  # the gate held it past timeout_s
-            gated.open.set()
+    with ThreadPoolExecutor(2) as pool, serving(gated, max_pixels=5000, max_decode_pixels=6000, timeout_s=1.5) as server:
+        first = pool.submit(_post, server.url, [("first.png", tile)])
+        assert gated.entered.wait(WAIT)  # the first request's pixels are held by the worker
+        assert _load(server.url)["decoded_pixels_held"] == 3600
+        second = _post(server.url, [("second.png", tile)])  # 3600 more do not fit: waits, then 503
+        assert second.status_code == 503 and second.headers["retry-after"] == "1", second.text
+        assert "decoded pixels" in second.json()["detail"]
+        assert first.result(WAIT).status_code == 504  # the gate held it past timeout_s
+        gated.open.set()
         _wait_until(lambda: _load(server.url)["decoded_pixels_held"] == 0, "the pixels to come back")
         assert _post(server.url, [("third.png", tile)]).status_code == 200
+
+
+def test_a_decode_gives_back_what_it_needed_beyond_the_reduced_image(captioner):
+    """A large image holds its full decode only while decoding: once reduced, the next request can decode."""
+    gated = Gated(captioner)
+    big = png(2000, 2000)  # 4 megapixels decoded, reduced to 33x33 for the encoder's 32 (2000 // 32 = 62)
+    with ThreadPoolExecutor(2) as pool, serving(gated, max_pixels=4_000_000, max_decode_pixels=4_500_000) as server:
+        first = pool.submit(_post, server.url, [("first.png", big)])
+        assert gated.entered.wait(WAIT)  # its reduced image is held by the worker
+        second = pool.submit(_post, server.url, [("second.png", big)])
+        _wait_until(lambda: _load(server.url)["queued_images"] == 1, "the second image decoded and queued")
+        assert _load(server.url)["decoded_pixels_held"] == 2 * 33 * 33
+        gated.open.set()
+        assert first.result(WAIT).status_code == 200 and second.result(WAIT).status_code == 200
 
 
 # -- 10. slow or idle clients cannot lock others out ---------------------------------------------------------
@@ -327,21 +344,28 @@ def test_a_stalled_body_is_answered_408_and_closed(captioner):
         answer = _read_until_closed(s, WAIT)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"request body not received within 1 s" in answer
-        assert _load(server.url)["active_requests"] == 0
+        _wait_until(lambda: _load(server.url)["active_requests"] == 0, "the stalled request to be let go")
+
+
+def test_a_head_growing_past_16_kb_is_400_and_closed(server):
+    """A client cannot make the server buffer an endless head (h11 refuses an incomplete one over 16 KB)."""
+    s = _connect(server.url)
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"x" * 20_000)  # no end of line yet
+    assert _read_until_closed(s, WAIT).startswith(b"HTTP/1.1 400 ")
+    assert httpx.get(f"{server.url}/health", timeout=WAIT).status_code == 200
 
 
 def test_the_request_limit_counts_requests_not_sockets(captioner):
     gated = Gated(captioner)
-    with serving(gated, max_requests=2, max_files=1) as server:
-        with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(_post, server.url, [(f"{i}.png", small_png())]) for i in range(2)]
-            _wait_until(lambda: _load(server.url)["active_requests"] == 2, "two requests in progress")
-            refused = _post(server.url, [("third.png", small_png())])
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
-            assert httpx.get(f"{server.url}/health", timeout=WAIT).status_code == 200  # never counted
-            gated.open.set()
-            assert [f.result(WAIT).status_code for f in busy] == [200, 200]
-        assert _load(server.url)["active_requests"] == 0
+    with ThreadPoolExecutor(2) as pool, serving(gated, max_requests=2, max_files=1) as server:
+        busy = [pool.submit(_post, server.url, [(f"{i}.png", small_png())]) for i in range(2)]
+        _wait_until(lambda: _load(server.url)["active_requests"] == 2, "two requests in progress")
+        refused = _post(server.url, [("third.png", small_png())])
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert httpx.get(f"{server.url}/health", timeout=WAIT).status_code == 200  # never counted
+        gated.open.set()
+        assert [f.result(WAIT).status_code for f in busy] == [200, 200]
+        _wait_until(lambda: _load(server.url)["active_requests"] == 0, "the count to drop")  # after the answers
 
 
 @pytest.fixture()
@@ -384,17 +408,16 @@ def test_form_values_that_are_files_or_in_another_charset_are_400(server):
 
 def test_a_full_queue_is_503_over_http(captioner):
     gated = Gated(captioner)
-    with serving(gated, max_queue=1, max_files=1, max_batch=1) as server:
-        with ThreadPoolExecutor(2) as pool:
-            running = pool.submit(_post, server.url, [("running.png", small_png())])
-            assert gated.entered.wait(WAIT)  # taken by the worker: the queue is empty again
-            queued = pool.submit(_post, server.url, [("queued.png", small_png())])
-            _wait_until(lambda: _load(server.url)["queued_images"] == 1, "one image queued")
-            full = _post(server.url, [("refused.png", small_png())])
-            assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
-            assert "1 images are already waiting (the limit is 1)" in full.json()["detail"]
-            gated.open.set()
-            assert running.result(WAIT).status_code == 200 and queued.result(WAIT).status_code == 200
+    with ThreadPoolExecutor(2) as pool, serving(gated, max_queue=1, max_files=1, max_batch=1) as server:
+        running = pool.submit(_post, server.url, [("running.png", small_png())])
+        assert gated.entered.wait(WAIT)  # taken by the worker: the queue is empty again
+        queued = pool.submit(_post, server.url, [("queued.png", small_png())])
+        _wait_until(lambda: _load(server.url)["queued_images"] == 1, "one image queued")
+        full = _post(server.url, [("refused.png", small_png())])
+        assert full.status_code == 503 and full.headers["retry-after"] == "1", full.text
+        assert "1 images are already waiting (the limit is 1)" in full.json()["detail"]
+        gated.open.set()
+        assert running.result(WAIT).status_code == 200 and queued.result(WAIT).status_code == 200
         assert _load(server.url)["decoded_pixels_held"] == 0
 
 

@@ -17,7 +17,8 @@ HELP = "serve a checkpoint: an HTTP captioning API with dynamic batching and a w
 DESCRIPTION = (
     "Serve a checkpoint over HTTP (FastAPI on uvicorn). Open http://HOST:PORT/ for a page where you drop "
     "or pick images and read their captions; programs POST multipart field 'image' (repeatable) to "
-    "/caption and get {\"captions\": [{\"image\", \"caption\"}]}; GET /health and /info describe the server. "
+    "/caption and get {\"captions\": [{\"image\", \"caption\"}], \"errors\": [{\"image\", \"error\"}]}; GET "
+    "/health and /info describe the server. "
     "Concurrent requests are captioned together (up to --max-batch images, waiting at most --max-wait-ms). "
     "A bad file (not an image, truncated, over --max-upload-mb, over --max-pixels, over --max-aspect-ratio) is "
     "named in the answer's 'errors' while the other files of the request are captioned. Memory is bounded by "
