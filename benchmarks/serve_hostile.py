@@ -88,29 +88,25 @@ class RssSampler:
 
 
 def start_server(checkpoint: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "capdec", "serve", checkpoint, "--port", "0", *extra],
-                            stderr=subprocess.PIPE, text=True)
+    """``capdec serve`` in a child process on a free loopback port (its log goes to this stderr), once healthy."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "capdec", "serve", checkpoint, "--port", str(port), *extra])
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
-    url = None
-    lines = []
-    while url is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if " on http://127.0.0.1:" in line:
-            url = line.split(" on ", 1)[1].split("/ ", 1)[0]
-    if url is None:
-        proc.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(lines))
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # drain the log
-    for _ in range(600):
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} (see its log above)")
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
-            time.sleep(0.1)
-    return proc, url
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not answer /health within 300 s")
+        time.sleep(0.2)
 
 
 def pixel_attack(url: str, pid: int, png: bytes, uploads: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+import warnings
 from typing import Any
 
 from capdec.serve.app import ServeSettings, create_app
@@ -57,6 +58,11 @@ def uvicorn_config(app: Any, *, header_timeout: float | None = None, log_level: 
     """
     import uvicorn
 
+    if "max_connections" in kwargs:  # the old name of a limit that counted connections; now the app's
+        kwargs.pop("max_connections")
+        warnings.warn("uvicorn_config(max_connections=) is ignored: requests in progress are limited by "
+                      "ServeSettings.max_requests, which idle connections do not count against", DeprecationWarning,
+                      stacklevel=2)
     if header_timeout is None:
         settings = getattr(getattr(app, "state", None), "settings", None)
         header_timeout = getattr(settings, "header_timeout_s", ServeSettings.header_timeout_s)
