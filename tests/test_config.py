@@ -65,6 +65,7 @@ def parsers_now() -> dict[str, list[dict]]:
 CHANGED = {
     ("embed", "format"): "the choices gain karpathy and flickrstyle",
     ("caption", "images"): "IMAGES may be empty when --dataset gives the images (nargs '*' instead of '+')",
+    ("caption", "normalize"): "--no-normalize gains its --normalize (an imported ClipCap model records raw inputs)",
 }
 
 

@@ -207,8 +207,13 @@ class Captioner:
 
     # -- images -> captions ---------------------------------------------------------------------------
     def embed_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """(n, d) raw image embeddings of RGB PIL images."""
-        return self.encoder.encode_image(list(images))
+        """(n, d) image embeddings of RGB PIL images: L2-normalised, or the encoder's raw features for a decoder
+        that takes them (``normalize`` off, e.g. ClipCap's MLP models)."""
+        return self.encoder.encode_image(list(images), normalize=self._normalize)
+
+    @property
+    def _normalize(self) -> bool:
+        return self.checkpoint.inference_config(**self.inference).normalize
 
     @torch.inference_mode()
     def caption(self, inputs: Any, *, batch_size: int = 64, show_progress: bool | None = None,
@@ -318,14 +323,15 @@ class CaptionStream:
 
     def _encode(self, encoder: Encoder, paths: list[str], images: list[Any]) -> tuple[list[str], torch.Tensor]:
         """Embeddings of a batch; when the encoder fails on the batch, image by image, skipping failures."""
+        normalize = self.captioner._normalize
         try:
-            emb = encoder.encode_image(images)
+            emb = encoder.encode_image(images, normalize=normalize)
         except (RuntimeError, ValueError, TypeError, OSError, MemoryError) as e:
             logger.debug("encoding a batch failed (%s); retrying image by image", e)
             kept, rows = [], []
             for p, im in zip(paths, images):
                 try:
-                    rows.append(encoder.encode_image([im]))
+                    rows.append(encoder.encode_image([im], normalize=normalize))
                     kept.append(p)
                 except (RuntimeError, ValueError, TypeError, OSError, MemoryError) as err:
                     self._skip(p, f"the encoder failed on it ({type(err).__name__}: {err})")

@@ -15,7 +15,26 @@ them. Every other tensor must match the model built from the options in name and
 mismatch is reported with the key, the file's shape and the expected shape, and nothing is written.
 
 The reference trained without an end token (captions padded with id 0, ignored by the loss), so the
-checkpoint records ``stop_at_period``: decoding ends a caption at its first '.' by default.
+checkpoint records ``stop_at_period``: decoding ends a caption at its first '.' by default; and it
+decodes at most ``entry_length=67`` tokens (``generate_beam`` and ``generate2`` of both repositories),
+so an imported checkpoint's ``max_length`` is 67 (or what the LM's positions leave after the prefix).
+
+**Raw or normalised CLIP embeddings.** The two references feed the mapper different inputs, and the
+checkpoint records which (``InferenceConfig.normalize``, used by ``capdec caption``):
+
+- ClipCap's MLP models (``coco_weights.pt``, ``conceptual_weights.pt``) take the *raw*
+  ``clip_model.encode_image`` output: ``predict.py`` and its inference notebook never normalise, nor
+  does ``parse_coco.py`` when it makes the training features (``train.py``'s ``--normalize_prefix`` is off
+  by default).
+- CapDec's models take it divided by its L2 norm (``predictions_runner.py``, unless
+  ``--dont_normalize_prefix``; its ``train.py`` normalises unless ``--dont_norm``), and so do ClipCap's
+  transformer-mapper weights (its ``transformer_inference.ipynb`` divides by the norm).
+
+Both repositories save the same key names from the same mapper classes, so which code made a file
+cannot be read from it. What can be told is the mapper: a transformer mapper takes normalised
+embeddings under both references' inference code, so ``source`` is then optional; an MLP mapper's
+input depends on the source, which must be given (``source="clipcap"`` or ``"capdec"``), or the
+input stated directly with ``normalize`` (weights trained with ``--normalize_prefix`` or ``--dont_norm``).
 """
 
 from __future__ import annotations
@@ -33,6 +52,9 @@ import torch
 from capdec.errors import InputError
 
 logger = logging.getLogger(__name__)
+
+SOURCES = ("clipcap", "capdec")  # the code that trained the file: rmokady/CLIP_prefix_caption, DavidHuji/CapDec
+REFERENCE_MAX_LENGTH = 67  # entry_length of both references' generate_beam / generate2
 
 _STALE_BUFFERS = re.compile(r"\.attn\.(bias|masked_bias)$")
 _LAYER = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.")
@@ -123,6 +145,23 @@ def _file_key(name: str, mapper: str) -> str:
     return name
 
 
+def _check_values(tensor: torch.Tensor, expected: torch.dtype, key: str, path: Any) -> None:
+    """Refuse a tensor that cannot be the weight the model expects: another kind of number, or NaN / Inf.
+
+    Any floating-point width is a weight (float16 / float64 files are cast to the model's dtype); an
+    integer or boolean tensor in a weight's place would be cast silently into wrong numbers.
+    """
+    if tensor.is_floating_point() != expected.is_floating_point or tensor.is_complex():
+        got, want = (str(t).removeprefix("torch.") for t in (tensor.dtype, expected))
+        raise InputError(f"{path}: {key!r} holds {got} values where the model has {want} weights; the file is not "
+                         "a ClipCap / CapDec state dict or was altered")
+    if tensor.is_floating_point():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise InputError(f"{path}: {key!r} has {bad} non-finite value(s) (NaN or Inf); the weights are damaged "
+                             "(or come from a diverged run)")
+
+
 def load_into(model: Any, state: dict[str, torch.Tensor], *, path: Any = "the state dict") -> None:
     """Copy a ClipCap state dict into ``model`` (a CapDecModel); refuse any missing, extra or misshapen key."""
     mapper = model.config.mapper
@@ -140,11 +179,31 @@ def load_into(model: Any, state: dict[str, torch.Tensor], *, path: Any = "the st
         if tuple(renamed[key].shape) != tuple(tensor.shape):
             raise InputError(f"{path}: {_file_key(key, mapper)!r} has shape {tuple(renamed[key].shape)} in the "
                              f"file but the model built from the options expects {tuple(tensor.shape)}")
+        _check_values(renamed[key], tensor.dtype, _file_key(key, mapper), path)
     extra = sorted(_file_key(k, mapper) for k in renamed if k not in expected)
     if extra:
         raise InputError(f"{path}: {len(extra)} key(s) the model has no place for, e.g. {extra[:3]}; the options "
                          "(mapper, depth, LM) do not describe this file")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in renamed.items()}, strict=False)
+
+
+def input_normalization(mapper: str, source: str | None, normalize: bool | None = None) -> tuple[bool, str]:
+    """Whether the mapper takes L2-normalised CLIP embeddings (else raw ones), and the reason (see the module doc)."""
+    if source is not None and source not in SOURCES:
+        raise InputError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if normalize is not None:
+        return normalize, f"given: {'--normalize' if normalize else '--no-normalize'}"
+    if source == "capdec":
+        return True, "CapDec's predictions_runner.py divides the CLIP image embedding by its L2 norm"
+    if mapper == "transformer":
+        return True, ("the transformer mapper takes L2-normalised CLIP embeddings (CapDec's predictions_runner.py, "
+                      "ClipCap's transformer_inference.ipynb)")
+    if source == "clipcap":
+        return False, "ClipCap's predict.py feeds the raw CLIP image embedding to its MLP mapper"
+    raise InputError("this file has an MLP mapper, whose input depends on the code that trained it, and both "
+                     "references save the same keys: give --source clipcap (ClipCap's coco_weights.pt / "
+                     "conceptual_weights.pt: raw CLIP embeddings) or --source capdec (L2-normalised), or state "
+                     "the input with --normalize / --no-normalize")
 
 
 def _lm_config(lm: str) -> dict[str, Any]:
@@ -163,13 +222,17 @@ def _lm_config(lm: str) -> dict[str, Any]:
 def import_clipcap(weights: str | os.PathLike, out: str | os.PathLike, *, lm: str, encoder: Any,
                    mapper: str | None = None, prefix_length: int | None = None, clip_length: int | None = None,
                    mapper_depth: int | None = None, max_length: int | None = None, stop_at_period: bool = True,
-                   overwrite: bool = False) -> Path:
+                   source: str | None = None, normalize: bool | None = None, overwrite: bool = False) -> Path:
     """Turn a ClipCap / CapDec ``.pt`` state dict into a capdec checkpoint directory at ``out``.
 
     ``lm``: the GPT-2 the weights were fine-tuned from (hub id or local directory: its config and
     tokenizer are used, its weights are not). ``encoder``: the CLIP the mapper was trained on (spec
-    string or Encoder), recorded so captioning uses the same one. Options left None are read from the
-    file's shapes; options given must agree with them. Nothing is written if anything does not match.
+    string or Encoder), recorded so captioning uses the same one. ``source``: the code that trained the
+    file (``"clipcap"`` or ``"capdec"``), which decides whether captioning feeds the mapper raw or
+    L2-normalised image embeddings (``normalize`` states it directly); required for an MLP mapper (see
+    the module docstring). Options left None are read from the file's shapes; options given must agree
+    with them. ``max_length`` defaults to the reference's 67 tokens (fewer if the LM's positions end
+    sooner). Nothing is written if anything does not match.
     """
     from capdec.checkpoint import InferenceConfig, save_checkpoint
     from capdec.encoders import Encoder, load_encoder
@@ -187,6 +250,7 @@ def import_clipcap(weights: str | os.PathLike, out: str | os.PathLike, *, lm: st
     if mapper is not None and mapper != layout.mapper:
         key = "clip_project.linear.weight" if layout.mapper == "transformer" else "clip_project.model.0.weight"
         raise InputError(f"{weights}: --mapper {mapper} but the file holds a {layout.mapper} mapper ({key!r})")
+    normalized, why = input_normalization(layout.mapper, source, normalize)
 
     enc = encoder if isinstance(encoder, Encoder) else load_encoder(encoder, device="cpu")
     if enc.dim != layout.embed_dim:
@@ -201,14 +265,17 @@ def import_clipcap(weights: str | os.PathLike, out: str | os.PathLike, *, lm: st
         embed_dim=layout.embed_dim, mapper=layout.mapper, mapper_variant="clipcap", prefix_length=L,
         clip_length=(clip_length or layout.clip_length) if layout.mapper == "transformer" else None,
         mapper_depth=mapper_depth or layout.depth or 8, mapper_heads=8, lm=lm, freeze_lm=False,
-        max_length=max_length or min(40, positions - L), stop_at_period=stop_at_period, lm_config=lm_config)
+        max_length=max_length or min(REFERENCE_MAX_LENGTH, positions - L), stop_at_period=stop_at_period, lm_config=lm_config)
     model = build_model(config, tokenizer=tokenizer, pretrained=False)
     load_into(model, state, path=weights)
     model.eval()
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
+    fed = f"{'L2-normalised' if normalized else 'raw'} CLIP embeddings ({why})"
     save_checkpoint(out, model, encoder_spec=enc.spec, encoder_identity=enc.identity,
-                    noise=NoiseConfig(source="unknown: imported weights"), inference=InferenceConfig(),
+                    noise=NoiseConfig(source="unknown: imported weights"),
+                    inference=InferenceConfig(normalize=normalized),
                     extra={"imported": {"from": str(Path(weights).resolve()), "sha256": digest, "format": "clipcap",
-                                        "keys": len(state)}})
-    logger.info("imported %s (%s mapper, prefix %d, %d-d CLIP) -> %s", weights, layout.mapper, L, layout.embed_dim, out)
+                                        "keys": len(state), "source": source, "input": fed}})
+    logger.info("imported %s (%s mapper, prefix %d, %d-d CLIP, %s embeddings) -> %s", weights, layout.mapper, L,
+                layout.embed_dim, "normalised" if normalized else "raw", out)
     return out

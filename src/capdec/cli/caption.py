@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--encoder", metavar="SPEC",
                      help="encoder to use instead of the one the checkpoint records (e.g. a local copy of the same "
                           "weights: hf:/models/clip-vit-base-patch32); a different model is refused")
-    enc.add_argument("--no-normalize", dest="normalize", action="store_false", default=None,
-                     help="do not L2-normalise image embeddings (default: as the checkpoint records)")
+    enc.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                     help="L2-normalise image embeddings (--no-normalize: feed the encoder's raw features, as ClipCap's "
+                          "MLP models take them; default: as the checkpoint records)")
     enc.add_argument("--shift", metavar="FILE",
                      help="vector added to the normalised image embeddings (.npy, JSON list, or {\"shift\": [...]}); "
                           "given calibrate's noise.json, the shift is text mean − image mean (= −offset), which "

@@ -14,7 +14,13 @@ DESCRIPTION = (
     "--lm is the GPT-2 the weights were fine-tuned from (its config and tokenizer; the weights come from "
     "the file), --encoder the CLIP the mapper was trained on (CapDec's paper: RN50x4, 640-d; most ClipCap "
     "weights: ViT-B/32, 512-d). Such models never learned an end token, so captions stop at the first '.' "
-    "unless --no-stop-at-period."
+    "unless --no-stop-at-period, and are at most 67 tokens long (the reference's entry_length). "
+    "--source says which code trained the file, which decides the mapper's input: ClipCap's MLP models "
+    "(coco_weights.pt, conceptual_weights.pt) take raw CLIP image embeddings (its predict.py never "
+    "normalises), CapDec's models and ClipCap's transformer-mapper weights take L2-normalised ones. Both "
+    "codes save the same keys, so the source cannot be read from the file: it is required for an MLP "
+    "mapper (a transformer mapper is normalised under both). The choice is recorded in the checkpoint "
+    "and 'capdec caption' follows it."
 )
 
 
@@ -33,8 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transformer mapper clip tokens (default: read from the file)")
     parser.add_argument("--mapper-depth", type=int, metavar="N",
                         help="transformer mapper layers (default: read from the file)")
-    parser.add_argument("--max-length", type=int, help="most caption tokens (default: 40, or what the LM's "
-                                                       "positions leave after the prefix)")
+    parser.add_argument("--source", choices=["clipcap", "capdec"],
+                        help="the code that trained the file: clipcap (rmokady/CLIP_prefix_caption: its MLP models take "
+                             "raw CLIP embeddings) or capdec (DavidHuji/CapDec: L2-normalised). Required for an MLP "
+                             "mapper; recorded in the checkpoint")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="state the mapper's input directly: L2-normalised (--normalize) or raw (--no-normalize) "
+                             "CLIP embeddings, e.g. for weights trained with ClipCap's --normalize_prefix or "
+                             "CapDec's --dont_norm (default: as --source's inference code does)")
+    parser.add_argument("--max-length", type=int, help="most caption tokens, the end token included (default: 67 "
+                                                       "as the reference decodes, or what the LM's positions leave "
+                                                       "after the prefix)")
     parser.add_argument("--stop-at-period", action=argparse.BooleanOptionalAction, default=True,
                         help="record that captions end at their first '.' (the model never learned an end token)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
@@ -53,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     out = import_clipcap(args.weights, args.out, lm=args.lm, encoder=args.encoder, mapper=args.mapper,
                          prefix_length=args.prefix_length, clip_length=args.clip_length,
                          mapper_depth=args.mapper_depth, max_length=args.max_length,
-                         stop_at_period=args.stop_at_period, overwrite=args.overwrite)
+                         stop_at_period=args.stop_at_period, source=args.source, normalize=args.normalize,
+                         overwrite=args.overwrite)
     print(f"imported {args.weights} -> {out}")
     return 0

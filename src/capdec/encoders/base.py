@@ -6,7 +6,8 @@ backend means writing one subclass and one line in the registry (``capdec.encode
 
 Contract for every backend:
 - ``encode_text(list[str]) -> (N, dim)`` and ``encode_image(list[PIL.Image]) -> (N, dim)``:
-  float32, L2-normalised, on the CPU, computed in batches under ``torch.inference_mode``.
+  float32, L2-normalised, on the CPU, computed in batches under ``torch.inference_mode``
+  (``encode_image(..., normalize=False)``: the raw features, for decoders trained on them, as ClipCap's).
 - ``spec``: a JSON-able dict that rebuilds the encoder with ``load_encoder(spec)``.
 - ``identity``: a JSON-able dict naming the architecture and output space; two encoders whose
   identities differ produce embeddings that must not be mixed (a checkpoint trained on one refuses
@@ -140,16 +141,18 @@ class Encoder(ABC):
         return restored
 
     @torch.inference_mode()
-    def encode_image(self, images: Sequence[Any], *, batch_size: int | None = None) -> torch.Tensor:
-        """(N, dim) float32 L2-normalised CPU tensor; images are PIL images (converted to RGB)."""
+    def encode_image(self, images: Sequence[Any], *, batch_size: int | None = None,
+                     normalize: bool = True) -> torch.Tensor:
+        """(N, dim) float32 CPU tensor, L2-normalised unless ``normalize=False``; images are PIL images (converted
+        to RGB)."""
         images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in images]
-        return self._run(self._encode_image_batch, images, batch_size)
+        return self._run(self._encode_image_batch, images, batch_size, normalize=normalize)
 
-    def _run(self, fn, items: list[Any], batch_size: int | None) -> torch.Tensor:
+    def _run(self, fn, items: list[Any], batch_size: int | None, *, normalize: bool = True) -> torch.Tensor:
         if not items:
             return torch.empty(0, self.dim)
-        out = [F.normalize(fn(list(chunk)).float(), dim=-1).cpu()
-               for chunk in batched(items, batch_size or self.batch_size)]
+        prepare = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)  # noqa: E731
+        out = [prepare(fn(list(chunk)).float()).cpu() for chunk in batched(items, batch_size or self.batch_size)]
         return torch.cat(out)
 
     def check_compatible(self, identity: dict[str, Any], *, what: str = "this artefact") -> None:
