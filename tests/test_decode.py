@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from capdec.decode import DecodeConfig, generate
 from capdec.errors import InputError
 from capdec.model import ModelConfig, build_model
+from reference_search import beam_to_the_end, clipcap_generate_beam, clipcap_score, exhaustive, small_vocab_lm
 
 CAPTIONS = [
     "a dog runs on the green grass", "a black cat sits on a red mat", "two people ride bikes down a street",
@@ -101,9 +102,12 @@ def test_cached_equals_uncached(case, strategy):
     assert cached == uncached
 
 
-def test_beam_width_one_is_greedy(case):
+@pytest.mark.parametrize("stopping, alpha", [("heuristic", 1.0), ("exact", 0.0)])
+def test_beam_width_one_is_greedy(case, stopping, alpha):
+    """(With a length penalty, an exact search goes on after greedy's caption ends: a longer one may score more.)"""
     lm, prefix, kw = case
-    assert generate(lm, prefix, strategy="beam", beam_size=1, **kw) == generate(lm, prefix, strategy="greedy", **kw)
+    beam = generate(lm, prefix, strategy="beam", beam_size=1, early_stopping=stopping, length_penalty=alpha, **kw)
+    assert beam == generate(lm, prefix, strategy="greedy", **kw)
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam"])
@@ -114,18 +118,22 @@ def test_batch_equals_one_at_a_time(case, strategy):
     assert batch == single
 
 
-@pytest.mark.parametrize("beams,alpha", [(1, 1.0), (3, 1.0), (5, 0.0), (5, 2.0)])
-def test_matches_transformers_generate(case, beams, alpha):
-    """Parity with Hugging Face's own greedy/beam search (inputs_embeds, early_stopping=False)."""
+@pytest.mark.parametrize("beams,alpha,stopping", [(1, 1.0, "heuristic"), (3, 1.0, "heuristic"), (5, 0.0, "heuristic"),
+                                                  (5, 2.0, "heuristic"), (3, 1.0, "exact"), (5, 0.0, "exact"),
+                                                  (5, 2.0, "exact")])
+def test_matches_transformers_generate(case, beams, alpha, stopping):
+    """Parity with Hugging Face's own greedy/beam search (inputs_embeds): its early_stopping=False is capdec's
+    heuristic, its "never" (the best running score bounded at max_length) an exact rule."""
     lm, prefix, kw = case
     lm = getattr(lm, "lm", lm)
     eos, max_length = kw.get("eos_token_id", 1), kw.get("max_length", 20)
     ref = lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
                       max_new_tokens=max_length, do_sample=False, num_beams=beams, length_penalty=alpha,
-                      early_stopping=False, eos_token_id=eos, pad_token_id=eos).tolist()
+                      early_stopping={"heuristic": False, "exact": "never"}[stopping], eos_token_id=eos,
+                      pad_token_id=eos).tolist()
     ref = [row[: row.index(eos)] if eos in row else row for row in ref]
     mine = generate(lm, prefix, eos_token_id=eos, strategy="greedy" if beams == 1 else "beam", beam_size=beams,
-                    length_penalty=alpha, max_length=max_length)
+                    length_penalty=alpha, max_length=max_length, early_stopping=stopping)
     assert mine == ref
 
 
@@ -239,3 +247,48 @@ def test_stop_at_period_ends_captions_at_the_first_period(strategy):
     m.config.stop_at_period = True  # the model's own default (as imported ClipCap weights record)
     assert m.decode_ids(generate(m, prefix, strategy=strategy)) == first_sentences
     assert m.decode_ids(generate(m, prefix, strategy=strategy, stop_at_period=False)) == PERIOD_CAPTIONS
+
+
+# -- beam search against searches written out in tests/reference_search.py -----------------------------------
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.0])
+def test_a_beam_with_room_for_every_candidate_finds_the_exhaustive_best(alpha):
+    """4 tokens (the end + 3), 3 steps: 40 captions in all, at most 4 · 9 = 36 candidates a step; a beam of 40
+    keeps them all, so it must return the best caption of all."""
+    want, got = [], []
+    for seed in range(4):
+        lm = small_vocab_lm(4, seed=seed, std=0.5)
+        prefix = 0.5 * torch.randn(8, 3, 16, generator=torch.Generator().manual_seed(10 + seed))
+        got += generate(lm, prefix, eos_token_id=0, strategy="beam", beam_size=40, max_length=3, length_penalty=alpha)
+        want += [exhaustive(lm, row, eos=0, max_length=3, alpha=alpha)[1] for row in prefix]
+    assert got == want
+    assert len({len(c) for c in want}) >= 3 and len({tuple(c) for c in want}) >= 8  # the inputs differ
+
+
+def test_exact_early_stopping_returns_what_searching_to_the_end_returns():
+    """Length-normalised scores can still rise (a likely token lowers the average loss), so a search may stop
+    only when no running beam can beat the best finished caption even at max_length."""
+    kw = dict(eos_token_id=0, strategy="beam", beam_size=3, max_length=10, length_penalty=1.0)
+    exact, heuristic, to_the_end = [], [], []
+    for seed in range(4):
+        lm = small_vocab_lm(8, seed=seed, std=0.3)
+        prefix = 0.5 * torch.randn(40, 3, 16, generator=torch.Generator().manual_seed(100 + seed))
+        exact += generate(lm, prefix, **kw)  # the default
+        heuristic += generate(lm, prefix, early_stopping="heuristic", **kw)
+        to_the_end += [beam_to_the_end(lm, row, eos=0, beam_size=3, max_length=10, alpha=1.0) for row in prefix]
+    assert exact == to_the_end
+    assert heuristic != exact  # the heuristic stops too soon on some of these 160 inputs
+
+
+def test_a_beam_search_scores_captions_as_clipcaps_generate_beam_does():
+    """ClipCap's / CapDec's generate_beam ranks captions by sum log p / length, the '.' that ends one counted in
+    its length, and keeps one running to its last token as it is. A beam that keeps every candidate must then
+    find a caption that the reference's beam search, at any width, never scores above."""
+    lm = small_vocab_lm(4, seed=3, std=1.0)
+    prefix = 0.5 * torch.randn(24, 3, 16, generator=torch.Generator().manual_seed(4))
+    best = generate(lm, prefix, eos_token_id=0, strategy="beam", beam_size=40, max_length=3, length_penalty=1.0)
+    for row, caption in zip(prefix, best):
+        mine = clipcap_score(lm, row, caption, stop=0, entry_length=3)
+        for width in (1, 2, 3):
+            ref = clipcap_generate_beam(lm, row, stop=0, beam_size=width, entry_length=3)
+            assert mine >= clipcap_score(lm, row, ref, stop=0, entry_length=3) - 1e-6

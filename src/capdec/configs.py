@@ -32,6 +32,7 @@ from capdec.recipes import get_recipe
 PAPER_VARIANCE = 0.016  # CapDec's ε² for COCO (RN50x4, 640-d)
 MAPPER_VARIANTS = ("clipcap", "legacy")  # transformer mapper layers: ClipCap's exact ones, or capdec's earlier GELU
 STRATEGIES = ("beam", "greedy", "sample")
+EARLY_STOPPING = ("exact", "heuristic")  # when a beam search may end (capdec.decode._beam)
 DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
 MEMORY_BACKENDS = ("auto", "torch", "faiss")
 MEMORY_INDEXES = ("flat", "ivf")
@@ -213,6 +214,11 @@ class DecodeConfig(Config):
                                           "checkpoint's)")
     beam_size: int = option(5, "beam: hypotheses kept per image")
     length_penalty: float = option(1.0, "beam: finished captions are ranked by sum log p / length**this")
+    early_stopping: str = option("exact", "beam: exact ends an image's search once no running beam can beat its best "
+                                          "caption even at max_length (the result of searching to the end); "
+                                          "heuristic once the best running beam, scored at its current length, "
+                                          "does not beat the k finished ones (faster; Hugging Face's default; can "
+                                          "end too soon)", choices=EARLY_STOPPING)
     top_k: int = option(0, "sample: keep the k most likely tokens (0: all)")
     top_p: float = option(1.0, "sample: nucleus probability mass (the fewest tokens whose probability sums to "
                                "≥ this; 1: all)")

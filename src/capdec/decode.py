@@ -170,10 +170,10 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
     Each step ranks the (s+1)·k best continuations of an image's k beams, s being the number of ending
     tokens (1, the end-of-sequence token; more with ``stop_at_period``): 2k usually. An ending token among
     the first k finishes that hypothesis with score ``sum log p / length**length_penalty`` (length
-    counts the end-of-sequence token); the best k others continue. An image is done when it has k
-    finished hypotheses and the best running beam, normalised at its current length, scores no more
-    than the worst of them (the default stopping rule of Hugging Face's beam search). With k = 1
-    this is exactly greedy decoding.
+    counts the end-of-sequence token); the best k others continue. At ``max_length`` the running beams
+    are finished as they are. The best finished hypothesis is the caption (the first found among equal
+    scores). When an image's search may end is :func:`_may_stop`'s ``cfg.early_stopping`` rule. With
+    k = 1 and the heuristic rule (or no length penalty) this is exactly greedy decoding.
     """
     b, k = prefix.shape[0], cfg.beam_size
     device = prefix.device
@@ -184,8 +184,8 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
     logits = stepper.start(prefix)  # (b, V)
     V = logits.shape[-1]
     n_cand = (stop.numel() + 1) * k  # s ending tokens (end-of-sequence, periods): 2k without periods
-    if n_cand > V:
-        raise InputError(f"beam_size {k} is too large for a vocabulary of {V} tokens")
+    if stop.numel() >= V:  # then fewer than k of the (s+1)·k candidates could continue
+        raise InputError(f"every token of the {V}-token vocabulary ends a caption; beam search needs one that does not")
     # all k beams of an image start identical; only the first may be extended at the first step
     stepper.select(torch.arange(b, device=device).repeat_interleave(k))
     logits = logits.repeat_interleave(k, dim=0)  # (b·k, V)
@@ -228,11 +228,11 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
         tokens = torch.cat([tokens.reshape(n_img * k, t - 1)[rows.view(-1)].view(n_img, k, t - 1),
                             new_tok.unsqueeze(-1)], dim=-1)  # (n_img, k, t)
 
-        best_running = (scores[:, 0] / t**cfg.length_penalty).tolist()
+        best_running = scores[:, 0].tolist()  # sum log p of each image's best running beam
         done = []
         for r, i in enumerate(active.tolist()):
             heap = finished[i]
-            done_i = len(heap) == k and heap[0][0] >= best_running[r]
+            done_i = t < max_length and _may_stop(heap, best_running[r], t=t, k=k, max_length=max_length, cfg=cfg)
             if not done_i and t == max_length:  # out of room: the running beams compete as they are
                 for j in range(k):
                     s = scores[r, j].item()
@@ -250,6 +250,26 @@ def _beam(stepper: _LMStepper, prefix: torch.Tensor, *, eos_token_id: int, max_l
         stepper.select(rows.reshape(-1))
         logits = stepper.step(new_tok.reshape(-1))
     return [r if r is not None else [] for r in result]
+
+
+def _may_stop(heap: list[tuple[float, int, list[int]]], best_running: float, *, t: int, k: int, max_length: int,
+              cfg: DecodeConfig) -> bool:
+    """Whether an image's beam search may end after step ``t`` (``best_running``: its best running beam's sum log p).
+
+    ``exact``: a running beam's sum only falls (log p ≤ 0), and it can finish at any length n in
+    [t+1, max_length]; ``sum / n**length_penalty`` is largest at one end of that range. When even that
+    bound does not beat the best finished score, no later hypothesis can change the result: the caption
+    is the one searching to ``max_length`` gives. ``heuristic`` (Hugging Face's ``early_stopping=False``):
+    k hypotheses have finished and the best running beam, scored at its current length t, does not beat
+    the worst of them; a length-normalised score can still rise, so this can end too soon.
+    """
+    alpha = cfg.length_penalty
+    if cfg.early_stopping == "heuristic":
+        return len(heap) == k and heap[0][0] >= best_running / t**alpha
+    if not heap:
+        return False
+    bound = max(best_running / (t + 1) ** alpha, best_running / max_length**alpha)
+    return max(entry[0] for entry in heap) >= bound
 
 
 # -- entry point --------------------------------------------------------------------------------------
