@@ -384,6 +384,57 @@ def test_without_java_falls_back_and_reports(monkeypatch):
         M.evaluate({1: "a"}, {1: ["a"]}, tokenizer="ptb")
 
 
+def _tiny_eval_files(tmp_path):
+    refs = [{"image_id": i, "captions": [f"a dog number {i} runs on the grass", f"the dog {i} is running"]}
+            for i in range(3)]
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    (tmp_path / "preds.json").write_text(json.dumps([{"image_id": i, "caption": f"a dog {i} runs"} for i in range(3)]))
+    return tmp_path / "preds.json", tmp_path / "refs.json"
+
+
+def test_evaluate_without_java_fails_with_ptb_and_warns_loudly_without_it(tmp_path, monkeypatch, capsys):
+    """Paper-comparable numbers need coco-caption's Java PTB tokenizer (and METEOR, SPICE: Java too). With no
+    'java' on PATH, --tokenizer ptb is one error line and nothing written; the default says loudly that the
+    numbers it still writes are not comparable."""
+    preds, refs = _tiny_eval_files(tmp_path)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # a PATH without java
+    out = tmp_path / "metrics.json"
+    assert main(["-q", "evaluate", str(preds), "--references", str(refs), "--tokenizer", "ptb", "--metrics", "bleu",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("capdec evaluate: error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Java" in err and "PATH" in err and not out.exists()
+
+    assert main(["-q", "evaluate", str(preds), "--references", str(refs), "--metrics", "bleu", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "NOT comparable" in err and "--tokenizer ptb" in err, err
+    assert json.loads(out.read_text())["tokenizer"] == "simple"
+
+
+def test_evaluate_without_the_ptb_jar_fails_with_ptb_and_warns_loudly_without_it(tmp_path, monkeypatch, capsys):
+    preds, refs = _tiny_eval_files(tmp_path)
+    monkeypatch.setattr(M.scorers, "_java", lambda: "/usr/bin/java")  # Java present, the jar gone
+    monkeypatch.setattr(M.scorers, "_ptb_jar", lambda: tmp_path / "stanford-corenlp-3.4.1.jar")
+    out = tmp_path / "metrics.json"
+    assert main(["-q", "evaluate", str(preds), "--references", str(refs), "--tokenizer", "ptb", "--metrics", "bleu",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "stanford-corenlp-3.4.1.jar" in err and "missing" in err and not out.exists(), err
+    assert main(["-q", "evaluate", str(preds), "--references", str(refs), "--metrics", "bleu", "--out", str(out)]) == 0
+    assert "NOT comparable" in capsys.readouterr().err and json.loads(out.read_text())["tokenizer"] == "simple"
+
+
+def test_reproduce_md_evaluates_with_the_ptb_tokenizer():
+    """docs/reproduce.md's numbers are to be set beside the paper's: every evaluate command asks for the PTB
+    tokenizer, so a machine without Java fails instead of printing approximate scores."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
+    commands = [line for line in doc.replace("\\\n", " ").splitlines() if line.strip().startswith("capdec evaluate")]
+    assert len(commands) >= 6 and all("--tokenizer ptb" in c for c in commands), commands
+
+
 @needs_java
 def test_simple_tokenizer_approximates_ptb(coco_dir):
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

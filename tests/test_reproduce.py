@@ -113,3 +113,18 @@ def test_train_help_lists_the_recipes(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("capdec-coco", "capdec-flickr30k", "capdec-style"))
+
+
+def test_batch_sizes_are_the_released_train_pys_and_the_docs_say_so():
+    """DavidHuji/CapDec train.py: ``--data COCO`` sets ``args.bs = 30``, ``--data FLICKR`` ``args.bs = 16``.
+    The recipes use them, and docs/reproduce.md quotes the same values."""
+    import re
+
+    from capdec.recipes import RECIPES
+
+    assert RECIPES["capdec-coco"].train["batch_size"] == 30
+    assert RECIPES["capdec-flickr30k"].train["batch_size"] == 16
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reproduce.md").read_text()
+    quoted = [int(n) for n in re.findall(r"args\.bs = (\d+)", doc)]
+    assert quoted == [RECIPES["capdec-coco"].train["batch_size"], RECIPES["capdec-flickr30k"].train["batch_size"]]
+    assert "| epochs / batch | 10 / 30 |" in doc

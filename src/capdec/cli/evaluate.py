@@ -46,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true",
                         help="fail if any prediction lacks references or any reference image lacks a prediction")
     parser.add_argument("--tokenizer", default="auto", choices=["auto", "ptb", "simple"],
-                        help="ptb: coco-caption's Java PTB tokenizer; simple: a Python approximation; "
-                             "auto: ptb when Java is installed")
+                        help="ptb: coco-caption's Java PTB tokenizer (an error without Java: use it for numbers to "
+                             "compare with published ones); simple: a Python approximation; auto: ptb when Java and "
+                             "the tokenizer's jar are there, else simple with a warning that the scores are not "
+                             "comparable")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
                         help="also report bootstrap standard errors from N resamples of the images (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap")

@@ -189,11 +189,11 @@ def evaluate(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Se
     start = time.perf_counter()
     groups = S.resolve_metrics(metrics)
     report, ids = _matched_ids(predictions, references, strict=strict)
+    java = S._java()
+    tok_kind = _tokenizer_kind(tokenizer)
     if "cider" in groups and len(ids) < 10:
         logger.warning("CIDEr weighs n-grams by IDF over the references of the images scored; with %d "
                        "images that is unreliable (with 1, every IDF is 0 and so is CIDEr)", len(ids))
-    java = S._java()
-    tok_kind = _tokenizer_kind(tokenizer, java)
 
     unavailable: dict[str, str] = {}  # metric -> why it could not run
     meteor = _start_meteor(groups, java, context, unavailable)  # its JVM loads while Python tokenises
@@ -239,18 +239,23 @@ def _matched_ids(predictions: Mapping[ImageId, str], references: Mapping[ImageId
     return report, ids
 
 
-def _tokenizer_kind(tokenizer: str, java: str | None) -> str:
-    """``"ptb"`` or ``"simple"`` for the asked ``tokenizer`` (auto: PTB when Java exists)."""
+def _tokenizer_kind(tokenizer: str) -> str:
+    """``"ptb"`` or ``"simple"`` for the asked ``tokenizer`` (auto: PTB when it can run, else loudly the fallback)."""
     if tokenizer not in ("auto", "ptb", "simple"):
         raise InputError(f"unknown tokenizer {tokenizer!r}; use auto, ptb or simple")
-    if tokenizer == "ptb" and java is None:
-        raise CapdecError("the PTB tokenizer needs Java, and no 'java' is on PATH; install a JRE or "
+    if tokenizer == "simple":
+        logger.warning("tokenising with the Python fallback (--tokenizer simple): scores approximate coco-caption's")
+        return "simple"
+    missing = S.ptb_unavailable()
+    if missing is None:
+        return "ptb"
+    if tokenizer == "ptb":
+        raise CapdecError(f"the PTB tokenizer needs Java and its jar: {missing}. Install a JRE (java on PATH), or "
                           "use the approximate tokenizer (--tokenizer simple)")
-    tok_kind = tokenizer if tokenizer != "auto" else ("ptb" if java else "simple")
-    if tok_kind == "simple":
-        logger.warning("tokenising with the Python fallback (Java %s): scores approximate coco-caption's",
-                       "not found" if java is None else "not used")
-    return tok_kind
+    logger.warning("coco-caption's PTB tokenizer cannot run: %s. Tokenising with a Python approximation instead; "
+                   "these scores are NOT comparable with published coco-caption numbers. Install Java, or pass "
+                   "--tokenizer ptb to make this an error", missing)
+    return "simple"
 
 
 def _start_meteor(groups: Sequence[str], java: str | None, context: ScorerContext | None,

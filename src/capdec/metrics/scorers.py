@@ -55,6 +55,21 @@ def simple_tokenize(caption: str) -> str:
 
 _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
 
+def _ptb_jar() -> Path:
+    """The Stanford CoreNLP jar pycocoevalcap ships for its PTB tokenizer."""
+    from pycocoevalcap.tokenizer import ptbtokenizer as ptb
+
+    return Path(ptb.__file__).resolve().parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+
+def ptb_unavailable() -> str | None:
+    """Why coco-caption's PTB tokenizer cannot run here (no Java, or its jar missing), or None."""
+    if _java() is None:
+        return "no 'java' is on PATH (the PTB tokenizer, METEOR and SPICE run in the JVM)"
+    jar = _ptb_jar()
+    if not jar.is_file():
+        return f"the PTB tokenizer's jar {jar} is missing (reinstall pycocoevalcap)"
+    return None
+
 def _tokenize_ptb(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     """coco-caption's PTB tokenisation over every caption in one Java run.
 
@@ -66,7 +81,7 @@ def _tokenize_ptb(captions: dict[int, list[str]]) -> dict[int, list[str]]:
     """
     from pycocoevalcap.tokenizer import ptbtokenizer as ptb
 
-    jar = Path(ptb.__file__).resolve().parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    jar = _ptb_jar()
     keys = [k for k, caps in captions.items() for _ in caps]
     text = "\n".join(_LINE_BREAKS.sub(" ", c) for caps in captions.values() for c in caps)
     with tempfile.TemporaryDirectory(prefix="capdec-ptb-") as tmp:
