@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = replace(ExperimentConfig(), steps=args.steps)
-    result: dict = {"benchmark": "beam_stopping_toy", "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    result: dict = {"command": " ".join(["python", *sys.argv]), "benchmark": "beam_stopping_toy", "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     with tempfile.TemporaryDirectory(prefix="capdec-beam-stop-") as tmp:
         data = prepare_data(config, Path(tmp) / "data", show_progress=False)
         ckpt, _ = train_variant(data, Path(tmp) / "capdec", noise=NoiseConfig(variance=config.noise_variance),

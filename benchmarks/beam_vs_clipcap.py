@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    result = {"benchmark": "beam_vs_clipcap", "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    result = {"command": " ".join(["python", *sys.argv]), "benchmark": "beam_vs_clipcap", "settings": {k: v for k, v in vars(args).items() if k != "out"},
               **compare(args), "seconds": None, "machine": platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "load_average": os.getloadavg()[0]}
     result["seconds"] = round(time.perf_counter() - start, 1)

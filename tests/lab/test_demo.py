@@ -32,3 +32,17 @@ def test_demo_compare_and_methods_tiny(tmp_path):
     results = json.loads((out / "metrics.json").read_text())["results"]
     assert set(results) == {"capdec", "no_noise", "supervised", "shifted", "projection", "retrieval"}
     assert all(r["CIDEr"] is not None for r in results.values())
+
+
+def test_experiments_decode_with_the_beam_stop_their_documented_numbers_had():
+    """docs/results' toy numbers were decoded with the heuristic beam stop (the product's default is now the
+    exact one, which changes many of the demo decoder's captions); an experiment may still ask for either."""
+    from dataclasses import replace
+
+    from capdec.decode import DecodeConfig
+    from capdec.lab.experiment import ExperimentConfig, decode_config
+
+    cfg = decode_config(ExperimentConfig())
+    assert (cfg.strategy, cfg.beam_size, cfg.early_stopping) == ("beam", 3, "heuristic")
+    assert DecodeConfig().early_stopping == "exact"
+    assert decode_config(replace(ExperimentConfig(), decode={"early_stopping": "exact"})).early_stopping == "exact"
