@@ -69,15 +69,19 @@ def encoded_sizes(monkeypatch) -> dict[tuple[int, int], int]:
     from capdec.encoders.hf import HFEncoder
 
     sizes: dict[tuple[int, int], int] = {}
-    original = HFEncoder._encode_image_batch
+    original = HFEncoder.image_transform
 
-    def spy(self, images):
-        for im in images:
+    def spy(self):
+        transform = original(self)
+
+        def recording(im):
             assert im.mode == "RGB"
             sizes[im.size] = sizes.get(im.size, 0) + 1
-        return original(self, images)
+            return transform(im)
 
-    monkeypatch.setattr(HFEncoder, "_encode_image_batch", spy)
+        return recording
+
+    monkeypatch.setattr(HFEncoder, "image_transform", spy)
     return sizes
 
 

@@ -8,6 +8,9 @@ Contract for every backend:
 - ``encode_text(list[str]) -> (N, dim)`` and ``encode_image(list[PIL.Image]) -> (N, dim)``:
   float32, L2-normalised, on the CPU, computed in batches under ``torch.inference_mode``
   (``encode_image(..., normalize=False)``: the raw features, for decoders trained on them, as ClipCap's).
+- Images go through two steps: ``image_transform()`` (a picklable function, one RGB PIL image -> its
+  ``(3, H, W)`` model input; image stores run it in DataLoader worker processes) and
+  ``encode_pixels((N, 3, H, W)) -> (N, dim)``; ``encode_image`` is the two in one process.
 - ``spec``: a JSON-able dict that rebuilds the encoder with ``load_encoder(spec)``.
 - ``identity``: a JSON-able dict naming the architecture and output space; two encoders whose
   identities differ produce embeddings that must not be mixed (a checkpoint trained on one refuses
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -119,8 +122,12 @@ class Encoder(ABC):
         """Unnormalised text features for one batch, any dtype/device."""
 
     @abstractmethod
-    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
-        """Unnormalised image features for one batch of RGB PIL images."""
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        """One RGB PIL image -> its (3, H, W) float model input (CPU); picklable, free of the model's weights."""
+
+    @abstractmethod
+    def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features of one (B, 3, H, W) batch of model inputs, any dtype/device."""
 
     def count_truncated(self, texts: Sequence[str]) -> int:
         """Number of ``texts`` longer than the tokenizer's context (0 if unknown)."""
@@ -146,13 +153,25 @@ class Encoder(ABC):
         """(N, dim) float32 CPU tensor, L2-normalised unless ``normalize=False``; images are PIL images (converted
         to RGB)."""
         images = [im if getattr(im, "mode", "RGB") == "RGB" else im.convert("RGB") for im in images]
-        return self._run(self._encode_image_batch, images, batch_size, normalize=normalize)
+        transform = self.image_transform()
+        return self._run(lambda chunk: self._encode_pixel_batch(torch.stack([transform(im) for im in chunk])),
+                         images, batch_size, normalize=normalize)
 
-    def _run(self, fn, items: list[Any], batch_size: int | None, *, normalize: bool = True) -> torch.Tensor:
-        if not items:
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor, *, batch_size: int | None = None,
+                      normalize: bool = True) -> torch.Tensor:
+        """(N, dim) float32 CPU tensor of (N, 3, H, W) inputs made by :meth:`image_transform`, L2-normalised
+        unless ``normalize=False``."""
+        return self._run(self._encode_pixel_batch, pixels, batch_size, normalize=normalize)
+
+    def _run(self, fn, items: list[Any] | torch.Tensor, batch_size: int | None, *,
+             normalize: bool = True) -> torch.Tensor:
+        if len(items) == 0:
             return torch.empty(0, self.dim)
         prepare = (lambda x: F.normalize(x, dim=-1)) if normalize else (lambda x: x)  # noqa: E731
-        out = [prepare(fn(list(chunk)).float()).cpu() for chunk in batched(items, batch_size or self.batch_size)]
+        # a list is passed on as a list, a tensor (a batch of model inputs) as a slice of it
+        out = [prepare(fn(chunk if isinstance(chunk, torch.Tensor) else list(chunk)).float()).cpu()
+               for chunk in batched(items, batch_size or self.batch_size)]
         return torch.cat(out)
 
     def check_compatible(self, identity: dict[str, Any], *, what: str = "this artefact") -> None:

@@ -15,10 +15,12 @@ cannot be built offline.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +180,10 @@ class HFEncoder(Encoder):
         inputs = {k: v.to(self.device) for k, v in self._tokenize(texts).items()}
         return _features(self.model.get_text_features(**inputs))
 
-    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        return functools.partial(_process_image, self.image_processor)
+
+    def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
 
     def count_truncated(self, texts: list[str] | tuple[str, ...]) -> int:
@@ -187,6 +191,11 @@ class HFEncoder(Encoder):
             return 0
         ids = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
         return sum(len(x) > self.context_length for x in ids)
+
+
+def _process_image(processor: Any, image: Any) -> torch.Tensor:
+    """(3, H, W) pixel values of one image (the processor works image by image; a batch is a stack)."""
+    return processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
 
 def _check_local_dir(path: Path) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,11 @@ class OpenCLIPEncoder(Encoder):
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
-    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
-        pixels = torch.stack([self.preprocess(im) for im in images])  # (B, 3, H, W)
-        return self.model.encode_image(pixels.to(self.device, self.dtype))
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        return self.preprocess  # open_clip's evaluation transform: resize, crop, to tensor, normalise
+
+    def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels.to(self.device, self.dtype))  # (B, 3, H, W) in
 
     def count_truncated(self, texts: list[str] | tuple[str, ...]) -> int:
         if not texts:

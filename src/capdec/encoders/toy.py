@@ -8,7 +8,9 @@ never mixed, while a copy of the same weights elsewhere still matches.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +81,15 @@ class ToyEncoder(Encoder):
     def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
-    def _encode_image_batch(self, images: list[Any]) -> torch.Tensor:
-        from capdec.encoders.miniclip import pixels_from_images
+    def image_transform(self) -> Callable[[Any], torch.Tensor]:
+        return functools.partial(_image_pixels, self.model.cfg)
 
-        pixels = pixels_from_images(images, self.model.cfg)  # resized to the model's size if needed
+    def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device, self.dtype))
+
+
+def _image_pixels(cfg: Any, image: Any) -> torch.Tensor:
+    """(3, s, s) input of one image, resized to the model's size if needed."""
+    from capdec.encoders.miniclip import pixels_from_images
+
+    return pixels_from_images([image], cfg)[0]
