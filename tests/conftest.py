@@ -78,3 +78,32 @@ def hf_store(tmp_path_factory, coco_caption_file, tiny_hf_clip) -> Path:
     out = tmp_path_factory.mktemp("stores") / "hf"
     assert main(["-q", "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def photo_dataset(coco_dir, tmp_path_factory):
+    """The 17 COCO photos (CC BY / CC BY-SA) with their real captions: a JSONL {image, caption} dataset
+    (+ one corrupt and one missing image), a Karpathy-split file and a COCO annotation file of them."""
+    photos = coco_dir / "images"
+    caps = json.loads((photos / "captions.json").read_text())
+    meta = json.loads((photos / "images_meta.json").read_text())
+    root = tmp_path_factory.mktemp("photos")
+    for name in caps:
+        shutil.copy(photos / name, root / name)
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    rows = [{"image": name, "caption": c, "image_id": meta[name]["image_id"]} for name, cs in caps.items() for c in cs]
+    rows += [{"image": "broken.jpg", "caption": "a broken file"}, {"image": "missing.jpg", "caption": "nothing"}]
+    jsonl = root / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the Karpathy layout (dataset_coco.json): filepath/filename, split, sentences[].raw, cocoid
+    karpathy = root / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": n, "cocoid": meta[n]["image_id"], "imgid": i,
+         "split": "test" if meta[n]["in_karpathy_test"] else ("restval" if i % 2 else "train"),
+         "sentences": [{"raw": c, "tokens": c.lower().split()} for c in cs]} for i, (n, cs) in enumerate(caps.items())]}))
+    coco = root / "coco.json"
+    coco.write_text(json.dumps({
+        "images": [{"id": meta[n]["image_id"], "file_name": n} for n in caps],
+        "annotations": [{"id": k, "image_id": meta[n]["image_id"], "caption": c}
+                        for k, (n, c) in enumerate((n, c) for n, cs in caps.items() for c in cs)]}))
+    return {"root": root, "jsonl": jsonl, "coco": coco, "karpathy": karpathy, "captions": caps, "meta": meta}

@@ -339,3 +339,22 @@ def test_sharded_embed_counts_only_what_it_computed(tmp_path, coco_caption_file,
     assert json.loads(report.read_text()) == {"encoded": 300, "resumed": 0}
     _spawn_embed(2, coco_caption_file, tiny_hf_clip, out, report)
     assert json.loads(report.read_text()) == {"encoded": 0, "resumed": 0}
+
+
+def test_image_store_under_torchrun_equals_single_process(tmp_path, photo_dataset, tiny_hf_clip):
+    """Two ranks (each with a decoding worker process) share an image dataset's shards; rank 0 assembles a
+    store byte-identical to a single process's."""
+    args = [str(photo_dataset["jsonl"]), "--modality", "image", "--encoder", tiny_hf_clip, "--batch-size", "2",
+            "--shard-size", "3"]
+    single = tmp_path / "single"
+    assert main(["-q", "embed", *args, "--out", str(single), "--workers", "0"]) == 0
+    out = tmp_path / "two"
+    proc = subprocess.run(_torchrun(2, "embed", *args, "--out", str(out), "--workers", "1", "--device", "cpu"),
+                          env=_env(tmp_path), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("embeddings.npy", "rows.npy", "captions.jsonl"):
+        assert (out / name).read_bytes() == (single / name).read_bytes(), name
+    meta_a, meta_b = (json.loads((d / "meta.json").read_text()) for d in (single, out))
+    meta_a.pop("created"), meta_b.pop("created")
+    assert meta_a == meta_b and meta_b["stats"]["images"] == 17
+    assert not (tmp_path / ".two.partial").exists()

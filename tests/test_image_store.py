@@ -1,51 +1,28 @@
 """Image-embedding stores (``capdec embed --modality image``) and the supervised baseline (``capdec train``).
 
-Real COCO photos (CC BY / CC BY-SA, see tests/data/coco/README.md) with their real
-captions, encoded by a tiny random CLIP built like a user's local copy.
+Real COCO photos (CC BY / CC BY-SA, see tests/data/coco/README.md) with their real captions (the
+``photo_dataset`` fixture), encoded by a tiny random CLIP built like a user's local copy.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from capdec.cli import main
 from capdec.errors import InputError
 from capdec.io import read_image_dataset
 from capdec.store import EmbeddingStore
-
-
-@pytest.fixture(scope="module")
-def photo_dataset(coco_dir, tmp_path_factory):
-    """A JSONL {image, caption} dataset of the 17 photos + one corrupt and one missing image, and a COCO
-    annotation file of the same photos."""
-    photos = coco_dir / "images"
-    caps = json.loads((photos / "captions.json").read_text())
-    meta = json.loads((photos / "images_meta.json").read_text())
-    root = tmp_path_factory.mktemp("photos")
-    for name in caps:
-        shutil.copy(photos / name, root / name)
-    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
-    rows = [{"image": name, "caption": c, "image_id": meta[name]["image_id"]} for name, cs in caps.items() for c in cs]
-    rows += [{"image": "broken.jpg", "caption": "a broken file"}, {"image": "missing.jpg", "caption": "nothing"}]
-    jsonl = root / "pairs.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # the Karpathy layout (dataset_coco.json): filepath/filename, split, sentences[].raw, cocoid
-    karpathy = root / "dataset_coco.json"
-    karpathy.write_text(json.dumps({"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": n, "cocoid": meta[n]["image_id"], "imgid": i,
-         "split": "test" if meta[n]["in_karpathy_test"] else ("restval" if i % 2 else "train"),
-         "sentences": [{"raw": c, "tokens": c.lower().split()} for c in cs]} for i, (n, cs) in enumerate(caps.items())]}))
-    coco = root / "coco.json"
-    coco.write_text(json.dumps({
-        "images": [{"id": meta[n]["image_id"], "file_name": n} for n in caps],
-        "annotations": [{"id": k, "image_id": meta[n]["image_id"], "caption": c}
-                        for k, (n, c) in enumerate((n, c) for n, cs in caps.items() for c in cs)]}))
-    return {"root": root, "jsonl": jsonl, "coco": coco, "karpathy": karpathy, "captions": caps, "meta": meta}
 
 
 def test_read_image_dataset_formats(photo_dataset, coco_dir):
@@ -164,3 +141,106 @@ def test_a_recipe_on_an_image_store_trains_without_noise(tmp_path):
     assert main(["-q", "train", str(img), "--recipe", "capdec-coco", "--noise-variance", "0.016", "--out",
                  str(tmp_path / "b"), *tiny]) == 0
     assert read_config(tmp_path / "b")["noise"]["variance"] == 0.016
+
+
+# -- a pipeline that resumes and streams ----------------------------------------------------------------
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from capdec.cli import main
+    from capdec.encoders.hf import HFEncoder
+
+    real, calls = HFEncoder._encode_pixel_batch, [0]
+
+    def dying(self, pixels):
+        calls[0] += 1
+        if calls[0] > int(sys.argv[1]):  # SIGKILL: no exception handler, no cleanup runs
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, pixels)
+
+    HFEncoder._encode_pixel_batch = dying
+    main(["-q", "embed", *sys.argv[2:]])
+""")
+
+
+def store_files(directory: Path) -> dict[str, object]:
+    """A store's files as bytes (meta.json parsed, without its creation time)."""
+    meta = json.loads((directory / "meta.json").read_text())
+    meta.pop("created")
+    return {"meta": meta, **{name: (directory / name).read_bytes()
+                             for name in ("embeddings.npy", "rows.npy", "captions.jsonl")}}
+
+
+def test_killed_image_embed_resumes_to_the_uninterrupted_store(photo_dataset, tiny_hf_clip, tmp_path, capsys,
+                                                               monkeypatch):
+    """SIGKILL mid-run, rerun: only the missing shards are encoded and every file is byte-identical to the
+    store of an uninterrupted run (which loaded the images without worker processes)."""
+    from capdec.encoders.hf import HFEncoder
+
+    # 19 images (17 photos, then a corrupt and a missing file): shards of 4 images, batches of 2
+    args = [str(photo_dataset["jsonl"]), "--modality", "image", "--encoder", tiny_hf_clip, "--batch-size", "2",
+            "--shard-size", "4", "--dtype", "float32"]
+    whole = tmp_path / "whole"
+    assert main(["-q", "embed", *args, "--out", str(whole), "--workers", "0"]) == 0
+
+    out = tmp_path / "store"
+    # a $TMPDIR too long for a Unix socket's path: the workers must not need one to hand over their batches
+    tmp = tmp_path / ("a-long-temporary-directory-name-" * 4)
+    tmp.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, "5", *args, "--out", str(out), "--workers", "2"],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr
+    assert not out.exists()  # killed in the third shard's second batch: two shards were written
+    partial = tmp_path / ".store.partial"
+    assert sorted(p.name for p in partial.glob("shard-*.npy")) == ["shard-000000.npy", "shard-000001.npy"]
+
+    encoded = []
+    real = HFEncoder._encode_pixel_batch
+    monkeypatch.setattr(HFEncoder, "_encode_pixel_batch", lambda self, x: encoded.append(len(x)) or real(self, x))
+    capsys.readouterr()
+    assert main(["embed", *args, "--out", str(out), "--workers", "1"]) == 0
+    assert "embedded 17 images (85 captions; 2 unreadable images skipped; 8 resumed)" in capsys.readouterr().out
+    # shards 2-4 only, in batches that start at shard starts: [8, 10), [10, 12), ..., then 16 (17 is corrupt)
+    assert encoded == [2, 2, 2, 2, 1]
+    assert store_files(out) == store_files(whole)
+    assert not partial.exists()
+
+
+def _many_captions_dataset(root: Path, n_images: int, per_image: int) -> Path:
+    """``n_images`` small PNGs, each with ``per_image`` distinct captions, as a JSONL {image, caption} dataset."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_images):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        lines += [json.dumps({"image": f"{i}.png", "caption": f"picture {i} seen in way {j}"}) for j in range(per_image)]
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "pairs.jsonl"
+
+
+def test_image_store_streams_without_a_per_caption_copy(tmp_path):
+    """Embedding, opening and reading batches of an image store whose 48 images have 80,000 captions allocate
+    far less than one embedding per caption (the per-caption matrix alone would be 41 MB in float32)."""
+    from capdec.encoders import load_encoder
+    from capdec.image_store import embed_image_dataset
+    from capdec.images import load_image
+    from capdec.textdata import load_text_data
+
+    n_images, per_image = 48, 1667
+    dataset = read_image_dataset(_many_captions_dataset(tmp_path, n_images, per_image))
+    encoder = load_encoder("toy", device="cpu")
+    per_caption_bytes = n_images * per_image * encoder.dim * 4
+    tracemalloc.start()
+    try:
+        store = embed_image_dataset(dataset, tmp_path / "store", encoder, dtype="float32", batch_size=16,
+                                    shard_size=32, num_workers=0, show_progress=False)
+        data = load_text_data([tmp_path / "store"])
+        idx = np.random.default_rng(1).integers(0, len(data), 1024)
+        batch = data.embeddings_at(idx).numpy()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(store) == n_images * per_image and len(store.vectors) == n_images
+    assert peak < per_caption_bytes / 8, f"peak {peak / 1e6:.1f} MB of Python/numpy allocations"
+    # caption i's row is the embedding of its own image, computed here without the store
+    expect = encoder.encode_image([load_image(tmp_path / f"{i}.png") for i in range(n_images)]).numpy()
+    np.testing.assert_allclose(batch, expect[idx // per_image], atol=1e-6)

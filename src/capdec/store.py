@@ -12,7 +12,8 @@ An *image* store (``modality`` "image", format ``capdec.embeddings/2``, made by
 :func:`capdec.image_store.embed_image_dataset`) holds one embedding per image and several captions per
 image: ``embeddings.npy`` has ``rows`` rows (one per image) and ``rows.npy`` maps each caption to its
 image's row, so no embedding is stored once per caption. Opened, it reads like a text store: ``embeddings``
-is then the (count, dim) per-caption view (built in memory), ``vectors`` the stored rows.
+is then a (count, dim) per-caption :class:`RowView` that reads through the row map on demand (nothing is
+copied per caption), ``vectors`` the stored rows.
 
 :func:`embed_corpus` builds one. Work goes to a hidden sibling ``.STORE.partial/`` in shards of
 ``shard_size`` captions, each written atomically, so an interrupted run resumes where it stopped;
@@ -30,7 +31,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,6 +68,38 @@ class EmbedRun:
     seconds: float
 
 
+class RowView:
+    """The (count, dim) per-caption embeddings of a store with a row map, read through the map on demand.
+
+    Indexing gathers the rows asked for (an int gives one (dim,) row; a slice, list or array of
+    captions gives a (k, dim) copy); ``np.asarray(view)`` reads every caption's row, in chunks.
+    """
+
+    def __init__(self, vectors: np.ndarray, row_index: np.ndarray):
+        self.vectors, self.row_index = vectors, row_index
+        self.shape = (len(row_index), int(vectors.shape[1]))
+        self.dtype = vectors.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        cols = slice(None)
+        if isinstance(key, tuple):
+            key, cols = key
+        return np.array(self.vectors[np.asarray(self.row_index[key])], copy=True)[..., cols]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=dtype or self.dtype)
+        for lo in range(0, len(self), 65536):
+            out[lo : lo + 65536] = self[lo : lo + 65536]
+        return out
+
+    def __repr__(self) -> str:
+        return f"RowView(captions={self.shape[0]}, rows={len(self.vectors)}, dim={self.shape[1]}, dtype={self.dtype})"
+
+
 class EmbeddingStore:
     """Embeddings + captions + metadata; from disk (:meth:`open`) or memory (:meth:`from_arrays`)."""
 
@@ -75,8 +108,8 @@ class EmbeddingStore:
         self.meta = meta
         self.vectors = embeddings  # the stored rows: (count, dim), or (rows, dim) with a row index
         self.row_index = row_index  # (count,) caption -> row of ``vectors``; None: one row per caption
-        # (count, dim) per caption: a read-only memory map of a text store; built in memory with a row index
-        self.embeddings = embeddings if row_index is None else np.asarray(embeddings)[row_index]
+        # (count, dim) per caption: a read-only memory map of a text store; a view through the row index
+        self.embeddings = embeddings if row_index is None else RowView(embeddings, row_index)
         self.path = path
         self._records = records
         self.embed_run: EmbedRun | None = None
@@ -111,7 +144,7 @@ class EmbeddingStore:
         n_rows = int(meta["rows"]) if fmt == ROWS_FORMAT else int(meta["count"])
         embeddings = load_matrix(path / EMBEDDINGS, (n_rows, int(meta["dim"])), mmap=mmap,
                                  redo="the store is damaged, re-create it", meta_name=META)
-        row_index = _read_row_index(path, int(meta["count"]), n_rows) if fmt == ROWS_FORMAT else None
+        row_index = _read_row_index(path, int(meta["count"]), n_rows, mmap=mmap) if fmt == ROWS_FORMAT else None
         return cls(meta, embeddings, path=path, row_index=row_index)
 
     @classmethod
@@ -301,22 +334,15 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
     manifest = {"format": _PARTIAL_FORMAT, "captions_sha256": corpus.captions_sha256,
                 "encoder_identity": identity, "count": len(corpus), "dim": int(encoder.dim),
                 "shard_size": shard_size}
-    # under torchrun the ranks share the missing shards; rank 0 alone touches the partial dir's layout
     dist_info = distributed.info()
-    if dist_info.is_main:
-        _prepare_partial(partial, manifest)
-
     n = len(corpus)
     shards = [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
-    done = None
-    if dist_info.is_main:
-        done = {i for i, (lo, hi) in enumerate(shards) if _load_shard(partial, i, hi - lo, encoder.dim) is not None}
-    done = distributed.broadcast_object(done)  # also a barrier: the partial dir exists from here on
+    done, todo = plan_shards(partial, manifest, len(shards),
+                             lambda i: load_shard(partial, i, shards[i][1] - shards[i][0], encoder.dim) is not None)
     resumed = sum(shards[i][1] - shards[i][0] for i in done)
     if done and dist_info.is_main:
         logger.info("resuming %s: %d of %d shards (%d captions) already embedded", out_dir, len(done),
                     len(shards), resumed)
-    todo = [i for i in range(len(shards)) if i not in done][dist_info.rank :: dist_info.world_size]
     mine = sum(shards[i][1] - shards[i][0] for i in todo)
     encoded = 0
     bar_kw = ({"total": n, "initial": resumed} if not dist_info.enabled
@@ -341,12 +367,12 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                 bad = lo + int(np.nonzero(~np.isfinite(shard).all(axis=1))[0][0])
                 raise EncoderError(f"encoder returned non-finite values for caption {bad} "
                                    f"({corpus.captions[bad][:80]!r}); try --precision fp32")
-            _save_shard(partial, i, shard, truncated=int(encoder.count_truncated(texts)))
+            save_shard(partial, i, shard, truncated=int(encoder.count_truncated(texts)))
     if dist_info.enabled:
         encoded = int(distributed.all_reduce_sum(torch.tensor([encoded])).item())  # waits for every rank's shards
 
     if dist_info.is_main:
-        truncated = sum(_shard_truncated(partial, i) for i in range(len(shards)))
+        truncated = sum(int(shard_info(partial, i)["truncated"]) for i in range(len(shards)))
         if truncated:
             logger.warning("%d of %d captions were longer than the encoder's context (%s tokens) and were "
                            "truncated by its tokenizer", truncated, n, getattr(encoder, "context_length", "?"))
@@ -355,7 +381,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
         with atomic_dir(out_dir, overwrite=replace) as tmp:
             arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
             for i, (lo, hi) in enumerate(shards):
-                arr[lo:hi] = _load_shard(partial, i, hi - lo, encoder.dim)
+                arr[lo:hi] = load_shard(partial, i, hi - lo, encoder.dim)
             arr.flush()
             del arr
             write_rows(tmp / CAPTIONS, [{"caption": c, **m} for c, m in zip(corpus.captions, corpus.meta)])
@@ -433,6 +459,23 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
     raise InputError(f"{out_dir} already holds an embedding store; pass overwrite=True (--overwrite) to replace it")
 
 
+def plan_shards(partial: Path, manifest: dict[str, Any], n_shards: int,
+                complete: Callable[[int], bool]) -> tuple[set[int], list[int]]:
+    """The shards an earlier run finished (``complete(i)``), and this rank's share of the others.
+
+    Under torchrun rank 0 alone prepares the partial directory ``partial`` (kept when its manifest
+    matches, else started over) and looks at it; every rank gets its answer. The rest are dealt out
+    round-robin, so the ranks split the work and each shard is computed by one rank.
+    """
+    dist_info = distributed.info()
+    done = None
+    if dist_info.is_main:
+        _prepare_partial(partial, manifest)
+        done = {i for i in range(n_shards) if complete(i)}
+    done = distributed.broadcast_object(done)  # also a barrier: the partial dir exists from here on
+    return done, [i for i in range(n_shards) if i not in done][dist_info.rank :: dist_info.world_size]
+
+
 def _prepare_partial(partial: Path, manifest: dict[str, Any]) -> None:
     if partial.exists():
         try:
@@ -452,9 +495,10 @@ def _shard_path(partial: Path, i: int) -> Path:
     return partial / f"shard-{i:06d}.npy"
 
 
-def _save_shard(partial: Path, i: int, shard: np.ndarray, *, truncated: int) -> None:
+def save_shard(partial: Path, i: int, shard: np.ndarray, **info: Any) -> None:
+    """Write shard ``i`` (float32 rows) and its JSON sidecar (``count`` plus ``info``) atomically."""
     # the sidecar first, the array last: an existing .npy means a complete shard
-    write_json(partial / f"shard-{i:06d}.json", {"count": int(shard.shape[0]), "truncated": truncated})
+    write_json(partial / f"shard-{i:06d}.json", {"count": int(shard.shape[0]), **info})
     path = _shard_path(partial, i)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -462,7 +506,8 @@ def _save_shard(partial: Path, i: int, shard: np.ndarray, *, truncated: int) -> 
     os.replace(tmp, path)
 
 
-def _load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None:
+def load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None:
+    """Shard ``i`` as written by :func:`save_shard`, or None when missing, unreadable or not (rows, dim)."""
     path = _shard_path(partial, i)
     if not path.is_file() or not (partial / f"shard-{i:06d}.json").is_file():
         return None
@@ -478,19 +523,24 @@ def _load_shard(partial: Path, i: int, rows: int, dim: int) -> np.ndarray | None
     return arr
 
 
-def _shard_truncated(partial: Path, i: int) -> int:
-    return int(read_artifact_json(partial / f"shard-{i:06d}.json")["truncated"])
+def shard_info(partial: Path, i: int) -> dict[str, Any]:
+    """The sidecar of shard ``i`` (``count`` and what :func:`save_shard` was given)."""
+    return read_artifact_json(partial / f"shard-{i:06d}.json")
 
 
-def _read_row_index(path: Path, count: int, n_rows: int) -> np.ndarray:
+def _read_row_index(path: Path, count: int, n_rows: int, *, mmap: bool = True) -> np.ndarray:
     try:
-        rows = np.load(path / ROWS, allow_pickle=False)
+        rows = np.load(path / ROWS, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise InputError(f"{path / ROWS}: missing or unreadable ({e}); the store is damaged, re-create it") from e
-    if rows.shape != (count,) or rows.dtype.kind not in "iu" or (count and (rows.min() < 0 or rows.max() >= n_rows)):
-        raise InputError(f"{path / ROWS}: expected {count} row numbers in [0, {n_rows}), got shape {rows.shape} "
-                         f"{rows.dtype}; the store is damaged, re-create it")
-    return rows.astype(np.int64)
+    ok = rows.shape == (count,) and rows.dtype.kind in "iu"
+    for lo in range(0, count if ok else 0, 1 << 20):  # in chunks: a memory map is never read whole
+        chunk = rows[lo : lo + (1 << 20)]
+        ok = ok and chunk.min() >= 0 and chunk.max() < n_rows
+    if not ok:
+        raise InputError(f"{path / ROWS}: expected {count} row numbers in [0, {n_rows}), got shape "
+                         f"{rows.shape} {rows.dtype}; the store is damaged, re-create it")
+    return rows
 
 
 __all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus",

@@ -1,7 +1,8 @@
 """Training rows over one or more embedding stores, read per batch (memory does not grow with the corpus).
 
 Rows are numbered across the stores in order (store 0's rows first). A batch of row indices gives
-its embeddings (gathered from the stores' memory maps) and its token ids (from each store's
+its embeddings (gathered from the stores' memory maps; through an image store's row map, so its
+captions share their image's stored row) and its token ids (from each store's
 :mod:`capdec.tokencache`); captions are never held as Python strings while training.
 """
 
@@ -42,7 +43,9 @@ class TextData:
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.stores])]).astype(np.int64)
         for s in self.stores:
-            random_access(s.embeddings)
+            random_access(s.vectors)
+            if s.row_index is not None:
+                random_access(s.row_index)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -53,7 +56,7 @@ class TextData:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float16 if self.stores[0].embeddings.dtype == np.float16 else torch.float32
+        return torch.float16 if self.stores[0].vectors.dtype == np.float16 else torch.float32
 
     def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         which = np.searchsorted(self.starts, idx, side="right") - 1
@@ -62,14 +65,17 @@ class TextData:
     def embeddings_at(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
         """(b, d) embeddings of rows ``idx``, in the stored dtype (a copy)."""
         idx = np.asarray(idx, dtype=np.int64)
-        out = np.empty((len(idx), self.dim), dtype=self.stores[0].embeddings.dtype)
+        out = np.empty((len(idx), self.dim), dtype=self.stores[0].vectors.dtype)
         which, local = self._locate(idx)
         for s in np.unique(which):
-            sel = which == s
-            order = np.argsort(local[sel], kind="stable")  # ascending reads from the memory map
-            rows = np.array(self.stores[s].embeddings[local[sel][order]])  # a copy, out of the map
-            out[np.nonzero(sel)[0][order]] = rows
-            release(self.stores[s].embeddings)
+            store, sel = self.stores[s], which == s
+            rows = local[sel]
+            if store.row_index is not None:  # caption -> its image's stored row
+                rows = np.asarray(store.row_index[rows], dtype=np.int64)
+                release(store.row_index)
+            order = np.argsort(rows, kind="stable")  # ascending reads from the memory map
+            out[np.nonzero(sel)[0][order]] = store.vectors[rows[order]]  # fancy indexing copies out of the map
+            release(store.vectors)
         return torch.from_numpy(out)
 
     def attach_tokenizer(self, tokenizer: Any, *, build: bool = True, show_progress: bool | None = None) -> None:

@@ -15,9 +15,10 @@ DESCRIPTION = (
     "annotation file, a Karpathy-split file with --split, a JSON list of {file_name, captions}, or a JSONL of "
     "{image, caption}) and every image is "
     "embedded once with the image tower; its captions share that embedding (an image store, for the supervised "
-    "ClipCap baseline). Unreadable images are listed and skipped. Under torchrun ('torchrun --nproc_per_node N -m "
-    "capdec embed ...') the processes share a caption corpus's shards (one GPU each) and the store is the one a "
-    "single process writes."
+    "ClipCap baseline). Worker processes (--workers) decode and resize the images while batches are encoded; "
+    "unreadable images are listed and skipped; an interrupted image run resumes too. Under torchrun "
+    "('torchrun --nproc_per_node N -m capdec embed ...') the processes share the shards (one GPU each) and the "
+    "store is the one a single process writes."
 )
 
 
@@ -45,9 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "normalisation), keeping the first")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                         help="dtype of the stored embeddings")
-    parser.add_argument("--batch-size", type=int, default=256, help="captions per encoder batch")
+    parser.add_argument("--batch-size", type=int, default=256, help="captions (images) per encoder batch")
     parser.add_argument("--shard-size", type=int, default=4096,
-                        help="captions per resumable work shard (an interrupted run redoes at most one)")
+                        help="captions (images) per resumable work shard (an interrupted run redoes at most one "
+                             "per process)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                         help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
@@ -59,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "once, paired with its captions (the supervised baseline)")
     img.add_argument("--images-root", metavar="DIR",
                      help="folder the dataset's image file names are under (default: the dataset's folder)")
-    img.add_argument("--workers", type=int, default=4, help="image loading threads")
+    img.add_argument("--workers", type=int, default=None,
+                     help="processes that decode and resize images while the encoder runs (default: 4, or the "
+                          "number of CPUs if fewer; 0: all in the main process); each holds about two batches")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,23 +116,32 @@ def _run_image(args: argparse.Namespace) -> int:
 
     if len(args.corpus) != 1:
         raise InputError(f"--modality image embeds one dataset file, got {len(args.corpus)}")
-    if distributed.launched():
-        raise InputError("--modality image runs as one process; start it without torchrun")
     if args.dedupe or args.format != "auto":
         raise InputError("--dedupe and --format apply to caption corpora (--modality text)")
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers must be ≥ 0, got {args.workers}")
     start = time.perf_counter()
     dataset = read_image_dataset(args.corpus[0], split=args.split, images_root=args.images_root)
-    encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
-    store = embed_image_dataset(dataset, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
-                                overwrite=args.overwrite, num_workers=args.workers)
+    device = distributed.device_for(args.device)  # cuda:LOCAL_RANK under torchrun
+    try:
+        distributed.init(device)
+        encoder = load_encoder(args.encoder, device=str(device), precision=args.precision,
+                               batch_size=args.batch_size)
+        store = embed_image_dataset(dataset, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
+                                    shard_size=args.shard_size, overwrite=args.overwrite, num_workers=args.workers)
+    finally:
+        distributed.shutdown()
+    if not distributed.info().is_main:
+        return 0
     seconds = time.perf_counter() - start
     if store.embed_run is not None and store.embed_run.up_to_date:
         print(f"{args.out} is up to date: {len(store.vectors)} images, {len(store)} captions, nothing to do "
               f"({seconds:.1f} s)")
     else:
         skipped = store.meta["stats"]["skipped_images"]
+        resumed = store.embed_run.resumed if store.embed_run is not None else 0
         print(f"embedded {len(store.vectors)} images ({len(store)} captions; {len(skipped)} unreadable images "
-              f"skipped) in {seconds:.1f} s -> {args.out}")
+              f"skipped{f'; {resumed} resumed' if resumed else ''}) in {seconds:.1f} s -> {args.out}")
         for s in skipped[:10]:
             print(f"  skipped {s['image']}: {s['reason']}")
         if len(skipped) > 10:
