@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 HELP = "embed a caption corpus with a CLIP text encoder into an embedding store"
 DESCRIPTION = (
@@ -67,9 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from capdec import distributed
     from capdec.corpus import read_corpus
-    from capdec.encoders import load_encoder
     from capdec.store import embed_corpus
     from capdec.utils import set_threads_from_env
 
@@ -84,16 +84,10 @@ def run(args: argparse.Namespace) -> int:
     # read (and validate) the corpus before loading a possibly large model
     corpus = read_corpus(args.corpus, format=args.format, field=args.field, column=args.column, dedupe=args.dedupe,
                          split=args.split, style_names=args.style_names, style_test=args.style_test)
-    device = distributed.device_for(args.device)  # cuda:LOCAL_RANK under torchrun
-    try:
-        distributed.init(device)
-        encoder = load_encoder(args.encoder, device=str(device), precision=args.precision,
-                               batch_size=args.batch_size)
-        store = embed_corpus(corpus, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
-                             shard_size=args.shard_size, overwrite=args.overwrite)
-    finally:
-        distributed.shutdown()
-    if not distributed.info().is_main:
+    store = _in_process_group(args, lambda encoder: embed_corpus(
+        corpus, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+        overwrite=args.overwrite))
+    if store is None:  # not rank 0
         return 0
     stats = store.meta["stats"]
     seconds = time.perf_counter() - start
@@ -107,9 +101,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_image(args: argparse.Namespace) -> int:
+def _in_process_group(args: argparse.Namespace, embed: Callable[[Any], Any]) -> Any:
+    """``embed(encoder)`` with the encoder on this process's device (cuda:LOCAL_RANK under torchrun), in the
+    process group when launched by torchrun; the store on rank 0, None on the other ranks."""
     from capdec import distributed
     from capdec.encoders import load_encoder
+
+    device = distributed.device_for(args.device)
+    try:
+        distributed.init(device)
+        encoder = load_encoder(args.encoder, device=str(device), precision=args.precision, batch_size=args.batch_size)
+        store = embed(encoder)
+    finally:
+        distributed.shutdown()
+    return store if distributed.info().is_main else None
+
+
+def _run_image(args: argparse.Namespace) -> int:
     from capdec.errors import InputError
     from capdec.image_store import embed_image_dataset
     from capdec.io.image_datasets import read_image_dataset
@@ -122,16 +130,10 @@ def _run_image(args: argparse.Namespace) -> int:
         raise InputError(f"--workers must be ≥ 0, got {args.workers}")
     start = time.perf_counter()
     dataset = read_image_dataset(args.corpus[0], split=args.split, images_root=args.images_root)
-    device = distributed.device_for(args.device)  # cuda:LOCAL_RANK under torchrun
-    try:
-        distributed.init(device)
-        encoder = load_encoder(args.encoder, device=str(device), precision=args.precision,
-                               batch_size=args.batch_size)
-        store = embed_image_dataset(dataset, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size,
-                                    shard_size=args.shard_size, overwrite=args.overwrite, num_workers=args.workers)
-    finally:
-        distributed.shutdown()
-    if not distributed.info().is_main:
+    store = _in_process_group(args, lambda encoder: embed_image_dataset(
+        dataset, args.out, encoder, dtype=args.dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+        overwrite=args.overwrite, num_workers=args.workers))
+    if store is None:  # not rank 0
         return 0
     seconds = time.perf_counter() - start
     if store.embed_run is not None and store.embed_run.up_to_date:
