@@ -7,10 +7,10 @@ CapDec's transformer mapper (8 layers, prefix 10) and a GPT-2-small LM (``GPT2Co
 768 wide, vocabulary 50257). A random LM practically never writes end-of-sequence, so every caption
 runs to ``--max-length`` tokens: the worst case, and the same work in every run.
 
-Images are the real COCO photos in the shared data folder (cycled to the count asked for), or random
-JPEGs when that folder is absent. Each configuration runs once through ``Captioner.stream`` (image
+Images are the 17 real COCO photos in tests/data/coco/images, cycled to the count asked for. Each configuration runs once through ``Captioner.stream`` (image
 load + encode + decode: "end_to_end"); the time spent in prefix + decoding + detokenising within that
-run is "decode". Prints one JSON object (also written to ``--out``)::
+run is "decode". Prints one JSON object (also written to ``--out``), with the run's command, machine,
+threads and load average (``run``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/caption_speed.py   # ~2.5 min of CPU time on one core
     .venv/bin/python benchmarks/caption_speed.py --threads 4 --max-length 16 --images-b64 128
@@ -26,14 +26,14 @@ import argparse
 import json
 import logging
 import os
-import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from coco import PHOTOS, annotations
+from run_record import finish, start
 
 from capdec.caption import Captioner
 from capdec.checkpoint import Checkpoint
@@ -43,8 +43,6 @@ from capdec.model import CapDecModel, ModelConfig
 from capdec.model.lm import train_tokenizer
 
 logger = logging.getLogger("capdec.benchmarks.caption_speed")
-
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
 
 
 def build_captioner(*, max_length: int, prefix_length: int, seed: int) -> Captioner:
@@ -68,27 +66,12 @@ def build_captioner(*, max_length: int, prefix_length: int, seed: int) -> Captio
 
 
 def _captions() -> list[str]:
-    path = COCO / "captions_val2017.json"
-    if path.is_file():
-        anns = json.loads(path.read_text())["annotations"]
-        return [a["caption"] for a in anns[:5000]]
-    words = "a man woman dog cat sits on the grass table with red blue street near two people".split()
-    rng = np.random.default_rng(0)
-    return [" ".join(rng.choice(words, 8)) for _ in range(2000)]
+    return [a["caption"] for a in annotations("captions_val2017")[:5000]]
 
 
-def image_files(n: int, workdir: Path) -> list[str]:
-    """``n`` image paths: the shared COCO photos cycled, or random JPEGs."""
-    photos = sorted((COCO / "images").glob("*.jpg"))
-    if not photos:
-        from PIL import Image
-
-        rng = np.random.default_rng(0)
-        photos = []
-        for i in range(8):
-            p = workdir / f"random_{i}.jpg"
-            Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(p, quality=90)
-            photos.append(p)
+def image_files(n: int) -> list[str]:
+    """``n`` image paths: the shipped COCO photos, cycled."""
+    photos = sorted(PHOTOS.glob("*.jpg"))
     return [str(photos[i % len(photos)]) for i in range(n)]
 
 
@@ -165,35 +148,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ["CAPDEC_QUIET"] = "1"
     torch.set_num_threads(args.threads)
+    record = start(argv, threads=args.threads)
 
     t_start = time.perf_counter()
     captioner = build_captioner(max_length=args.max_length, prefix_length=args.prefix_length, seed=args.seed)
     build_s = time.perf_counter() - t_start
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = image_files(max(args.images_b1, args.images_b64), Path(tmp))
-        run_config(captioner, paths[:1], strategy="greedy", beam_size=1, batch_size=1)  # warm-up
-        runs = []
-        for batch_size, n in ((1, args.images_b1), (args.batch_size, args.images_b64)):
-            for strategy, beam in (("greedy", 1), ("beam", args.beam_size)):
-                logger.info("%s, batch %d, %d images", strategy, batch_size, n)
-                runs.append(run_config(captioner, paths[:n], strategy=strategy, beam_size=beam, batch_size=batch_size))
-                logger.info("  %s", runs[-1])
+    paths = image_files(max(args.images_b1, args.images_b64))
+    run_config(captioner, paths[:1], strategy="greedy", beam_size=1, batch_size=1)  # warm-up
+    runs = []
+    for batch_size, n in ((1, args.images_b1), (args.batch_size, args.images_b64)):
+        for strategy, beam in (("greedy", 1), ("beam", args.beam_size)):
+            logger.info("%s, batch %d, %d images", strategy, batch_size, n)
+            runs.append(run_config(captioner, paths[:n], strategy=strategy, beam_size=beam, batch_size=batch_size))
+            logger.info("  %s", runs[-1])
 
-        from capdec.images import load_image
+    from capdec.images import load_image
 
-        images = [load_image(p) for p in paths[: args.batch_size]]
-        t = time.perf_counter()
-        emb = captioner.embed_images(images)
-        encode_s = time.perf_counter() - t
-        logger.info("cache comparison")
-        speedups = [cache_speedup(captioner, emb[: args.uncached_greedy_batch], strategy="greedy", beam_size=1),
-                    cache_speedup(captioner, emb[: args.uncached_beam_batch], strategy="beam",
-                                  beam_size=args.beam_size)]
+    images = [load_image(p) for p in paths[: args.batch_size]]
+    t = time.perf_counter()
+    emb = captioner.embed_images(images)
+    encode_s = time.perf_counter() - t
+    logger.info("cache comparison")
+    speedups = [cache_speedup(captioner, emb[: args.uncached_greedy_batch], strategy="greedy", beam_size=1),
+                cache_speedup(captioner, emb[: args.uncached_beam_batch], strategy="beam",
+                              beam_size=args.beam_size)]
     report = {
+        "benchmark": "caption_speed",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
         "encoder": "CLIP ViT-B/32 (transformers CLIPModel, default CLIPConfig, random weights, fp32)",
         "decoder": f"transformer mapper (8 layers, prefix {args.prefix_length}) + GPT-2 small "
                    "(GPT2Config(): 12 layers, 768 wide, vocab 50257, random weights)",
@@ -203,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cache_speedup": speedups,
         "build_s": round(build_s, 1),
         "total_s": round(time.perf_counter() - t_start, 1),
+        "run": finish(record),
     }
     text = json.dumps(report, indent=2)
     print(text)

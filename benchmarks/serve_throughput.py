@@ -17,8 +17,9 @@ about half of them unless ``--max-wait-ms`` covers a client's turnaround.
 
 Default model: real sizes with random weights, as ``caption_speed.py`` builds it (ViT-B/32 CLIP image
 tower, CapDec's 8-layer transformer mapper, GPT-2 small; a random LM never ends a caption early, so
-every caption is ``--max-length`` tokens). ``--checkpoint`` serves a trained checkpoint instead.
-Prints one JSON object (also written to ``--out``)::
+every caption is ``--max-length`` tokens). ``--checkpoint`` serves a trained checkpoint instead. Images:
+the 17 COCO photos in tests/data/coco/images, cycled. Prints one JSON object (also written to ``--out``),
+with the run's command, machine, threads and load average (``run``)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/serve_throughput.py              # ~2 min on one core
     .venv/bin/python benchmarks/serve_throughput.py --threads 4 --clients 16 --requests 8
@@ -32,9 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
-import platform
 import statistics
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -43,6 +42,7 @@ from typing import Any
 
 import httpx
 import torch
+from run_record import finish, start
 
 from capdec.caption import Captioner
 from capdec.decode import DecodeConfig
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    record = start(argv, threads=args.threads)
 
     cs = _caption_speed()
     if args.checkpoint:
@@ -119,36 +120,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = "random ViT-B/32 + 8-layer transformer mapper + GPT-2 small"
     captioner.decode = DecodeConfig(strategy=args.strategy, beam_size=args.beam_size)
     n_images = args.clients * args.requests
-    with tempfile.TemporaryDirectory() as tmp:
-        files = cs.image_files(max(n_images, args.serial), Path(tmp))
-        captioner.caption(files[:2], show_progress=False)  # warm-up: first-call allocations
+    files = cs.image_files(max(n_images, args.serial))
+    captioner.caption(files[:2], show_progress=False)  # warm-up: first-call allocations
 
-        t = time.perf_counter()
-        captioner.caption(files[:n_images], batch_size=args.max_batch, show_progress=False)
-        library = {"images": n_images, "batch_size": args.max_batch,
-                   "images_per_s": round(n_images / (time.perf_counter() - t), 3)}
+    t = time.perf_counter()
+    captioner.caption(files[:n_images], batch_size=args.max_batch, show_progress=False)
+    library = {"images": n_images, "batch_size": args.max_batch,
+               "images_per_s": round(n_images / (time.perf_counter() - t), 3)}
 
-        settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_files=1,
-                                 max_queue=max(256, n_images), timeout_s=600, max_requests=max(64, args.clients))
-        app = create_app(captioner, settings, checkpoint=model)
-        # the clients run in another process, so that they do not compete with the server for the GIL
-        with ServerThread(app) as server, \
-                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-            def remote(n_clients: int, n_requests: int, paths: list[str]) -> dict[str, Any]:
-                return clients.submit(load, server.url, paths, clients=n_clients, requests=n_requests).result()
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_files=1,
+                             max_queue=max(256, n_images), timeout_s=600, max_requests=max(64, args.clients))
+    app = create_app(captioner, settings, checkpoint=model)
+    # the clients run in another process, so that they do not compete with the server for the GIL
+    with ServerThread(app) as server, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        def remote(n_clients: int, n_requests: int, paths: list[str]) -> dict[str, Any]:
+            return clients.submit(load, server.url, paths, clients=n_clients, requests=n_requests).result()
 
-            remote(1, 1, files[:1])  # warm-up
-            serial = remote(1, args.serial, files)
-            before = app.state.batcher.stats.to_dict()
-            concurrent = remote(args.clients, args.requests, files)
-            after = app.state.batcher.stats.to_dict()
-        batches = after["batches"] - before["batches"]
-        mean_batch = (after["images"] - before["images"]) / batches if batches else 1.0
-        at_mean = max(1, round(mean_batch))
-        t = time.perf_counter()
-        captioner.caption(files[:n_images], batch_size=at_mean, show_progress=False)
-        library_same = {"images": n_images, "batch_size": at_mean,
-                        "images_per_s": round(n_images / (time.perf_counter() - t), 3)}
+        remote(1, 1, files[:1])  # warm-up
+        serial = remote(1, args.serial, files)
+        before = app.state.batcher.stats.to_dict()
+        concurrent = remote(args.clients, args.requests, files)
+        after = app.state.batcher.stats.to_dict()
+    batches = after["batches"] - before["batches"]
+    mean_batch = (after["images"] - before["images"]) / batches if batches else 1.0
+    at_mean = max(1, round(mean_batch))
+    t = time.perf_counter()
+    captioner.caption(files[:n_images], batch_size=at_mean, show_progress=False)
+    library_same = {"images": n_images, "batch_size": at_mean,
+                    "images_per_s": round(n_images / (time.perf_counter() - t), 3)}
     result = {
         "benchmark": "serve_throughput",
         "model": model,
@@ -161,9 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "library_at_the_servers_mean_batch": library_same,
         "speedup_concurrent_vs_one_at_a_time": round(concurrent["images_per_s"] / serial["images_per_s"], 2),
         "concurrent_vs_library_batched": round(concurrent["images_per_s"] / library["images_per_s"], 3),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "run": finish(record),
     }
     text = json.dumps(result, indent=2)
     print(text)

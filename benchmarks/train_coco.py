@@ -1,16 +1,17 @@
 """Benchmark: embed ~45k real COCO captions and train the from-scratch decoder on a fixed budget.
 
-Captions: COCO val2017 + the first val2014 subset in ../shared/data/coco, deduplicated by annotation
-id (45,9xx captions; ``--all-subsets`` adds the second val2014 slice, ~67k). Encoder: a CLIP ViT-B/32-sized transformers model with *random* weights (no pretrained weights
+Captions: COCO val2017 + the first val2014 subset shipped in tests/data/coco, deduplicated by
+annotation id (45,9xx captions; ``--all-subsets`` adds the second val2014 slice, ~67k). Encoder: a CLIP ViT-B/32-sized transformers model with *random* weights (no pretrained weights
 exist offline), saved to a temp dir with the real CLIP BPE tokenizer and loaded through ``hf:DIR``,
 the path a user's local copy takes. Prints one JSON object:
 
 - embedding: captions/s, seconds, truncated captions;
 - training: samples/s, steps, seconds, first/last loss, peak memory (RSS, and CUDA when used);
 - text→text reconstruction on held-out captions: decode each caption's clean text embedding and
-  score it against the caption itself (CIDEr, BLEU-4, via pycocoevalcap).
+  score it against the caption itself (CIDEr, BLEU-4, via pycocoevalcap);
+- the run's command, machine, threads and load average (``run``).
 
-Usage: python benchmarks/train_coco.py [--steps 600] [--held-out 500] [--limit N] [--device auto]
+Usage: python benchmarks/train_coco.py [--steps 600] [--held-out 500] [--limit N] [--device auto] [--out FILE]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -26,18 +26,19 @@ import time
 from pathlib import Path
 
 import torch
+from coco import annotations
+from run_record import finish, start
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO = Path(os.environ.get("CAPDEC_COCO_DIR", ROOT.parent / "shared" / "data" / "coco"))
 
 
 def coco_captions(limit: int | None, all_subsets: bool = False) -> list[str]:
     seen: dict[int, str] = {}
-    names = ["captions_val2017.json", "captions_val2014_subset.json"]
+    names = ["captions_val2017", "captions_val2014_subset"]
     if all_subsets:
-        names.append("captions_val2014_subset2.json")
+        names.append("captions_val2014_subset2")
     for name in names:
-        for ann in json.loads((COCO / name).read_text())["annotations"]:
+        for ann in annotations(name):
             seen.setdefault(ann["id"], ann["caption"])
     caps = [seen[k] for k in sorted(seen)]
     return caps[:limit] if limit else caps
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-subsets", action="store_true", help="also use the second val2014 slice (~67k captions)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default=None, help="keep artefacts here (default: a temp dir)")
+    p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    record = start(argv, threads=torch.get_num_threads())
 
     from capdec.caption import Captioner
     from capdec.corpus import captions_from_list
@@ -128,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     out["text_to_text"] = {"CIDEr": scores["CIDEr"], "CIDEr_se": se.get("CIDEr"), "Bleu_4": scores["Bleu_4"],
                            "seconds": round(time.perf_counter() - t, 1),
                            "examples": [{"caption": h, "decoded": p} for h, p in list(zip(held, preds))[:5]]}
-    print(json.dumps(out, indent=2))
+    out["run"] = finish(record)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
     return 0
 
 

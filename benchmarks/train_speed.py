@@ -3,11 +3,13 @@
 Real sizes, random weights (no pretrained weights exist offline; speed does not depend on them):
 CapDec's transformer mapper (8 layers, 8 heads, prefix 40, clip 40) on 512-d embeddings and a
 GPT-2-small LM (``GPT2Config()``: 12 layers, 768 wide, 12 heads, vocabulary 50257). Captions are real
-COCO captions (the shared data folder; a synthetic grammar when absent) with a corpus BPE tokenizer, so
-batches have COCO's caption lengths; embeddings are random unit vectors.
+COCO captions (tests/data/coco) with a corpus BPE tokenizer, so batches have COCO's caption lengths;
+embeddings are random unit vectors.
 
-Two variants train two copies of the *same* initial model on the *same* batches, alternating step by
-step so that a shared machine's load affects both equally:
+The model first trains ``--pretrain-steps`` steps (capdec's step, fp32) so that its loss is well below
+its value at initialisation (ln 50257 ≈ 10.8, where every variant agrees trivially). Then two variants
+train two copies of that model on the *same* batches, alternating step by step so that a shared
+machine's load affects both equally:
 
 - ``plain``: what a straightforward loop does (and capdec did before): fp32, LM logits for every position
   (prefix included) then sliced, PyTorch's default AdamW, the loss read back every step;
@@ -16,13 +18,13 @@ step so that a shared machine's load affects both equally:
   trim: the old loop did too).
 
 Prints one JSON object (also written to ``--out``): samples/s and caption tokens/s per variant (median
-over the timed steps), the speed-up, both variants' per-step losses and their largest relative
-difference (bf16 tolerance: ~1e-2), and on a GPU the model FLOPs utilisation (MFU)::
+over the timed steps), the speed-up, both variants' per-step losses and their relative differences
+(the first compared step sees identical weights, so it measures bf16's forward error alone; bf16
+tolerance: ~1e-2), the pre-training losses, on a GPU the model FLOPs utilisation (MFU), and the run's
+command, machine, threads and load average (``run``)::
 
-    .venv/bin/python benchmarks/train_speed.py --threads 1            # ~5 min on one core, ~6 GB of RAM
+    .venv/bin/python benchmarks/train_speed.py --threads 1            # ~15 min on one idle core, ~6 GB of RAM
     .venv/bin/python benchmarks/train_speed.py --device cuda --batch-size 34 --steps 20
-
-Run with a fixed ``--threads`` on a shared machine and report the load average printed with the result.
 """
 
 from __future__ import annotations
@@ -31,17 +33,16 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from coco import annotations
+from run_record import finish, start
 
 from capdec.distributed import DistInfo
 from capdec.model import IGNORE_INDEX, CapDecModel, ModelConfig, build_model
@@ -54,18 +55,12 @@ from capdec.train.loop import _autocast, _train_step
 
 logger = logging.getLogger("capdec.benchmarks.train_speed")
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
 # dense bf16 peak TFLOP/s for MFU (per GPU, no sparsity)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0, "L4": 121.0}
 
 
 def captions() -> list[str]:
-    path = COCO / "captions_val2017.json"
-    if path.is_file():
-        return [a["caption"].strip() for a in json.loads(path.read_text())["annotations"]]
-    rng = np.random.default_rng(0)
-    words = "a man woman dog cat red blue small large sitting standing on in with next to the table street".split()
-    return [" ".join(rng.choice(words, size=rng.integers(8, 16))) for _ in range(5000)]
+    return [a["caption"].strip() for a in annotations("captions_val2017")]
 
 
 def build(batch_size: int, seed: int, workdir: Path) -> tuple[CapDecModel, Any]:
@@ -122,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch-size", type=int, default=34)
     p.add_argument("--steps", type=int, default=4, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    p.add_argument("--pretrain-steps", type=int, default=30,
+                   help="steps of capdec's fp32 step before the comparison (away from the loss at initialisation)")
+    p.add_argument("--pretrain-lr", type=float, default=5e-4, help="learning rate of those steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (fixed: the machine may be shared)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"], help="the fast variant's amp")
@@ -131,24 +129,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
+    record = start(argv, threads=args.threads)
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build(args.batch_size, args.seed, Path(tmp))
-        plain_model = model.to(device).train()
-        fast_model = copy.deepcopy(plain_model)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+        train_idx = torch.arange(len(data))
+        noise = NoiseConfig(variance=0.016)
         params = lambda m: [q for q in m.parameters() if q.requires_grad]  # noqa: E731
+        pretrain_losses = pretrain(model.to(device).train(), data, order, train_idx, noise, args, device, params)
+        order = order[args.pretrain_steps * args.batch_size:]  # the comparison's batches are new to the model
+        plain_model = model
+        fast_model = copy.deepcopy(plain_model)
         plain_opt = torch.optim.AdamW(params(plain_model), lr=args.lr, weight_decay=0.01)
         fast_opt = make_optimizer(params(fast_model), lr=args.lr, weight_decay=0.01, device=device)
         autocast, scaler = _autocast(device, args.amp)
         config = TrainConfig(batch_size=args.batch_size, amp=args.amp, seed=args.seed, grad_clip=1.0)
-        noise = NoiseConfig(variance=0.016)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-        train_idx = torch.arange(len(data))
         times: dict[str, list[float]] = {"plain": [], "fast": []}
         losses: dict[str, list[float]] = {"plain": [], "fast": []}
         tokens: list[int] = []
-        load_before = os.getloadavg()
         for step in range(args.warmup + args.steps):
             idx = order[step * args.batch_size : (step + 1) * args.batch_size]
             # plain: the same noise the fast step draws (same seed and stream)
@@ -183,11 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "parameters": sum(q.numel() for q in plain_model.parameters())},
         "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
         "caption_tokens_per_batch": mean_tokens,
-        "conditions": {"device": str(device), "threads": args.threads, "cpu": _cpu_name(),
-                       "cpu_bf16_units": cpu_has_bf16(), "fast_amp": str(amp_dtype(device, args.amp)),
-                       "torch": torch.__version__, "python": platform.python_version(),
-                       "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                       "interleaved": True},
+        "pretrain": {"steps": args.pretrain_steps, "lr": args.pretrain_lr, "amp": "off",
+                     "first_loss": pretrain_losses[0] if pretrain_losses else None,
+                     "last_loss": pretrain_losses[-1] if pretrain_losses else None, "losses": pretrain_losses},
+        "conditions": {"device": str(device), "cpu_bf16_units": cpu_has_bf16(),
+                       "fast_amp": str(amp_dtype(device, args.amp)), "interleaved": True},
     }
     for name in ("plain", "fast"):
         sec = statistics.median(times[name])
@@ -200,24 +200,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[name]["mfu"] = flops / sec / 1e12 / peak if peak else None
     result["speedup_samples_per_s"] = result["fast"]["samples_per_s"] / result["plain"]["samples_per_s"]
     rel = [abs(a - b) / abs(a) for a, b in zip(losses["plain"], losses["fast"])]
+    result["loss_relative_difference_first_step"] = rel[0]  # same weights: bf16's forward error alone
     result["loss_max_relative_difference"] = max(rel)
+    result["run"] = finish(record)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+def pretrain(model: CapDecModel, data: Any, order: torch.Tensor, train_idx: torch.Tensor, noise: NoiseConfig,
+             args: argparse.Namespace, device: torch.device, params: Any) -> list[float]:
+    """``--pretrain-steps`` of capdec's own step in fp32 on the model; returns their losses."""
+    opt = make_optimizer(params(model), lr=args.pretrain_lr, weight_decay=0.01, device=device)
+    config = TrainConfig(batch_size=args.batch_size, amp="off", seed=args.seed + 1, grad_clip=1.0)
+    autocast, scaler = _autocast(device, "off")
+    losses = []
+    for step in range(args.pretrain_steps):
+        idx = order[step * args.batch_size : (step + 1) * args.batch_size]
+        loss, _ = _train_step(model=model, optimizer=opt, scaler=scaler, autocast=autocast, data=data, idx=idx,
+                              noise=noise, config=config, step=step, device=device, dist_info=DistInfo(),
+                              train_idx=train_idx)
+        losses.append(float(loss))
+        logger.info("pre-training step %d: loss %.4f", step, losses[-1])
+    return losses
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 if __name__ == "__main__":
