@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import logging
 import statistics
@@ -52,6 +53,7 @@ from capdec.store import EmbeddingStore
 from capdec.textdata import load_text_data
 from capdec.train import TrainConfig, amp_dtype, cpu_has_bf16, make_optimizer, step_seed
 from capdec.train.loop import _autocast, _train_step
+from capdec.utils import release_freed_memory
 
 logger = logging.getLogger("capdec.benchmarks.train_speed")
 
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         noise = NoiseConfig(variance=0.016)
         params = lambda m: [q for q in m.parameters() if q.requires_grad]  # noqa: E731
         pretrain_losses = pretrain(model.to(device).train(), data, order, train_idx, noise, args, device, params)
+        gc.collect()  # the pre-training optimizer's state, before two more optimizers are made
+        release_freed_memory()
         order = order[args.pretrain_steps * args.batch_size:]  # the comparison's batches are new to the model
         plain_model = model
         fast_model = copy.deepcopy(plain_model)
