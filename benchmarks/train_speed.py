@@ -23,7 +23,7 @@ over the timed steps), the speed-up, both variants' per-step losses and their re
 tolerance: ~1e-2), the pre-training losses, on a GPU the model FLOPs utilisation (MFU), and the run's
 command, machine, threads and load average (``run``)::
 
-    .venv/bin/python benchmarks/train_speed.py --threads 1            # ~15 min on one idle core, ~6 GB of RAM
+    .venv/bin/python benchmarks/train_speed.py --threads 1            # ~8 min of CPU time on one core, ~7 GB of RAM
     .venv/bin/python benchmarks/train_speed.py --device cuda --batch-size 34 --steps 20
 """
 

@@ -1,0 +1,67 @@
+"""The benchmark numbers the README quotes are the checked-in outputs' (docs/results/bench/*.json), and each
+output says how it was made (command, machine, threads, load)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "docs" / "results" / "bench"
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _bench(name: str) -> dict:
+    return json.loads((BENCH / name).read_text(encoding="utf-8"))
+
+
+def _sci(x: float) -> str:
+    """1.164e-05 -> '1.2e-5', as the README writes it."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _quoted(text: str) -> None:
+    assert text in " ".join(README.split()), f"the README does not say {text!r}"
+
+
+@pytest.mark.parametrize("name", sorted(set(re.findall(r"docs/results/bench/(\w+\.json)", README))))
+def test_each_cited_output_is_checked_in_with_how_it_ran(name):
+    run = _bench(name)["run"]
+    assert re.match(r"^(\w+=\S+ )*python benchmarks/\w+\.py", run["command"]), run["command"]
+    assert f"--out docs/results/bench/{name}" in run["command"]
+    assert isinstance(run["threads"], int) and run["threads"] >= 1
+    assert run["machine"]["cpu"] and run["machine"]["cores"] >= 1 and run["machine"]["torch"]
+    for key in ("load_average_at_start", "load_average_at_end"):
+        assert len(run[key]) == 3 and all(x >= 0 for x in run[key])
+    assert re.fullmatch(r"[0-9a-f]{40}", run["git_commit"]), "measured on committed code"
+    assert run["wall_seconds"] > 0 and run["cpu_seconds"] > 0
+
+
+def test_the_readme_cites_every_benchmark_it_quotes():
+    cited = set(re.findall(r"docs/results/bench/(\w+\.json)", README))
+    assert {"train_speed.json", "serve_throughput.json", "caption_speed.json"} <= cited
+
+
+def test_train_speed_numbers_are_the_outputs():
+    r = _bench("train_speed.json")
+    pre = r["pretrain"]["losses"]
+    assert len(pre) >= 10 and pre[-1] < pre[0] - 3, "compared on a model that has trained, not at initialisation"
+    assert r["plain"]["losses"][0] < 0.7 * pre[0]
+    _quoted(f"measured {r['speedup_samples_per_s']:.1f}× the samples/s of a plain fp32 step")
+    _quoted(f"trained {len(pre)} steps in fp32 (loss {pre[0]:.1f} → {pre[-1]:.1f})")
+    _quoted(f"losses differed by {_sci(r['loss_relative_difference_first_step'])} relative")
+    _quoted(f"by at most {_sci(r['loss_max_relative_difference'])} over the {len(r['plain']['losses'])} compared steps")
+
+
+def test_serve_and_caption_speed_numbers_are_the_outputs():
+    s = _bench("serve_throughput.json")
+    _quoted(f"{s['concurrent']['clients']} concurrent clients got {s['speedup_concurrent_vs_one_at_a_time']:.1f}× "
+            f"the images/s of one-at-a-time requests, in batches of {round(s['concurrent']['mean_batch'])} on average")
+    c = _bench("caption_speed.json")
+    greedy = {run["batch_size"]: run for run in c["runs"] if run["strategy"] == "greedy"}
+    ratio = greedy[64]["end_to_end_images_per_s"] / greedy[1]["end_to_end_images_per_s"]
+    _quoted(f"captions {ratio:.1f}× more images/s (greedy, image loading included) in batches of 64")
