@@ -280,16 +280,16 @@ def _embed_worker(rank: int, world: int, port: int, corpus: str, encoder_spec: s
     distributed.init(torch.device("cpu"))
     encoder = load_encoder(encoder_spec, device="cpu")
     if fail_after_shards is not None and rank == 1:
-        # rank 1 dies after writing some shards (each shard is 2 encoder batches here)
-        real, calls = encoder.encode_text, [0]
+        # rank 1 dies after writing some shards (embed_corpus encodes a shard with one encode_tokens call)
+        real, calls = encoder.encode_tokens, [0]
 
-        def dying(texts, **kw):
+        def dying(tokens, **kw):
             calls[0] += 1
-            if calls[0] > 2 * fail_after_shards:
+            if calls[0] > fail_after_shards:
                 raise RuntimeError("rank 1 killed")
-            return real(texts, **kw)
+            return real(tokens, **kw)
 
-        encoder.encode_text = dying
+        encoder.encode_tokens = dying
     store = embed_corpus(corpus, out, encoder, batch_size=16, shard_size=32, show_progress=False)
     if rank == 0:
         Path(report).write_text(json.dumps({"encoded": store.embed_run.encoded, "resumed": store.embed_run.resumed}))

@@ -54,9 +54,11 @@ def hf_dir(tmp_path_factory):
     return make_tiny_hf_clip(tmp_path_factory.mktemp("hf_clip"))
 
 
+# parity with the upstream libraries is a float32 matter: "auto" runs text in bf16 on CPUs with AMX
+# (tests/test_text_batching.py checks that against float32)
 @pytest.fixture(scope="module")
 def hf_enc(hf_dir):
-    return load_encoder(f"hf:{hf_dir}", device="cpu")
+    return load_encoder(f"hf:{hf_dir}", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def oc_spec(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oc_enc(oc_spec):
-    return load_encoder(oc_spec, device="cpu")
+    return load_encoder(oc_spec, device="cpu", precision="fp32")
 
 
 # -- hf ------------------------------------------------------------------------------------------
@@ -213,7 +215,8 @@ def test_open_clip_spec_forms_and_round_trip(oc_spec, oc_enc, tmp_path):
     # MODEL@FILE: a registered config name plus the local weights file is the same encoder
     (tmp_path / "capdec-tiny-vit.json").write_text(json.dumps(tiny_open_clip_config()["model_cfg"]))
     open_clip.add_model_config(tmp_path / "capdec-tiny-vit.json")
-    by_file = load_encoder(f"open_clip:capdec-tiny-vit@{directory}/open_clip_model.safetensors", device="cpu")
+    by_file = load_encoder(f"open_clip:capdec-tiny-vit@{directory}/open_clip_model.safetensors", device="cpu",
+                           precision="fp32")
     assert by_file.spec["pretrained"].endswith("open_clip_model.safetensors")
     assert by_file.identity == oc_enc.identity
     _close(by_file.encode_text(TEXTS), oc_enc.encode_text(TEXTS))

@@ -37,8 +37,10 @@ def clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def encoder(clip_dir):
+    """float32: these tests compare values computed in different batches, which bf16 rounds differently
+    (~1e-3); the default precision is tested on its own below."""
     torch.set_num_threads(1)
-    return load_encoder(f"hf:{clip_dir}", device="cpu")
+    return load_encoder(f"hf:{clip_dir}", device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +52,9 @@ def reference(encoder, tmp_path_factory) -> EmbeddingStore:
 
 
 class Counting:
-    """Wraps an encoder: counts encoded captions; raises ``exc`` on the ``fail_at``-th batch."""
+    """Wraps an encoder: counts encoded captions; raises ``exc`` on the ``fail_at``-th shard.
+
+    ``embed_corpus`` tokenises a shard and encodes it with one ``encode_tokens`` call."""
 
     def __init__(self, inner, *, fail_at: int | None = None, exc: BaseException = KeyboardInterrupt(),
                  identity: dict | None = None):
@@ -65,12 +69,12 @@ class Counting:
     def identity(self):
         return self._identity if self._identity is not None else self.inner.identity
 
-    def encode_text(self, texts, **kwargs):
+    def encode_tokens(self, tokens, **kwargs):
         self.calls += 1
         if self.fail_at is not None and self.calls == self.fail_at:
             raise self.exc
-        self.encoded += len(texts)
-        return self.inner.encode_text(texts, **kwargs)
+        self.encoded += len(tokens)
+        return self.inner.encode_tokens(tokens, **kwargs)
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -133,8 +137,8 @@ def test_truncation_is_counted_and_done_by_the_tokenizer(encoder, tmp_path):
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_run(reference, encoder, tmp_path, caplog):
     out = tmp_path / "store"
     partial = tmp_path / ".store.partial"
-    # shards of 64 captions in batches of 32: the 6th batch is the first batch of shard 2
-    broken = Counting(encoder, fail_at=6)
+    # shards of 64 captions: shard 2 fails
+    broken = Counting(encoder, fail_at=3)
     with pytest.raises(KeyboardInterrupt):
         embed_corpus(COCO_SAMPLE, out, broken, dtype="float32", batch_size=32, shard_size=64, show_progress=False)
     assert not out.exists()  # never half-written under the final name
@@ -172,18 +176,18 @@ KILL_SCRIPT = textwrap.dedent("""
     from capdec.encoders import load_encoder
     from capdec.store import embed_corpus
 
-    enc = load_encoder("hf:" + sys.argv[1], device="cpu")
+    enc = load_encoder("hf:" + sys.argv[1], device="cpu", precision="fp32")
     calls = 0
-    original = enc.encode_text
+    original = enc.encode_tokens
 
-    def encode_text(texts, **kw):
+    def encode_tokens(tokens, **kw):  # called once per shard
         global calls
         calls += 1
-        if calls == 4:  # SIGKILL: no exception handler, no cleanup runs
+        if calls == 2:  # SIGKILL: no exception handler, no cleanup runs
             os.kill(os.getpid(), signal.SIGKILL)
-        return original(texts, **kw)
+        return original(tokens, **kw)
 
-    enc.encode_text = encode_text
+    enc.encode_tokens = encode_tokens
     embed_corpus(sys.argv[2], sys.argv[3], enc, dtype="float32", batch_size=32, shard_size=64,
                  show_progress=False)
 """)
@@ -231,6 +235,31 @@ def test_store_from_another_corpus_or_encoder_is_refused(reference, encoder, tmp
     assert snapshot(reference.path) == before
 
 
+def test_the_text_precision_is_recorded_and_never_mixed(clip_dir, reference, encoder, tmp_path, caplog):
+    bf16 = load_encoder(f"hf:{clip_dir}", device="cpu", precision="bf16")
+    out, opts = tmp_path / "store", {"dtype": "float32", "batch_size": 32, "shard_size": 64, "show_progress": False}
+    # shards of an interrupted bf16 run are not resumed by a float32 run
+    with pytest.raises(KeyboardInterrupt):
+        embed_corpus(COCO_SAMPLE, out, Counting(bf16, fail_at=2), **opts)
+    with caplog.at_level(logging.WARNING, logger="capdec"):
+        store = embed_corpus(COCO_SAMPLE, out, encoder, **opts)
+    assert "starting over" in caplog.text and store.embed_run.resumed == 0
+    assert store.meta["precision"] == "float32" == reference.meta["precision"]
+    assert np.array_equal(np.asarray(store.embeddings), np.asarray(reference.embeddings))
+
+    with pytest.raises(InputError, match=r"text computed in float32 \(asked for bfloat16; --precision\)"):
+        embed_corpus(COCO_SAMPLE, out, bf16, **opts)
+    store = embed_corpus(COCO_SAMPLE, out, bf16, overwrite=True, **opts)
+    assert store.meta["precision"] == "bfloat16"
+    assert (store.tensor() * reference.tensor()).sum(1).min() >= 0.999
+
+    # a store made before the precision was recorded is up to date for any precision
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["precision"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert embed_corpus(COCO_SAMPLE, out, encoder, **opts).embed_run.up_to_date
+
+
 def test_overwrite_replaces_and_failed_runs_leave_the_old_store(encoder, tmp_path):
     out = tmp_path / "store"
     txt = tmp_path / "c.txt"
@@ -244,7 +273,7 @@ def test_overwrite_replaces_and_failed_runs_leave_the_old_store(encoder, tmp_pat
         embed_corpus(bad, out, encoder, overwrite=True, show_progress=False)
     failing = Counting(encoder, fail_at=2, exc=RuntimeError("GPU fell over"))
     with pytest.raises(RuntimeError, match="GPU fell over"):
-        embed_corpus(COCO_SAMPLE, out, failing, overwrite=True, batch_size=64, show_progress=False)
+        embed_corpus(COCO_SAMPLE, out, failing, overwrite=True, shard_size=64, show_progress=False)
     assert snapshot(out) == before
     assert EmbeddingStore.open(out).captions == ["A dog.", "A cat.", "A bird."]
 
@@ -323,7 +352,7 @@ def test_open_gives_clear_errors(reference, tmp_path):
 
 def test_open_hints_at_an_unfinished_run(encoder, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        embed_corpus(COCO_SAMPLE, tmp_path / "store", Counting(encoder, fail_at=2), batch_size=64,
+        embed_corpus(COCO_SAMPLE, tmp_path / "store", Counting(encoder, fail_at=2), shard_size=64,
                      show_progress=False)
     with pytest.raises(InputError, match=r"unfinished run left .*\.store\.partial"):
         EmbeddingStore.open(tmp_path / "store")
@@ -374,7 +403,7 @@ def test_write_store_and_from_arrays(encoder, tmp_path):
 def test_cli_embed(clip_dir, reference, tmp_path, capsys):
     out = tmp_path / "store"
     argv = ["embed", str(COCO_SAMPLE), "--out", str(out), "--encoder", f"hf:{clip_dir}", "--dtype", "float32",
-            "--batch-size", "32", "--shard-size", "64", "--device", "cpu"]
+            "--batch-size", "32", "--shard-size", "64", "--device", "cpu", "--precision", "fp32"]
     assert main(["-q", *argv]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"embedded {N_SAMPLE} captions (0 empty skipped, 0 duplicates removed, 0 truncated)")

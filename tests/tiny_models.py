@@ -118,8 +118,40 @@ def make_tiny_hf_clip(directory: str | Path, *, seed: int = 0, width: int = 32, 
     return directory
 
 
-def tiny_open_clip_config(*, width: int = 32, layers: int = 2) -> dict[str, Any]:
-    """``open_clip_config.json`` contents: a ViT-B-32-shaped model (ViT image tower + text transformer)."""
+def make_tiny_hf_siglip(directory: str | Path, *, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
+    """Save a tiny random-weight transformers ``SiglipModel`` to ``directory``.
+
+    SigLIP's own sentencepiece tokenizer cannot be built offline, so it carries the real CLIP BPE
+    tokenizer; what matters is SigLIP's text tower: bidirectional, read out at the *last* position, so
+    trailing padding changes its embedding.
+    """
+    from transformers import CLIPTokenizer, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    directory = Path(directory)
+    params = {"kind": "hf_siglip", "seed": seed, "width": width, "layers": layers}
+    if _is_complete(directory, params):
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    heads = max(1, width // 16)
+    config = SiglipConfig(
+        text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=CONTEXT_LENGTH,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=8),
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(directory)
+    vocab, merges = clip_bpe_vocab_and_merges()
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH).save_pretrained(directory)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)
+    _write_marker(directory, params)
+    return directory
+
+
+def tiny_open_clip_config(*, width: int = 32, layers: int = 2, text: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``open_clip_config.json`` contents: a ViT-B-32-shaped model (ViT image tower + text transformer);
+    ``text`` overrides text tower options (e.g. ``no_causal_mask``, ``pool_type``)."""
     heads = max(1, width // 16)
     return {
         "model_cfg": {
@@ -127,13 +159,14 @@ def tiny_open_clip_config(*, width: int = 32, layers: int = 2) -> dict[str, Any]
             "vision_cfg": {"image_size": IMAGE_SIZE, "layers": layers, "width": width, "head_width": width // heads,
                            "patch_size": 8},
             "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": CLIP_VOCAB_SIZE, "width": width,
-                         "heads": heads, "layers": layers},
+                         "heads": heads, "layers": layers, **(text or {})},
         },
         "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
     }
 
 
-def make_tiny_open_clip(directory: str | Path, *, seed: int = 0, width: int = 32, layers: int = 2) -> str:
+def make_tiny_open_clip(directory: str | Path, *, seed: int = 0, width: int = 32, layers: int = 2,
+                        text: dict[str, Any] | None = None) -> str:
     """Save a tiny random-weight open_clip ``CLIP`` to ``directory``; return the capdec spec string.
 
     The directory holds ``open_clip_config.json`` and ``open_clip_model.safetensors``, which is what an
@@ -144,10 +177,10 @@ def make_tiny_open_clip(directory: str | Path, *, seed: int = 0, width: int = 32
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    params = {"kind": "open_clip", "seed": seed, "width": width, "layers": layers}
+    params = {"kind": "open_clip", "seed": seed, "width": width, "layers": layers, **({"text": text} if text else {})}
     if not _is_complete(directory, params):
         directory.mkdir(parents=True, exist_ok=True)
-        config = tiny_open_clip_config(width=width, layers=layers)
+        config = tiny_open_clip_config(width=width, layers=layers, text=text)
         torch.manual_seed(seed)
         model = open_clip.CLIP(**config["model_cfg"]).eval()
         # safetensors refuses shared storage; open_clip's own save_for_hf clones the same way

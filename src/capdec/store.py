@@ -4,6 +4,7 @@ A store is a directory::
 
     STORE/
       meta.json         format "capdec.embeddings/1", encoder spec + identity, dim, count, dtype,
+                        precision (what the text tower computed in: float32, bfloat16, float16),
                         corpus provenance (paths, sha256, reader options), stats, capdec version
       embeddings.npy    (count, dim) float16 or float32, L2-normalised rows
       captions.jsonl    one {"caption": ..., **metadata} per row, aligned with embeddings.npy
@@ -322,7 +323,9 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
 
     out_dir = Path(out_dir)
     identity = jsonable(encoder.identity)  # compared with what JSON files recorded
-    wanted = {"captions_sha256": corpus.captions_sha256, "encoder_identity": identity, "dtype": dtype}
+    precision = encoder.text_precision
+    wanted = {"captions_sha256": corpus.captions_sha256, "encoder_identity": identity, "dtype": dtype,
+              "precision": precision}
     replace = _check_target(out_dir, overwrite=overwrite, what=wanted)
     if replace is None:  # already up to date
         store = EmbeddingStore.open(out_dir)
@@ -332,7 +335,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
 
     partial = out_dir.parent / f".{out_dir.name}.partial"
     manifest = {"format": _PARTIAL_FORMAT, "captions_sha256": corpus.captions_sha256,
-                "encoder_identity": identity, "count": len(corpus), "dim": int(encoder.dim),
+                "encoder_identity": identity, "precision": precision, "count": len(corpus), "dim": int(encoder.dim),
                 "shard_size": shard_size}
     dist_info = distributed.info()
     n = len(corpus)
@@ -351,15 +354,11 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                   show=show_progress if dist_info.is_main else False) as bar:
         for i in todo:
             lo, hi = shards[i]
-            texts = corpus.captions[lo:hi]
-            parts = []
-            for b in range(0, len(texts), batch_size):  # batches start at the shard start: resume-stable
-                batch = texts[b : b + batch_size]
-                emb = encoder.encode_text(batch, batch_size=batch_size)
-                parts.append(np.asarray(emb.detach().cpu().float().numpy(), dtype=np.float32))
-                encoded += len(batch)
-                bar.update(len(batch))
-            shard = np.concatenate(parts)
+            # a shard is tokenised once and encoded in batches of similar length: what a shard holds does not
+            # depend on the number of processes or on resuming, so neither do the bytes of the store
+            tokens = encoder.tokenize_text(corpus.captions[lo:hi])
+            shard = encoder.encode_tokens(tokens, batch_size=batch_size, on_batch=bar.update).numpy()
+            encoded += hi - lo
             if shard.shape != (hi - lo, encoder.dim):
                 raise EncoderError(f"encoder returned shape {shard.shape} for {hi - lo} captions, expected "
                                    f"({hi - lo}, {encoder.dim})")
@@ -367,7 +366,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                 bad = lo + int(np.nonzero(~np.isfinite(shard).all(axis=1))[0][0])
                 raise EncoderError(f"encoder returned non-finite values for caption {bad} "
                                    f"({corpus.captions[bad][:80]!r}); try --precision fp32")
-            save_shard(partial, i, shard, truncated=int(encoder.count_truncated(texts)))
+            save_shard(partial, i, shard, truncated=tokens.truncated)
     if dist_info.enabled:
         encoded = int(distributed.all_reduce_sum(torch.tensor([encoded])).item())  # waits for every rank's shards
 
@@ -378,6 +377,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
                            "truncated by its tokenizer", truncated, n, getattr(encoder, "context_length", "?"))
         meta = _make_meta(encoder.spec, encoder.identity, (n, int(encoder.dim)), dtype, corpus.describe(),
                           {**corpus.stats.as_dict(), "truncated": truncated})
+        meta["precision"] = precision
         with atomic_dir(out_dir, overwrite=replace) as tmp:
             arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
             for i, (lo, hi) in enumerate(shards):
@@ -452,6 +452,9 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
             diffs.append(f"a different encoder ({existing.encoder_spec})")
         if existing.dtype != what["dtype"]:
             diffs.append(f"dtype {existing.dtype} (asked for {what['dtype']})")
+        made_in = existing.meta.get("precision")  # absent in stores made before it was recorded
+        if made_in is not None and made_in != what["precision"]:
+            diffs.append(f"text computed in {made_in} (asked for {what['precision']}; --precision)")
         if not diffs:
             return None
         raise InputError(f"{out_dir} already holds an embedding store made from {' and '.join(diffs)}; "

@@ -28,6 +28,16 @@ def progress(iterable: Iterable | None = None, *, show: bool | None = None, **kw
     return tqdm(iterable, disable=not show, dynamic_ncols=True, **kwargs)
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 compute pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux: ask PyTorch which kernels it would dispatch to
+        return "AMX" in str(torch.backends.cpu.get_cpu_capability())
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
+
 HELP = "choose the noise level ε (and the modality offset) from a few paired images and captions"
 DESCRIPTION = (
     "Embed a few paired images and captions with the encoder you will train with and compute CapDec's "
@@ -37,8 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use only the first N image/caption pairs (default: all)")
     parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
 
 

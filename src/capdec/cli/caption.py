@@ -17,6 +17,7 @@ from typing import IO, Any
 from capdec.config_base import add_arguments as add_config_arguments
 from capdec.config_base import given
 from capdec.configs import DecodeConfig, InferenceConfig  # torch-free: cheap for --help
+from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
 HELP = "caption images with a trained checkpoint (JSONL, COCO results JSON or CSV)"
@@ -90,8 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_ = parser.add_argument_group("run")
     run_.add_argument("--batch-size", type=int, default=64, help="images per batch")
     run_.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    run_.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                      help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    run_.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     run_.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                       help="skip images with more pixels than this (a decompression-bomb guard; the default is "
                            "PIL's); 0 for no limit")

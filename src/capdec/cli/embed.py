@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
+
 HELP = "embed a caption corpus with a CLIP text encoder into an embedding store"
 DESCRIPTION = (
     "Read captions (one per line .txt, .jsonl, .csv/.tsv, a COCO annotation .json, a Karpathy-split .json "
@@ -48,13 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                               "normalisation), keeping the first")
     parser.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                         help="dtype of the stored embeddings")
-    parser.add_argument("--batch-size", type=int, default=256, help="captions (images) per encoder batch")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="captions (images) per encoder batch, at most: a shard's captions run shortest first, "
+                             "each batch cut to its longest caption and, on a CPU, of at most 2048 tokens")
     parser.add_argument("--shard-size", type=int, default=4096,
                         help="captions (images) per resumable work shard (an interrupted run redoes at most one "
                              "per process)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing store made from a different corpus or encoder")
     img = parser.add_argument_group("image stores (--modality image)")

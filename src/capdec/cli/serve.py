@@ -10,6 +10,7 @@ from typing import Any
 from capdec.config_base import add_arguments as add_config_arguments
 from capdec.config_base import given
 from capdec.configs import DecodeConfig  # torch-free: cheap for --help
+from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
 from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
 DECODE_FLAGS = ["strategy", "beam_size", "max_length", "length_penalty"]  # the server's default DecodeConfig
@@ -68,8 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="encoder to use instead of the one the checkpoint records (the same model, e.g. a local copy)")
     run_.add_argument("--memory", metavar="DIR", help="text memory for projection / retrieval-augmented checkpoints")
     run_.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    run_.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                      help="encoder compute precision; auto is fp16 on GPU, fp32 on CPU")
+    run_.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
 
 
 def _settings(args: argparse.Namespace) -> Any:

@@ -22,9 +22,15 @@ if TYPE_CHECKING:
     from capdec.encoders.base import Encoder
 
 __all__ = [
-    "Encoder", "EncoderError", "EncoderMismatchError", "check_identity", "load_encoder",
-    "list_backends", "parse_spec", "resolve_device",
+    "PRECISIONS", "PRECISION_HELP", "Encoder", "EncoderError", "EncoderMismatchError", "check_identity",
+    "load_encoder", "list_backends", "parse_spec", "resolve_device",
 ]
+
+# the --precision flag of every command that loads an encoder
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISION_HELP = ("encoder compute precision; auto is fp16 on GPU and fp32 on CPU, except that hf and open_clip "
+                  "text runs in bf16 on CPUs with bf16 units (AMX, AVX512-BF16): ~3x faster, cosine >= 0.999 to "
+                  "fp32; fp32 for float32 everywhere (an embedding store records which)")
 
 # kind -> "module:Class"; imported lazily so that e.g. open_clip is only needed when used.
 _BACKENDS: dict[str, str] = {

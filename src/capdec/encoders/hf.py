@@ -20,13 +20,13 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capdec.encoders.base import Encoder, EncoderError
+from capdec.encoders.base import Encoder, EncoderError, TextTokens, padded_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class HFEncoder(Encoder):
     """A transformers model with ``get_text_features``/``get_image_features`` (CLIP, SigLIP)."""
 
     kind = "hf"
+    bf16_text_on_cpu = True
 
     def __init__(self, model: Any, tokenizer: Any, image_processor: Any, *, source: str,
                  device: str | torch.device | None = "auto", precision: str = "auto", batch_size: int = 256):
@@ -81,10 +82,16 @@ class HFEncoder(Encoder):
         # fingerprint in float32 before casting, so fp16-on-GPU and fp32-on-CPU copies agree
         self._fingerprint = weights_fingerprint(dict(model.named_parameters()), _FINGERPRINT_PARAMS)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if not hasattr(model, "text_model"):  # the towers are not apart: one precision for both
+            self.text_dtype = self.dtype
+        for part in (getattr(model, "text_model", None), getattr(model, "text_projection", None)):
+            if part is not None:
+                part.to(self.text_dtype)
         self._dim = self._infer_dim(model)
         self._context_length = self._infer_context_length()
         # SigLIP was trained on max-length padded text without an attention mask
         self._pad_to_max = self.model_type.startswith("siglip")
+        self._attention_mask = tokenizer is not None and "attention_mask" in tokenizer.model_input_names
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -172,12 +179,28 @@ class HFEncoder(Encoder):
             "weights_sha256": self._fingerprint,
         }
 
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, padding="max_length" if self._pad_to_max else True, truncation=True,
-                              max_length=self.context_length, return_tensors="pt")
+    @property
+    def trims_padding(self) -> bool:
+        # CLIP's text tower is causal and pools at the end token, and padding is masked out anyway; SigLIP
+        # was trained on max-length padding that it attends to
+        return not self._pad_to_max and self._attention_mask
 
-    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        inputs = {k: v.to(self.device) for k, v in self._tokenize(texts).items()}
+    def tokenize_text(self, texts: Sequence[str]) -> TextTokens:
+        texts, context = list(texts), self.context_length
+        # one token past the context: a caption that reaches it is one the context truncates
+        rows = self.tokenizer(texts, truncation=True, max_length=context + 1, verbose=False)["input_ids"]
+        long = [i for i, row in enumerate(rows) if len(row) > context]
+        if long:
+            cut = self.tokenizer([texts[i] for i in long], truncation=True, max_length=context)["input_ids"]
+            for i, row in zip(long, cut):
+                rows[i] = row
+        pad = self.tokenizer.pad_token_id
+        return padded_tokens(rows, context, pad if pad is not None else 0, truncated=len(long))
+
+    def _encode_tokens(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        inputs = {"input_ids": ids.to(self.device)}
+        if self._attention_mask:
+            inputs["attention_mask"] = (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(self.device)
         return _features(self.model.get_text_features(**inputs))
 
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
@@ -185,12 +208,6 @@ class HFEncoder(Encoder):
 
     def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         return _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
-
-    def count_truncated(self, texts: list[str] | tuple[str, ...]) -> int:
-        if not texts:
-            return 0
-        ids = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
-        return sum(len(x) > self.context_length for x in ids)
 
 
 def _process_image(processor: Any, image: Any) -> torch.Tensor:

@@ -12,21 +12,29 @@ Spec strings (the part after ``open_clip:``), mirroring open_clip's own ``create
 
 The spec dict is ``{"kind": "open_clip", "model": ..., "pretrained": ...}``; local paths are stored
 absolute. The model is built in float32 (so the weights fingerprint in the identity does not depend on
-the precision asked for) and then cast to ``self.dtype``.
+the precision asked for) and then cast to ``self.dtype`` (its text tower to ``self.text_dtype``).
+
+Text runs through open_clip's own modules, but a batch is cut to its longest caption when the text
+tower allows it (a causal transformer pooled at the end-of-text token, as in every CLIP; open_clip's
+``encode_text`` always runs all 77 positions), with the attention of plain blocks in one fused
+``scaled_dot_product_attention`` call. Other text towers (bidirectional, class-token pooled, Hugging
+Face text models) run ``encode_text`` as it is.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from capdec.artifacts import jsonable
-from capdec.encoders.base import Encoder, EncoderError
+from capdec.encoders.base import Encoder, EncoderError, TextTokens
 from capdec.encoders.hf import looks_like_path, weights_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ class OpenCLIPEncoder(Encoder):
     """An open_clip ``CLIP``/``CustomTextCLIP`` with its tokenizer and evaluation preprocessing."""
 
     kind = "open_clip"
+    bf16_text_on_cpu = True
 
     def __init__(self, model: Any, tokenizer: Any, preprocess: Any, *, model_name: str,
                  pretrained: str | None, model_cfg: dict[str, Any], device: str | torch.device | None = "auto",
@@ -73,6 +82,9 @@ class OpenCLIPEncoder(Encoder):
         # fingerprint in float32 before casting, so fp16-on-GPU and fp32-on-CPU copies agree
         self._fingerprint = weights_fingerprint(dict(model.named_parameters()), _FINGERPRINT_PARAMS)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        for part in _text_parts(model):
+            part.data = part.data.to(self.text_dtype)
+        self._tower = _causal_text_tower(model, tokenizer)
 
     # -- building -------------------------------------------------------------------------------
     @classmethod
@@ -146,8 +158,29 @@ class OpenCLIPEncoder(Encoder):
             "weights_sha256": self._fingerprint,
         }, sort_keys=True)
 
-    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+    @property
+    def trims_padding(self) -> bool:
+        return self._tower is not None
+
+    def tokenize_text(self, texts: Sequence[str]) -> TextTokens:
+        texts, tok, context = list(texts), self.tokenizer, self.context_length
+        if self._tower is None:  # lengths are not needed (batches keep the full context)
+            ids = tok(texts)
+            return TextTokens(ids, torch.full((len(ids),), ids.shape[1]), self._count_truncated(texts))
+        # one token past the context: a caption that reaches it is one the context truncates
+        wide = tok(texts, context_length=context + 1)
+        long = torch.nonzero(wide[:, context] != 0).flatten()
+        ids = wide[:, :context].clone()
+        if len(long):
+            ids[long] = tok([texts[i] for i in long.tolist()])  # cut with the end token kept, as open_clip does
+        # the end-of-text token has the largest id: pooling reads it there (open_clip's "argmax" pooling)
+        return TextTokens(ids, ids.argmax(dim=1) + 1, len(long))
+
+    def _encode_tokens(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.device)
+        if self._tower is None:
+            return self.model.encode_text(ids)
+        return _causal_text_features(self._tower, ids)
 
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         return self.preprocess  # open_clip's evaluation transform: resize, crop, to tensor, normalise
@@ -155,9 +188,7 @@ class OpenCLIPEncoder(Encoder):
     def _encode_pixel_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels.to(self.device, self.dtype))  # (B, 3, H, W) in
 
-    def count_truncated(self, texts: list[str] | tuple[str, ...]) -> int:
-        if not texts:
-            return 0
+    def _count_truncated(self, texts: list[str]) -> int:
         tok = self.tokenizer
         if hasattr(tok, "encode") and hasattr(tok, "sot_token_id"):  # open_clip's own BPE tokenizer
             lengths = [len(tok.encode(t)) + 2 for t in texts]  # + start/end of text
@@ -167,6 +198,84 @@ class OpenCLIPEncoder(Encoder):
         else:
             return 0
         return sum(n > self.context_length for n in lengths)
+
+
+# -- the text tower, cut to the longest caption -------------------------------------------------------
+def _text_parts(model: Any) -> list[torch.Tensor]:
+    """The text tower's parameters (``model.text`` of a CustomTextCLIP, the text attributes of a CLIP)."""
+    if isinstance(getattr(model, "text", None), nn.Module):
+        return list(model.text.parameters())
+    parts = []
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection"):
+        part = getattr(model, name, None)
+        parts += list(part.parameters()) if isinstance(part, nn.Module) else [part] if part is not None else []
+    return parts
+
+
+def _causal_text_tower(model: Any, tokenizer: Any) -> Any | None:
+    """The module holding a causal text transformer pooled at the end-of-text token, or None.
+
+    Only then is trailing padding invisible to the embedding: positions attend to earlier ones only,
+    and the end token (the largest id of open_clip's BPE tokenizer) is read out. A class token,
+    bidirectional attention or another tokenizer (whose padding id may be read) rule it out.
+    """
+    from open_clip.transformer import TextTransformer
+
+    if not hasattr(tokenizer, "sot_token_id") or getattr(tokenizer, "reduction_fn", None) is not None:
+        return None
+    text = getattr(model, "text", None)
+    if isinstance(text, TextTransformer):  # CustomTextCLIP
+        tower, pool = text, text.pool_type
+        if text.cls_emb is not None:
+            return None
+    elif isinstance(getattr(model, "transformer", None), nn.Module):  # CLIP: the text tower's parts on the model
+        tower, pool = model, getattr(model, "text_pool_type", None)
+    else:
+        return None
+    if getattr(tower, "attn_mask", None) is None or pool != "argmax":
+        return None
+    return tower
+
+
+def _causal_text_features(tower: Any, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``encode_text`` on ``ids`` (b, n) cut after the longest caption's end token."""
+    from open_clip.transformer import text_global_pool
+
+    n = ids.shape[1]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(ids).to(cast) + tower.positional_embedding[:n].to(cast)  # (b, n, d)
+    blocks = tower.transformer.resblocks
+    if getattr(tower.transformer, "batch_first", True) and all(_plain_block(r) for r in blocks):
+        for r in blocks:
+            x = _causal_block(r, x)
+    else:
+        x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+    pooled = text_global_pool(tower.ln_final(x), ids, "argmax")  # (b, d)
+    proj = tower.text_projection
+    if proj is None:
+        return pooled
+    return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` whose attention is a plain ``nn.MultiheadAttention``."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention and attn.batch_first
+            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and not hasattr(block, "ln_1_kv"))
+
+
+def _causal_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``ResidualAttentionBlock.forward`` with its causal mask, the attention fused into one SDPA call."""
+    attn = block.attn
+    b, n, d = x.shape
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (b, n, 3d)
+    q, k, v = qkv.view(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)  # (b, nh, n, hs) each
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, d)
+    x = x + block.ls_1(attn.out_proj(y))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def _resolve(open_clip: Any, name: str, pretrained: str | None) -> tuple[str, str | None]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from capdec.encoders.base import Encoder, EncoderError
+from capdec.encoders.base import Encoder, EncoderError, TextTokens
 from capdec.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -75,11 +75,19 @@ class ToyEncoder(Encoder):
         return {"kind": self.kind, "arch": "miniclip", "dim": cfg.dim, "image_size": cfg.image_size,
                 "context_length": cfg.context_length, "weights_sha256": self._fingerprint}
 
-    def count_truncated(self, texts) -> int:
-        return self.tokenizer.count_truncated(list(texts))
+    @property
+    def trims_padding(self) -> bool:
+        return True  # padding is masked out and zeroed before the convolution (TextTower)
 
-    def _encode_text_batch(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+    def tokenize_text(self, texts: Sequence[str]) -> TextTokens:
+        from capdec.encoders.miniclip import PAD
+
+        texts = list(texts)
+        ids = self.tokenizer(texts)  # (n, context), [PAD] after the words
+        return TextTokens(ids, (ids != PAD).sum(dim=1), self.tokenizer.count_truncated(texts))
+
+    def _encode_tokens(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(ids.to(self.device))
 
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
         return functools.partial(_image_pixels, self.model.cfg)

@@ -30,7 +30,7 @@ from capdec.noise import NoiseConfig, add_noise
 from capdec.textdata import CaptionTexts, TextData
 from capdec.train.plan import TrainPlan, plan_training
 from capdec.train.schedule import bucket_batches, epoch_order, lr_at, step_seed
-from capdec.utils import progress, release_freed_memory
+from capdec.utils import cpu_has_bf16, progress, release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -270,16 +270,6 @@ def _optimizer(plan: TrainPlan, model: CapDecModel, device: torch.device):
     if scaler is not None and opt_state is not None and opt_state.get("scaler"):
         scaler.load_state_dict(opt_state["scaler"])
     return optimizer, autocast, scaler
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: ask PyTorch which kernels it would dispatch to
-        return "AMX" in str(torch.backends.cpu.get_cpu_capability())
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
