@@ -241,3 +241,146 @@ def test_folder_with_coco_annotations_as_captions(encoder, photos, tmp_path):
         shutil.copy(folder / n, sub / n)
     paths, got = read_pairs(sub, captions=ann)
     assert [p.name for p in paths] == names and got == [caps[n] for n in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# the gap's covariance and the centroids from a store (issue 22; issue 19 item 9)
+# ---------------------------------------------------------------------------------------------
+def hand_residuals(encoder, paths, captions) -> np.ndarray:
+    """normalize(v) − normalize(t) of every pair, in numpy."""
+    v = encoder.encode_image([load_image(p) for p in paths]).double().numpy()
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    rows = []
+    for vi, cs in zip(v, captions):
+        t = encoder.encode_text(cs).double().numpy()
+        rows += list(vi - t / np.linalg.norm(t, axis=1, keepdims=True))
+    return np.array(rows)
+
+
+def test_gap_covariance_is_the_pairs_residual_covariance(encoder, photos):
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    paths, caps = paths[:5], caps[:5]  # 25 pairs
+    r = hand_residuals(encoder, paths, caps)
+    cov = np.cov(r, rowvar=False)  # (d, d), ddof 1
+    evals, evecs = np.linalg.eigh(cov)
+    top = evecs[:, ::-1][:, :4] * evals[::-1][:4]  # the 4 leading eigen-directions, scaled by λ
+    low_rank = top @ evecs[:, ::-1][:, :4].T
+
+    stats = calibrate(encoder, paths, caps, gap_rank=4)
+    factor, diag = np.array(stats["gap_factor"]), np.array(stats["gap_diag"])
+    assert factor.shape == (4, encoder.dim) and stats["gap_rank"] == 4 and stats["gap_pairs"] == 25
+    assert np.allclose(factor.T @ factor, low_rank, atol=1e-8)
+    assert np.allclose(diag, np.clip(np.diag(cov) - np.diag(low_rank), 0, None), atol=1e-8)
+    # a rank beyond the pairs' is cut to n − 1, and then the fit is the sample covariance itself
+    full = calibrate(encoder, paths, caps, gap_rank=1000)
+    factor, diag = np.array(full["gap_factor"]), np.array(full["gap_diag"])
+    assert full["gap_rank"] == min(24, encoder.dim)
+    assert np.allclose(factor.T @ factor + np.diag(diag), cov, atol=1e-8)
+    assert "gap_factor" not in calibrate(encoder, paths[:1], caps[:1])  # rank 0: none
+
+
+def test_text_centroid_from_a_store_and_the_reference_offset(encoder, photos, hf_store, tmp_path):
+    """The offset's text centre from the training captions' store (its first N rows, as CapDec's 20,000)."""
+    from capdec.store import EmbeddingStore
+
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    store = EmbeddingStore.open(hf_store)
+    rows = np.load(hf_store / "embeddings.npy").astype(np.float64)[:120]
+    text_mean = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).mean(0)
+    v = encoder.encode_image([load_image(p) for p in paths]).double().numpy()
+    image_mean = (v / np.linalg.norm(v, axis=1, keepdims=True)).mean(0)
+
+    stats = calibrate(encoder, paths[:2], caps[:2], extra_images=paths, text_store=store, max_texts=120)
+    assert stats["text_mean_source"] == "store" and stats["n_texts"] == 120 and stats["n_images"] == 17
+    assert np.allclose(stats["text_mean"], text_mean, atol=1e-6)
+    assert np.allclose(stats["image_mean"], image_mean, atol=1e-6)
+    assert np.allclose(stats["offset"], image_mean - text_mean, atol=1e-6)
+    assert stats["renormalize_shift"] is True
+    every = calibrate(encoder, paths[:2], caps[:2], text_store=store, reference_offset=True)
+    assert every["n_texts"] == len(store) == 300 and every["renormalize_shift"] is False
+    assert every["n_images"] == 2  # no unlabelled images: the paired ones
+    # a store made by another encoder is refused
+    other = tmp_path / "other"
+    shutil.copytree(hf_store, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["encoder_identity"] = dict(meta["encoder_identity"], weights_sha256="0123456789abcdef")
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EncoderMismatchError, match="embedding store"):
+        calibrate(encoder, paths[:2], caps[:2], text_store=EmbeddingStore.open(other))
+
+
+def test_cli_store_offset_and_gap_train_and_caption(tiny_hf_clip, encoder, photos, hf_store, tmp_path, capsys):
+    """calibrate --store --images --gap-rank --reference-offset -> train --noise-shape gap --use-offset ->
+    caption --shift: every value travels through the files."""
+    import torch
+
+    from capdec.checkpoint import load_checkpoint
+
+    folder, captions = photos
+    noise = tmp_path / "noise.json"
+    assert main(["-q", "calibrate", str(folder), "--captions", str(captions), "--encoder", tiny_hf_clip,
+                 "--device", "cpu", "--max-pairs", "15", "--images", str(folder), "--store", str(hf_store),
+                 "--max-texts", "200", "--gap-rank", "6", "--reference-offset", "--out", str(noise)]) == 0
+    assert "gap covariance of rank 6" in capsys.readouterr().out
+    raw = json.loads(noise.read_text())
+    assert raw["format"] == NOISE_FORMAT == "capdec.noise/2"
+    assert raw["n_texts"] == 200 and raw["renormalize_shift"] is False and raw["store_source"] == str(hf_store)
+    assert read_noise_file(noise, encoder_identity=encoder.identity) == raw
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["-q", "train", str(hf_store), "--out", str(ckpt), "--noise-file", str(noise), "--noise-shape", "gap",
+                 "--noise-gap-scale", "2", "--use-offset", "--max-steps", "2", "--batch-size", "8", "--lm-dim", "32",
+                 "--lm-depth", "1", "--lm-heads", "2", "--mapper-depth", "1", "--mapper-heads", "2",
+                 "--prefix-length", "2", "--vocab-size", "300", "--device", "cpu"]) == 0
+    recorded = load_checkpoint(ckpt, device="cpu").noise
+    assert recorded.shape == "gap" and recorded.gap_scale == 2.0 and recorded.variance == 0.0
+    assert recorded.gap_factor == raw["gap_factor"] and recorded.gap_diag == raw["gap_diag"]
+    assert recorded.offset == raw["offset"]
+    assert "the modality gap's covariance (rank 6 + diagonal) × 2.0" in (ckpt / "README.md").read_text()
+
+    out = tmp_path / "caps.jsonl"
+    assert main(["-q", "caption", str(ckpt), str(folder), "--shift", str(noise), "--strategy", "greedy",
+                 "--max-length", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 17
+
+    # the shape needs a covariance; the isotropic default keeps the file's ε² and ignores its covariance
+    assert main(["-q", "train", str(hf_store), "--out", str(tmp_path / "x"), "--noise-shape", "gap"]) == 2
+    assert "--noise-shape gap needs --noise-file" in capsys.readouterr().err
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({k: v for k, v in raw.items() if not k.startswith("gap_")}))
+    assert main(["-q", "train", str(hf_store), "--out", str(tmp_path / "x"), "--noise-file", str(plain),
+                 "--noise-shape", "gap"]) == 2
+    assert "has no gap covariance" in capsys.readouterr().err
+    assert torch.isfinite(torch.tensor(raw["gap_diag"])).all()
+
+
+def test_cli_calibrate_store_flags_are_checked(tiny_hf_clip, photos, hf_store, tmp_path, capsys):
+    folder, captions = photos
+    base = ["-q", "calibrate", str(folder), "--captions", str(captions), "--encoder", tiny_hf_clip,
+            "--out", str(tmp_path / "n.json")]
+    for flags, message in ((["--max-texts", "10"], "--max-texts needs --store"),
+                           (["--store", str(hf_store), "--max-texts", "0"], "--max-texts must be >= 1"),
+                           (["--gap-rank", "-1"], "--gap-rank must be >= 0"),
+                           (["--reference-offset"], "--reference-offset needs an offset"),
+                           (["--store", str(tmp_path / "absent")], "absent")):
+        assert main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "n.json").exists()
+
+
+def test_version_1_noise_files_still_load(tmp_path):
+    old = tmp_path / "noise.json"
+    old.write_text(json.dumps({"format": "capdec.noise/1", "epsilon": 0.1, "variance": 0.01, "dim": 3,
+                               "offset": [0.1, 0.0, -0.1]}))
+    got = read_noise_file(old)
+    assert got["variance"] == 0.01 and got["offset"] == [0.1, 0.0, -0.1] and "gap_diag" not in got
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": NOISE_FORMAT, "epsilon": 0.1, "dim": 2, "gap_diag": [0.1, 0.1]}))
+    with pytest.raises(InputError, match="needs both 'gap_factor' and 'gap_diag'"):
+        read_noise_file(bad)
+    bad.write_text(json.dumps({"format": NOISE_FORMAT, "epsilon": 0.1, "dim": 2, "gap_diag": [0.1, -0.1],
+                               "gap_factor": [[0.0, 1.0]]}))
+    with pytest.raises(InputError, match="variances"):
+        read_noise_file(bad)

@@ -332,7 +332,8 @@ def test_shift_from_a_noise_file_moves_images_toward_the_text_cone(tmp_path):
     noise.write_text(json.dumps({"epsilon": 0.1, "offset": (image_mean - text_mean).tolist(),
                                  "image_mean": image_mean.tolist(), "text_mean": text_mean.tolist()}))
     args = argparse.Namespace(normalize=None, shift=str(noise), image_mean=None, project=None, tau=None,
-                              project_k=None)
+                              project_k=None, renormalize_shift=None)
+    assert "renormalize_shift" not in _inference_overrides(args)  # the file does not say: the checkpoint decides
     shift = _inference_overrides(args)["shift"]
     assert shift == pytest.approx((text_mean - image_mean).tolist(), abs=1e-6)
     shifted = shift_embeddings(images, shift=torch.tensor(shift), mean=None, normalize_output=True)
@@ -343,3 +344,41 @@ def test_shift_from_a_noise_file_moves_images_toward_the_text_cone(tmp_path):
     explicit.write_text(json.dumps({"shift": [0.25] * dim}))
     args.shift = str(explicit)
     assert _inference_overrides(args)["shift"] == pytest.approx([0.25] * dim)
+
+
+def test_reference_offset_is_added_without_renormalising(captioner, tmp_path):
+    """An offset computed CapDec's way is applied as CapDec's predictions_runner.py does:
+    ``normalize(v) + (text centre − image centre)``, not renormalised; capdec's own offsets are renormalised."""
+    import argparse
+
+    from capdec.cli.caption import _inference_overrides
+
+    dim = 32
+    g = torch.Generator().manual_seed(1)
+    image_mean, text_mean = torch.randn(dim, generator=g) * 0.1, torch.randn(dim, generator=g) * 0.1
+    v = torch.randn(5, dim, generator=g) * 3
+    unit = v / v.norm(dim=-1, keepdim=True)
+    calibrated = {"format": "capdec.noise/2", "epsilon": 0.1, "offset": (image_mean - text_mean).tolist()}
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({**calibrated, "renormalize_shift": False}))
+    ours = tmp_path / "ours.json"
+    ours.write_text(json.dumps({**calibrated, "renormalize_shift": True}))
+    centers = tmp_path / "centers.json"  # CapDec's CLIP_embeddings_centers_info.pkl, converted to JSON
+    centers.write_text(json.dumps({"center_text": [text_mean.tolist()], "center_image": [image_mean.tolist()],
+                                   "offset_to_add_in_training": [(image_mean - text_mean).tolist()],
+                                   "offset_to_add_in_inference": [(text_mean - image_mean).tolist()]}))
+    args = argparse.Namespace(normalize=None, shift=None, image_mean=None, project=None, tau=None, project_k=None,
+                              renormalize_shift=None)
+
+    def prepared(path, **flags):
+        overrides = _inference_overrides(argparse.Namespace(**{**vars(args), "shift": str(path), **flags}))
+        return Captioner(captioner.checkpoint, **overrides).prepare(v)
+
+    as_is = unit + (text_mean - image_mean)  # written from the reference's two lines
+    assert torch.allclose(prepared(reference), as_is, atol=1e-6)
+    assert torch.allclose(prepared(centers), as_is, atol=1e-6)
+    assert torch.allclose(prepared(ours), as_is / as_is.norm(dim=-1, keepdim=True), atol=1e-6)
+    # the flag wins over what the file says
+    assert torch.allclose(prepared(reference, renormalize_shift=True), as_is / as_is.norm(dim=-1, keepdim=True),
+                          atol=1e-6)
+    assert torch.allclose(prepared(ours, renormalize_shift=False), as_is, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from capdec.errors import InputError
-from capdec.noise import NoiseConfig, add_noise, expected_cosine, normalize, shift_embeddings
+from capdec.noise import NoiseConfig, add_noise, expected_cosine, gap_noise, normalize, shift_embeddings
 
 
 def unit(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -79,6 +79,83 @@ def test_shift_embeddings_is_normalise_shift_normalise():
     assert torch.allclose(out, normalize(normalize(v) + shift), atol=1e-6)
     mean = v.mean(0)
     assert torch.allclose(shift_embeddings(v, mean=mean), normalize(v - mean), atol=1e-6)
+    # CapDec's released inference: normalise, add the shift, decode as is
+    raw = shift_embeddings(v, shift=shift, renormalize_shift=False)
+    assert torch.allclose(raw, v / v.norm(dim=-1, keepdim=True) + shift, atol=1e-6)
+
+
+def gap_config(d: int = 24, r: int = 3, seed: int = 0, **kw) -> NoiseConfig:
+    """A gap covariance with a strong low-rank part and an uneven diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    factor = torch.randn(r, d, generator=g) * 0.2
+    diag = torch.rand(d, generator=g) * 0.01
+    return NoiseConfig(variance=0.0, shape="gap", gap_factor=factor.tolist(), gap_diag=diag.tolist(), **kw)
+
+
+def sample_covariance(x: torch.Tensor) -> torch.Tensor:
+    x = x.double() - x.double().mean(0)
+    return x.T @ x / (len(x) - 1)
+
+
+def test_gap_noise_has_the_gap_covariance():
+    cfg = gap_config()
+    factor, diag = torch.tensor(cfg.gap_factor), torch.tensor(cfg.gap_diag)
+    n = gap_noise((200_000, 24), factor, diag, like=torch.zeros(1), generator=torch.Generator().manual_seed(1))
+    expected = factor.double().T @ factor.double() + torch.diag(diag.double())  # written from the definition
+    assert torch.allclose(sample_covariance(n), expected, atol=4e-3)
+    assert n.mean(0).abs().max() < 3e-3
+
+
+def test_gap_shaped_training_input_is_text_plus_offset_plus_scaled_gap_noise():
+    """Unnormalised, the training input minus (t + offset) has covariance gap_scale · (FᵀF + diag)."""
+    offset = torch.linspace(-0.1, 0.1, 24)
+    cfg = gap_config(normalize=False, gap_scale=2.5, offset=offset.tolist())
+    t = torch.randn(100_000, 24)
+    out = add_noise(t, cfg, generator=torch.Generator().manual_seed(2))
+    factor, diag = torch.tensor(cfg.gap_factor).double(), torch.tensor(cfg.gap_diag).double()
+    expected = 2.5 * (factor.T @ factor + torch.diag(diag))
+    residual = out - t - offset
+    assert torch.allclose(sample_covariance(residual), expected, atol=1e-2)
+    assert residual.mean(0).abs().max() < 5e-3
+    # isotropic noise on top adds variance·I
+    both = add_noise(t, NoiseConfig(**{**cfg.to_dict(), "variance": 0.01}), generator=torch.Generator().manual_seed(2))
+    extra = sample_covariance(both - t - offset) - expected
+    assert torch.allclose(extra, 0.01 * torch.eye(24, dtype=torch.float64), atol=1.5e-2)
+    assert extra.diagonal().mean().item() == pytest.approx(0.01, abs=3e-3)  # sampling error of the gap part ~1e-3
+
+
+def test_gap_noise_needs_its_covariance_and_the_right_dimension():
+    with pytest.raises(InputError, match="gap covariance"):
+        NoiseConfig(shape="gap")
+    with pytest.raises(InputError, match="dimension 24 but embeddings have 32"):
+        add_noise(unit(4, 32), gap_config(), generator=torch.Generator().manual_seed(0))
+    # a recorded covariance is inert unless the shape says gap
+    iso = NoiseConfig(**{**gap_config().to_dict(), "shape": "isotropic", "variance": 0.0})
+    t = unit(5, 24)
+    assert torch.allclose(add_noise(t, iso, generator=torch.Generator().manual_seed(0)), t, atol=1e-6)
+
+
+def test_scale_spread_draws_one_scale_per_caption_uniformly():
+    """Each row's noise is scaled by s ~ U[1 − spread, 1 + spread]: in high d the row norm gives s away."""
+    d, var, spread = 4096, 0.01, 0.8
+    cfg = NoiseConfig(variance=var, scale_spread=spread, normalize=False)
+    n = add_noise(torch.zeros(3000, d), cfg, generator=torch.Generator().manual_seed(3))
+    s = n.norm(dim=-1) / math.sqrt(d * var)  # ≈ the row's scale (relative error ~1/√(2d) ≈ 1 %)
+    assert s.min().item() == pytest.approx(1 - spread, abs=0.08)
+    assert s.max().item() == pytest.approx(1 + spread, abs=0.08)
+    assert s.mean().item() == pytest.approx(1.0, abs=0.03)
+    # uniform: a quarter of the rows in each quarter of the range
+    quarters = torch.histc(s, bins=4, min=1 - spread, max=1 + spread) / len(s)
+    assert torch.allclose(quarters, torch.full((4,), 0.25), atol=0.04)
+
+
+def test_sample_false_keeps_centre_offset_and_normalisation_only():
+    t = unit(50, 24) * 3
+    offset = torch.full((24,), 0.05)
+    cfg = NoiseConfig(variance=0.5, offset=offset.tolist())
+    assert torch.allclose(add_noise(t, cfg, sample=False), normalize(normalize(t) + offset), atol=1e-6)
+    shaped = gap_config(offset=offset.tolist(), scale_spread=0.5)
+    assert torch.allclose(add_noise(t, shaped, sample=False), normalize(normalize(t) + offset), atol=1e-6)
 
 
 def test_bad_configs_are_refused():
@@ -88,3 +165,7 @@ def test_bad_configs_are_refused():
         NoiseConfig(variance=math.nan)
     with pytest.raises(InputError):
         NoiseConfig(distribution="laplace")
+    for bad in ({"gap_scale": -1.0}, {"scale_spread": 1.5}, {"shape": "cone"},
+                {"gap_diag": [0.1, 0.1]}):
+        with pytest.raises(InputError):
+            NoiseConfig(**bad)

@@ -6,16 +6,33 @@ of its captions, both L2-normalised, ε = mean over pairs of ``‖v − t‖∞`
 of magnitude). With more images (no captions needed), the modality centroids and their difference,
 the *offset* ``image_mean − text_mean``, describe the gap itself.
 
-The result is a ``noise.json`` (format ``capdec.noise/1``)::
+The result is a ``noise.json`` (format ``capdec.noise/2``; ``capdec.noise/1`` files, which lack the
+gap covariance and the shift convention, still load)::
 
-    {"format": "capdec.noise/1", "encoder": spec, "encoder_identity": {...}, "dim": d,
+    {"format": "capdec.noise/2", "encoder": spec, "encoder_identity": {...}, "dim": d,
      "epsilon": ε, "variance": ε², "n_pairs", "n_paired_images", "mean_linf", "std_linf",
      "mean_l2", "mean_cosine",
-     # with extra images:
-     "image_mean": [...], "text_mean": [...], "offset": [...], "offset_norm", "n_images", "n_texts"}
+     # with extra images and/or a text store:
+     "image_mean": [...], "text_mean": [...], "offset": [...], "offset_norm", "n_images", "n_texts",
+     "text_mean_source": "pairs" | "store", "renormalize_shift": true | false,
+     # with a gap rank:
+     "gap_factor": [[...], ...] (r, d), "gap_diag": [...] (d), "gap_rank": r, "gap_pairs": n}
 
-``capdec train --noise-file`` reads it with :func:`read_noise_file` (``variance``, and ``offset`` when
-asked to use it).
+The *modality offset* is ``image_mean − text_mean``. The text centroid comes from the paired captions,
+or from an embedding store (``text_store``: the training corpus, as CapDec's released
+``modality_offset_calculator.py`` took it from 20,000 training rows); the image centroid from the
+paired images plus any unlabelled ones. ``renormalize_shift`` says how the opposite vector (the
+caption-time *shift*) is applied: capdec renormalises the shifted image embedding; CapDec's released
+``predictions_runner.py`` adds its offset to the normalised image embedding and decodes that as is
+(``reference_offset=True`` records that convention).
+
+The *gap covariance* is the covariance of the residuals ``normalize(v) − normalize(t)`` over the pairs,
+as a rank-r factor plus a diagonal (:func:`gap_covariance`): training with ``--noise-shape gap`` draws
+noise of that shape instead of CapDec's isotropic ``N(0, ε²·I)``.
+
+``capdec train --noise-file`` reads it with :func:`read_noise_file` (``variance``, the ``offset`` when
+asked to use it, the gap covariance with ``--noise-shape gap``); ``capdec caption --shift`` its
+``−offset``.
 """
 
 from __future__ import annotations
@@ -27,6 +44,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capdec.errors import InputError
 from capdec.images import list_images, load_image  # noqa: F401  (re-exported)
 from capdec.io.image_datasets import read_pairs  # noqa: F401  (re-exported)
@@ -34,7 +53,8 @@ from capdec.io.text import read_json
 
 logger = logging.getLogger(__name__)
 
-NOISE_FORMAT = "capdec.noise/1"
+NOISE_FORMAT = "capdec.noise/2"
+NOISE_FORMATS = ("capdec.noise/1", NOISE_FORMAT)  # read; /1 files predate the gap covariance
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,14 +83,33 @@ def _unit64(x):
     return F.normalize(x.double(), dim=-1)
 
 
+def store_centroid(store: Any, max_rows: int | None = None, *, chunk: int = 65536) -> tuple[Any, int]:
+    """Mean of the (re-normalised, float64) embeddings of a store's first ``max_rows`` rows, and how many."""
+    import torch
+
+    n = len(store) if max_rows is None else min(max_rows, len(store))
+    if n < 1:
+        raise InputError(f"embedding store {store.path}: no rows to average")
+    total = torch.zeros(store.dim, dtype=torch.float64)
+    for lo in range(0, n, chunk):
+        rows = torch.from_numpy(np.asarray(store.embeddings[lo:min(n, lo + chunk)], dtype=np.float64))
+        total += _unit64(rows).sum(dim=0)
+    return total / n, n
+
+
 def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequence[str]],
-              extra_images: Sequence[Any] | None = None, *, batch_size: int = 32) -> dict[str, Any]:
+              extra_images: Sequence[Any] | None = None, *, batch_size: int = 32, text_store: Any = None,
+              max_texts: int | None = None, gap_rank: int = 0, reference_offset: bool = False) -> dict[str, Any]:
     """ε and modality-gap statistics of ``encoder`` from paired ``images`` and ``captions``.
 
     ``images``: PIL images or paths; ``captions[i]``: the caption (or list of captions) of
     ``images[i]``, each caption making one pair. ``extra_images`` (PIL images or paths, no captions
-    needed) add the centroids: ``image_mean`` over the paired and extra images (a path given in both
-    counts once), ``text_mean`` over the captions, and ``offset = image_mean − text_mean``.
+    needed) and/or ``text_store`` (an :class:`~capdec.store.EmbeddingStore` of the training captions,
+    made with ``encoder``; its first ``max_texts`` rows) add the centroids: ``image_mean`` over the
+    paired and extra images (a path given in both counts once), ``text_mean`` over the store's rows
+    (else the captions), and ``offset = image_mean − text_mean``. ``reference_offset`` records that the
+    caption-time shift is applied without renormalising, as CapDec's released code does. ``gap_rank``
+    > 0 adds the gap covariance of the pairs (:func:`gap_covariance`).
     Returns the ``noise.json`` dict (module docstring); statistics are computed in float64 on the
     re-normalised embeddings, ``std_linf`` is the population standard deviation over pairs.
     """
@@ -88,7 +127,7 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
 
     v = _unit64(_encode_images(encoder, images, batch_size, "calibrate: paired images"))
     t = _unit64(encoder.encode_text(texts))
-    diff = v[torch.tensor(owner)] - t  # (pairs, d)
+    diff = v[torch.tensor(owner)] - t  # (pairs, d): the modality gap of each pair
     linf = diff.abs().amax(dim=-1)
     eps = float(linf.mean())
     out: dict[str, Any] = {
@@ -105,24 +144,64 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
         "mean_l2": float(diff.norm(dim=-1).mean()),
         "mean_cosine": float((v[torch.tensor(owner)] * t).sum(-1).mean()),
     }
-    if extra_images is not None:
-        paired = {os.path.abspath(p) for p in images if isinstance(p, (str, os.PathLike))}
-        extra = [im for im in extra_images
-                 if not (isinstance(im, (str, os.PathLike)) and os.path.abspath(im) in paired)]
-        if len(extra) < len(extra_images):
-            logger.info("%d of the extra images are paired images too; counted once",
-                        len(extra_images) - len(extra))
-        all_v = torch.cat([v, _unit64(_encode_images(encoder, extra, batch_size, "calibrate: images"))])
-        image_mean, text_mean = all_v.mean(dim=0), t.mean(dim=0)
+    if gap_rank > 0:
+        if len(texts) < 2:
+            raise InputError("calibrate: the gap covariance needs at least 2 pairs")
+        factor, diag = gap_covariance(diff, gap_rank)
+        out.update({"gap_factor": factor.tolist(), "gap_diag": diag.tolist(), "gap_rank": int(factor.shape[0]),
+                    "gap_pairs": len(texts)})
+    if extra_images is not None or text_store is not None:
+        all_v = v
+        if extra_images is not None:
+            paired = {os.path.abspath(p) for p in images if isinstance(p, (str, os.PathLike))}
+            extra = [im for im in extra_images
+                     if not (isinstance(im, (str, os.PathLike)) and os.path.abspath(im) in paired)]
+            if len(extra) < len(extra_images):
+                logger.info("%d of the extra images are paired images too; counted once",
+                            len(extra_images) - len(extra))
+            all_v = torch.cat([v, _unit64(_encode_images(encoder, extra, batch_size, "calibrate: images"))])
+        if text_store is not None:
+            from capdec.encoders.base import check_identity
+
+            check_identity(text_store.encoder_identity, encoder.identity, what=f"embedding store {text_store.path}")
+            text_mean, n_texts = store_centroid(text_store, max_texts)
+        else:
+            text_mean, n_texts = t.mean(dim=0), len(texts)
+        image_mean = all_v.mean(dim=0)
         offset = image_mean - text_mean
         out.update({
             "image_mean": image_mean.tolist(), "text_mean": text_mean.tolist(), "offset": offset.tolist(),
-            "offset_norm": float(offset.norm()), "n_images": int(all_v.shape[0]), "n_texts": len(texts),
+            "offset_norm": float(offset.norm()), "n_images": int(all_v.shape[0]), "n_texts": n_texts,
+            "text_mean_source": "store" if text_store is not None else "pairs",
+            "renormalize_shift": not reference_offset,
         })
     from capdec import __version__
 
     out["capdec_version"] = __version__
     return out
+
+
+def gap_covariance(residuals, rank: int) -> tuple[Any, Any]:
+    """Low-rank + diagonal fit of the covariance of ``residuals`` (n, d): (factor (r, d), diag (d,)).
+
+    The sample covariance S (rows centred, n − 1 in the denominator) is split into its top-``rank``
+    eigen-directions, ``factor = √λ·uᵀ``, and the diagonal of what they leave, clipped at 0; so
+    ``trace(factorᵀ·factor) + sum(diag) = trace(S)``. ``rank`` is cut to n − 1 (S has no more).
+    """
+    import torch
+
+    r = residuals.double()
+    n, d = r.shape
+    if n < 2:
+        raise InputError("the gap covariance needs at least 2 pairs")
+    centred = r - r.mean(dim=0)
+    cov = centred.T @ centred / (n - 1)  # (d, d)
+    rank = max(0, min(rank, n - 1, d))
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0)[:rank].clamp(min=0), evecs.flip(1)[:, :rank]
+    factor = (evecs * evals.sqrt()).T  # (r, d)
+    diag = (cov.diagonal() - (factor * factor).sum(dim=0)).clamp(min=0)
+    return factor, diag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +228,7 @@ def _validate_noise(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{where}: a noise file holds a JSON object, got {type(data).__name__}")
     fmt = data.get("format")
-    if fmt != NOISE_FORMAT:
+    if fmt not in NOISE_FORMATS:
         raise InputError(f"{where}: not a capdec noise file (format {fmt!r}, expected {NOISE_FORMAT!r}); "
                          f"make one with 'capdec calibrate'")
     out = dict(data)
@@ -174,9 +253,20 @@ def _validate_noise(data: Any, where: str) -> dict[str, Any]:
     dim = data.get("dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
         raise InputError(f"{where}: 'dim' must be a positive integer, got {dim!r}")
-    for key in ("offset", "image_mean", "text_mean"):
+    for key in ("offset", "image_mean", "text_mean", "gap_diag"):
         if data.get(key) is not None:
             out[key] = _finite_vector(data[key], key, where, dim)
+    if (data.get("gap_factor") is None) != (data.get("gap_diag") is None):
+        raise InputError(f"{where}: a gap covariance needs both 'gap_factor' and 'gap_diag'")
+    if data.get("gap_factor") is not None:
+        factor = data["gap_factor"]
+        if not isinstance(factor, list):
+            raise InputError(f"{where}: 'gap_factor' must be a list of rows")
+        out["gap_factor"] = [_finite_vector(row, "gap_factor", where, len(out["gap_diag"])) for row in factor]
+        if any(x < 0 for x in out["gap_diag"]):
+            raise InputError(f"{where}: 'gap_diag' holds variances: they must be >= 0")
+    if not isinstance(data.get("renormalize_shift", True), bool):
+        raise InputError(f"{where}: 'renormalize_shift' must be true or false")
     for key in ("encoder", "encoder_identity"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise InputError(f"{where}: {key!r} must be a JSON object")

@@ -261,7 +261,8 @@ def prepare_image_embeddings(v: torch.Tensor, cfg: InferenceConfig, *, noise: No
         raise InputError("this checkpoint was trained with --center: give the image mean "
                          "(--image-mean FILE, e.g. a calibrate noise.json) so images are centred too")
     vec = lambda x: None if x is None else torch.as_tensor(x, dtype=torch.float32)  # noqa: E731
-    q = shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean), normalize_output=cfg.normalize)
+    q = shift_embeddings(v.float(), shift=vec(cfg.shift), mean=vec(cfg.image_mean), normalize_output=cfg.normalize,
+                         renormalize_shift=cfg.renormalize_shift)
     if cfg.project:
         if memory is None:
             raise InputError("projection needs a text memory: train with --save-memory or give --memory")

@@ -33,6 +33,7 @@ PAPER_VARIANCE = 0.016  # CapDec's ε² for COCO (RN50x4, 640-d)
 MAPPER_VARIANTS = ("clipcap", "legacy")  # transformer mapper layers: ClipCap's exact ones, or capdec's earlier GELU
 STRATEGIES = ("beam", "greedy", "sample")
 EARLY_STOPPING = ("exact", "heuristic")  # when a beam search may end (capdec.decode._beam)
+NOISE_SHAPES = ("isotropic", "gap")
 DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
 MEMORY_BACKENDS = ("auto", "torch", "faiss")
 MEMORY_INDEXES = ("flat", "ivf")
@@ -69,11 +70,38 @@ class NoiseConfig(_FromRecipe, Config):
     offset: list[float] | None = option(None, "modality offset added to t (image − text mean)", cli=False,
                                         repr=False)
     source: str | None = option(None, "where the values came from (e.g. a calibrate noise.json path)", cli=False)
+    shape: str = option("isotropic", "isotropic: CapDec's N(0, ε²·I); gap: shaped like the modality gap, N(0, "
+                                     "gap-scale × the gap covariance of the --noise-file, from 'capdec calibrate "
+                                     "--gap-rank'), plus isotropic noise only if --noise-variance is given",
+                        choices=NOISE_SHAPES, flag="noise-shape")
+    # the modality gap's covariance (capdec calibrate --gap-rank): noise n ~ N(0, gap_scale·(FᵀF + diag(g)))
+    gap_factor: list[list[float]] | None = option(None, "low-rank factor F (r, d) of the gap covariance (filled from "
+                                                        "a noise file)", cli=False, repr=False)
+    gap_diag: list[float] | None = option(None, "diagonal variances of the gap covariance", cli=False, repr=False)
+    gap_scale: float = option(1.0, "multiplies the gap covariance of a --noise-shape gap noise file (a variance "
+                                   "factor: 2 doubles the variance)", flag="noise-gap-scale")
+    scale_spread: float = option(0.0, "per-caption noise scale: each caption's noise std is multiplied by s drawn "
+                                      "uniformly from [1 − spread, 1 + spread] (0 = every caption the same; 1 = from "
+                                      "no noise to twice the std)", flag="noise-scale-spread")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.variance < 0 or not math.isfinite(self.variance):
             raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}")
+        if self.gap_scale < 0 or not math.isfinite(self.gap_scale):
+            raise InputError(f"noise gap scale must be a finite number ≥ 0, got {self.gap_scale}")
+        if not 0 <= self.scale_spread <= 1:
+            raise InputError(f"noise scale spread must be in [0, 1], got {self.scale_spread}")
+        if (self.gap_factor is None) != (self.gap_diag is None):
+            raise InputError("a gap covariance needs both its factor and its diagonal")
+        if self.shape == "gap" and self.gap_diag is None:
+            raise InputError("noise shape 'gap' needs the gap covariance of a noise file made by 'capdec calibrate "
+                             "--gap-rank R'")
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the noise has the modality gap's covariance (from a calibrate noise file)."""
+        return self.shape == "gap"
 
     @property
     def epsilon(self) -> float:
@@ -191,6 +219,9 @@ class InferenceConfig(Config):
 
     normalize: bool = option(True, "L2-normalise image embeddings (as the training text embeddings were)", cli=False)
     shift: list[float] | None = option(None, "added after normalising, then renormalised", cli=False, repr=False)
+    renormalize_shift: bool = option(True, "renormalise after adding the shift (off: as CapDec's released "
+                                           "predictions_runner.py, which decodes normalize(v) + shift as is)",
+                                     cli=False)
     image_mean: list[float] | None = option(None, "subtracted first (C3 centering)", cli=False, repr=False)
     project: bool = option(False, "DeCap: at caption time, replace image embeddings by their softmax-weighted "
                                   "projection onto the text memory (implies --save-memory)")

@@ -207,6 +207,10 @@ def render_model_card(config: dict[str, Any], card: dict[str, Any] | None = None
     lines += _table([("variance ε²", variance), ("ε", math.sqrt(variance) if isinstance(variance, (int, float))
                                                  and variance >= 0 else None),
                      ("distribution", noise.get("distribution")), ("normalised", noise.get("normalize")),
+                     ("shape", "the modality gap's covariance (rank "
+                               f"{len(noise.get('gap_factor') or [])} + diagonal) × {noise.get('gap_scale')}"
+                      if noise.get("shape") == "gap" else None),
+                     ("per-caption scale", f"1 ± {noise['scale_spread']}" if noise.get("scale_spread") else None),
                      ("centred (C3)", noise.get("center")),
                      ("modality offset", bool(noise.get("offset"))),
                      ("values from", noise.get("source"))])

@@ -43,16 +43,36 @@ def uniform_ball_noise(shape: torch.Size | tuple[int, ...], radius: float, *, li
     return (direction * r).to(device=like.device, dtype=like.dtype)
 
 
+def gap_noise(shape: torch.Size | tuple[int, ...], factor: torch.Tensor, diag: torch.Tensor, *, like: torch.Tensor,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gaussian noise with covariance ``factorᵀ·factor + diag(diag)``: ``z₁·factor + √diag ⊙ z₂``.
+
+    ``factor`` is (r, d), ``diag`` (d,) variances; z₁ (…, r) and z₂ (…, d) are standard normal. The
+    low-rank part carries the directions in which image embeddings stray from their captions'
+    (the modality gap's principal axes), the diagonal the rest.
+    """
+    *lead, d = shape
+    dev = _gen_device(generator, like)
+    z1 = torch.randn((*lead, factor.shape[0]), generator=generator, device=dev, dtype=torch.float32)
+    z2 = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    n = z1.to(factor.device) @ factor.float() + z2.to(diag.device) * diag.float().clamp(min=0).sqrt()
+    return n.to(device=like.device, dtype=like.dtype)
+
+
 def _gen_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
     return generator.device if generator is not None else like.device
 
 
 def add_noise(t: torch.Tensor, config: NoiseConfig, *, generator: torch.Generator | None = None,
-              offset: torch.Tensor | None = None, mean: torch.Tensor | None = None) -> torch.Tensor:
+              offset: torch.Tensor | None = None, mean: torch.Tensor | None = None,
+              sample: bool = True) -> torch.Tensor:
     """CapDec training input: (centre) → normalise → + offset → + noise → normalise.
 
     ``offset``/``mean`` are (d,) tensors (the modality offset and the text mean for centering);
-    when None they are taken from ``config`` (offset) or skipped.
+    when None they are taken from ``config`` (offset) or skipped. The noise is isotropic
+    (``variance``) and/or shaped like the modality gap (``gap_factor``/``gap_diag`` × ``gap_scale``),
+    each caption's scaled by a factor from ``1 ± scale_spread``. ``sample=False``: every
+    deterministic step (centre, offset, normalise) but no noise — the clean validation input.
     """
     x = t
     if config.center:
@@ -69,20 +89,47 @@ def add_noise(t: torch.Tensor, config: NoiseConfig, *, generator: torch.Generato
         if offset.shape[-1] != x.shape[-1]:
             raise InputError(f"modality offset has dimension {offset.shape[-1]} but embeddings have {x.shape[-1]}")
         x = x + offset.to(x)
-    if config.variance > 0:
-        if config.distribution == "gaussian":
-            x = x + gaussian_noise(x.shape, config.variance, like=x, generator=generator)
-        else:
-            x = x + uniform_ball_noise(x.shape, config.epsilon, like=x, generator=generator)
+    if sample:
+        x = x + _sample_noise(x, config, generator)
     return normalize(x) if config.normalize else x
 
 
+def _sample_noise(x: torch.Tensor, config: NoiseConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The noise of ``config`` for each row of ``x`` (b, d): isotropic and/or gap-shaped, per-caption scaled."""
+    n = torch.zeros_like(x)
+    if config.variance > 0:
+        if config.distribution == "gaussian":
+            n = n + gaussian_noise(x.shape, config.variance, like=x, generator=generator)
+        else:
+            n = n + uniform_ball_noise(x.shape, config.epsilon, like=x, generator=generator)
+    if config.shaped and config.gap_scale > 0:
+        factor, diag = gap_tensors(config)
+        if diag.shape[0] != x.shape[-1]:
+            raise InputError(f"the gap covariance has dimension {diag.shape[0]} but embeddings have {x.shape[-1]}")
+        std = math.sqrt(config.gap_scale)
+        n = n + std * gap_noise(x.shape, factor.to(x.device), diag.to(x.device), like=x, generator=generator)
+    if config.scale_spread > 0:
+        u = torch.rand((*x.shape[:-1], 1), generator=generator, device=_gen_device(generator, x))
+        n = n * (1 + config.scale_spread * (2 * u - 1)).to(n)
+    return n
+
+
+def gap_tensors(config: NoiseConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gap covariance of ``config`` as tensors: factor (r, d) and diagonal (d,)."""
+    if config.gap_diag is None:
+        raise ValueError("this noise config has no gap covariance")
+    diag = torch.tensor(config.gap_diag, dtype=torch.float32)
+    factor = torch.tensor(config.gap_factor or [], dtype=torch.float32).reshape(-1, diag.shape[0])
+    return factor, diag
+
+
 def shift_embeddings(v: torch.Tensor, *, shift: torch.Tensor | None = None, mean: torch.Tensor | None = None,
-                     normalize_output: bool = True) -> torch.Tensor:
+                     normalize_output: bool = True, renormalize_shift: bool = True) -> torch.Tensor:
     """Inference-side embedding preparation: (− mean) → normalise → (+ shift) → normalise.
 
     ``mean`` is e.g. the mean image embedding of unlabelled images (C3 centering); ``shift`` a
     vector added to move image embeddings toward the text cone (e.g. text mean − image mean).
+    ``renormalize_shift=False`` skips the last normalisation (CapDec's released inference code).
     """
     x = v
     if mean is not None:
@@ -93,7 +140,7 @@ def shift_embeddings(v: torch.Tensor, *, shift: torch.Tensor | None = None, mean
         if shift.shape[-1] != x.shape[-1]:
             raise InputError(f"shift vector has dimension {shift.shape[-1]} but embeddings have {x.shape[-1]}")
         x = x + shift.to(x)
-        if normalize_output:
+        if normalize_output and renormalize_shift:
             x = normalize(x)
     return x
 

@@ -14,8 +14,14 @@ DESCRIPTION = (
     "suffice), variance = ε². PAIRS is a JSON Lines file of {\"image\": path, \"caption\": text} or a "
     "folder of images with --captions (a file mapping file names to captions, e.g. {name: [captions]} "
     "or COCO annotations), or a Karpathy-split file (dataset_coco.json) with --split and --images-root. "
-    "With --images DIR (unlabelled images), also the image and text centroids and "
-    "the modality offset (image mean - text mean). Writes noise.json for 'capdec train --noise-file'."
+    "With --images DIR (unlabelled images) and/or --store STORE (the training captions' embedding store), "
+    "also the image and text centroids and the modality offset (image mean - text mean): the image mean over "
+    "the paired and unlabelled images, the text mean over the store's rows (else the paired captions). "
+    "--reference-offset marks it for use the way CapDec's released code does (text centroid from 20,000 "
+    "training rows: give --store and --max-texts 20000; at caption time the shift is added to the normalised "
+    "image embedding without renormalising). --gap-rank R also fits the covariance of the pairs' gaps "
+    "(normalize(image) - normalize(caption)) as a rank-R factor plus a diagonal, for 'capdec train "
+    "--noise-shape gap'. Writes noise.json for 'capdec train --noise-file' and 'capdec caption --shift'."
 )
 
 logger = logging.getLogger("capdec.cli.calibrate")
@@ -35,6 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "give the pairs (default val; --max-pairs takes the first ones)")
     parser.add_argument("--images", metavar="DIR",
                         help="more (unlabelled) images for the centroids and the modality offset")
+    parser.add_argument("--store", metavar="STORE",
+                        help="embedding store of the training captions ('capdec embed', same encoder): the text "
+                             "centroid of the modality offset comes from its rows instead of the paired captions")
+    parser.add_argument("--max-texts", type=int, metavar="N",
+                        help="with --store: average its first N rows only (CapDec's released code used 20,000)")
+    parser.add_argument("--reference-offset", action="store_true",
+                        help="record that the offset is applied as CapDec's released code does: 'capdec caption "
+                             "--shift' adds it to the normalised image embedding without renormalising")
+    parser.add_argument("--gap-rank", type=int, default=0, metavar="R",
+                        help="also fit the pairs' gap covariance as a rank-R factor plus a diagonal, for 'capdec "
+                             "train --noise-shape gap' (R is cut to the number of pairs - 1; 0: none)")
     parser.add_argument("--max-pairs", type=int, metavar="N",
                         help="use only the first N image/caption pairs (default: all)")
     parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")
@@ -67,6 +84,21 @@ def run(args: argparse.Namespace) -> int:
     paths, caps = read_pairs(args.pairs, captions=args.captions, images_root=args.images_root, split=args.split)
     if args.max_pairs is not None:
         paths, caps = _first_pairs(paths, caps, args.max_pairs)
+    if args.max_texts is not None and args.max_texts < 1:
+        raise InputError(f"--max-texts must be >= 1, got {args.max_texts}")
+    if args.max_texts is not None and not args.store:
+        raise InputError("--max-texts needs --store (the rows it averages)")
+    if args.gap_rank < 0:
+        raise InputError(f"--gap-rank must be >= 0, got {args.gap_rank}")
+    if args.reference_offset and not (args.store or args.images):
+        raise InputError("--reference-offset needs an offset: give --store and/or --images")
+    store = None
+    if args.store:
+        from capdec.store import EmbeddingStore
+
+        store = EmbeddingStore.open(args.store)
+        if store.modality != "text":
+            raise InputError(f"--store {args.store} holds image embeddings; give the training captions' text store")
     extra = None
     if args.images:
         extra = list_images(args.images)
@@ -76,12 +108,20 @@ def run(args: argparse.Namespace) -> int:
     if n_pairs < 5:
         logger.warning("only %d pairs: ε will be a rough estimate (the paper uses about 15)", n_pairs)
     encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
-    stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size)
+    stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size, text_store=store,
+                      max_texts=args.max_texts, gap_rank=args.gap_rank, reference_offset=args.reference_offset)
     stats["pairs_source"] = str(args.pairs)
     if args.images:
         stats["images_source"] = str(args.images)
+    if args.store:
+        stats["store_source"] = str(args.store)
     write_noise_file(args.out, stats)
-    offset = f", offset norm {stats['offset_norm']:.4f} from {stats['n_images']} images" if extra else ""
+    offset = ""
+    if "offset" in stats:
+        offset = (f", offset norm {stats['offset_norm']:.4f} ({stats['n_images']} images, {stats['n_texts']} "
+                  f"{'store rows' if store is not None else 'captions'})")
+    if "gap_rank" in stats:
+        offset += f", gap covariance of rank {stats['gap_rank']} (+ diagonal)"
     print(f"ε = {stats['epsilon']:.5f} (variance {stats['variance']:.6f}) from {stats['n_pairs']} pairs "
           f"of {stats['n_paired_images']} images; mean L2 {stats['mean_l2']:.4f}, mean cosine "
           f"{stats['mean_cosine']:.4f}{offset} -> {args.out}")

@@ -72,7 +72,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     enc.add_argument("--shift", metavar="FILE",
                      help="vector added to the normalised image embeddings (.npy, JSON list, or {\"shift\": [...]}); "
                           "given calibrate's noise.json, the shift is text mean − image mean (= −offset), which "
-                          "moves image embeddings toward the captions'. Overrides the checkpoint's")
+                          "moves image embeddings toward the captions'; given CapDec's centers file as JSON "
+                          "({\"offset_to_add_in_inference\": [...]}), that vector. Overrides the checkpoint's. The "
+                          "shifted embedding is renormalised, unless the file says the offset is CapDec's released "
+                          "code's (calibrate --reference-offset, or CapDec's centers file), which adds it as is")
+    enc.add_argument("--renormalize-shift", action=argparse.BooleanOptionalAction, default=None,
+                     help="renormalise the image embedding after adding --shift (default: as the shift file says, "
+                          "else as the checkpoint records, else on)")
     enc.add_argument("--image-mean", metavar="FILE",
                      help="vector subtracted from image embeddings first (.npy, JSON list, or noise.json "
                           "'image_mean'); overrides the checkpoint's")
@@ -164,19 +170,31 @@ class _Writer:
                 self.partial.unlink(missing_ok=True)
 
 
-def _read_shift(path: str) -> list[float]:
-    """The caption-time shift: a plain vector / {"shift": ...} as is, or a calibrate noise.json's
-    ``-offset``: its offset is image mean − text mean (added to *text* embeddings in training), and an
-    image embedding moves toward the text cone by the opposite vector."""
+REFERENCE_SHIFT_KEY = "offset_to_add_in_inference"  # CapDec's CLIP_embeddings_centers_info (converted to JSON)
+
+
+def _read_shift(path: str) -> tuple[list[float], bool | None]:
+    """The caption-time shift and whether to renormalise after it (None: the file does not say).
+
+    A plain vector / {"shift": ...} is used as is; a calibrate noise.json gives ``-offset`` (its offset
+    is image mean − text mean, added to *text* embeddings in training, and an image embedding moves
+    toward the text cone by the opposite vector) and its ``renormalize_shift``; CapDec's centers file
+    its ``offset_to_add_in_inference``, added without renormalising as CapDec's predictions_runner.py does.
+    """
     from capdec.io.vectors import read_vector
 
     if Path(path).suffix.lower() == ".json":
         from capdec.io.text import read_json
 
         data = read_json(path)
-        if isinstance(data, dict) and data.get("shift") is None and data.get("offset") is not None:
-            return [-x for x in read_vector(path, keys=("offset",))]
-    return read_vector(path, keys=("shift",))
+        if isinstance(data, dict) and data.get("shift") is None:
+            if data.get(REFERENCE_SHIFT_KEY) is not None:
+                return read_vector(path, keys=(REFERENCE_SHIFT_KEY,)), False
+            if data.get("offset") is not None:
+                renormalize = data.get("renormalize_shift")
+                return [-x for x in read_vector(path, keys=("offset",))], (
+                    renormalize if isinstance(renormalize, bool) else None)
+    return read_vector(path, keys=("shift",)), None
 
 
 def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,7 +204,11 @@ def _inference_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if args.normalize is not None:
         overrides["normalize"] = args.normalize
     if args.shift:
-        overrides["shift"] = _read_shift(args.shift)
+        overrides["shift"], renormalize = _read_shift(args.shift)
+        if renormalize is not None:
+            overrides["renormalize_shift"] = renormalize
+    if args.renormalize_shift is not None:
+        overrides["renormalize_shift"] = args.renormalize_shift
     if args.image_mean:
         overrides["image_mean"] = read_vector(args.image_mean, keys=("image_mean", "mean"))
     for name in ("project", "tau", "project_k"):

@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "image stores; 0 = no noise)"}})
     g.add_argument("--noise-file", help="noise.json from 'capdec calibrate': its variance (unless "
                                         "--noise-variance is given) and, with --use-offset, its modality offset")
-    add_config_arguments(g, NoiseConfig, ["distribution"])
+    add_config_arguments(g, NoiseConfig, ["distribution", "shape", "gap_scale", "scale_spread"])
     g.add_argument("--use-offset", action="store_true",
                    help="add the noise file's modality offset (image mean − text mean) to text embeddings")
     add_config_arguments(g, NoiseConfig, ["center"])

@@ -427,7 +427,6 @@ def evaluate_loss(model: CapDecModel, data: TextData, idx: torch.Tensor, noise: 
     autocast = autocast or contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    clean = NoiseConfig(**{**noise.to_dict(), "variance": 0.0})
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     for start in range(0, len(idx), config.batch_size):
         b = idx[start : start + config.batch_size]
@@ -437,7 +436,7 @@ def evaluate_loss(model: CapDecModel, data: TextData, idx: torch.Tensor, noise: 
         ids, mask = data.tokens_at(b, max_length=model.config.max_length, eos=model.eos_token_id,
                                    pad=model.pad_token_id)
         ids, mask = _to_device(ids, device), _to_device(mask, device)
-        emb = add_noise(data.embeddings_at(b).to(device=device, dtype=torch.float32), clean)
+        emb = add_noise(data.embeddings_at(b).to(device=device, dtype=torch.float32), noise, sample=False)
         extra = retrieval(emb) if retrieval is not None else {}
         with autocast:
             total[0] += model(emb, ids, mask, reduction="sum", **extra).double()

@@ -10,7 +10,8 @@ source         what it gives
 =============  ==========================================================================================
 flag           ``capdec train``'s flags; from Python, ``argument`` (a config object counts whole)
 config file    ``capdec train --config FILE`` (the CLI makes them its parser's defaults, so flags win)
-noise file     a calibrated ``noise.json`` (``--noise-file``): ε², and with ``--use-offset`` its offset
+noise file     a calibrated ``noise.json`` (``--noise-file``): ε² (with ``--noise-shape gap``: its gap
+               covariance instead), and with ``--use-offset`` its offset
 recipe         ``--recipe NAME`` (:mod:`capdec.recipes`): never what a checkpoint fixes, never noise on an
                image store
 checkpoint     ``--resume``: everything the run recorded; ``--init-from``: the architecture
@@ -322,7 +323,8 @@ class _Layers:
     def add_files(self, inputs: dict[str, Any], data: TextData) -> None:
         """The values read from files (noise file, image mean), once the combinations are known to be valid."""
         if inputs["noise_file"]:
-            self.noise_file.update(_noise_file_values(inputs["noise_file"], inputs["use_offset"], data))
+            self.noise_file.update(_noise_file_values(inputs["noise_file"], inputs["use_offset"], data,
+                                                      shape=self.get("noise.shape").value))
         if inputs["image_mean"] is not None:
             self.explicit["inference.image_mean"] = Sourced(_vector(inputs["image_mean"]), self.sources["image_mean"])
 
@@ -377,14 +379,22 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
         raise InputError("--image-mean only makes sense with --center")
     if layers.get("inference.project").value and center:
         raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
+    if layers.get("noise.shape").value == "gap" and not inputs["noise_file"] and layers.mode != "resume":
+        raise InputError("--noise-shape gap needs --noise-file (a 'capdec calibrate --gap-rank R' noise.json)")
 
 
-def _noise_file_values(path: str | os.PathLike, use_offset: bool, data: TextData) -> dict[str, Sourced]:
-    """A calibrated noise.json's ε² (and modality offset, with ``use_offset``)."""
+def _noise_file_values(path: str | os.PathLike, use_offset: bool, data: TextData, *,
+                       shape: str = "isotropic") -> dict[str, Sourced]:
+    """A calibrated noise.json's ε² (and modality offset, with ``use_offset``). With ``shape`` "gap", its gap
+    covariance instead of the ε² (isotropic noise then only from an explicit --noise-variance)."""
     from capdec.calibrate import read_noise_file
 
     nf = read_noise_file(path, encoder_identity=data.encoder_identity)
     values = {"noise.variance": float(nf["variance"]), "noise.source": str(path)}
+    if shape == "gap":
+        if nf.get("gap_diag") is None:
+            raise InputError(f"{path} has no gap covariance; calibrate with --gap-rank R")
+        values.update({"noise.variance": 0.0, "noise.gap_factor": nf["gap_factor"], "noise.gap_diag": nf["gap_diag"]})
     if use_offset:
         if nf.get("offset") is None:
             raise InputError(f"{path} has no modality offset; calibrate with --images to compute one")
