@@ -145,21 +145,24 @@ class Captioner:
         return prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
                                         memory=self._memory(retrieval=False, project=cfg.project))
 
-    def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def prefix(self, embeddings: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(n, d) raw image embeddings -> the LM prefix (n, L', h): prepared, then retrieval-augmented if the
-        checkpoint is (with its own memory unless one was given)."""
+        checkpoint is (with its own memory unless one was given). A model with entity prompts gets one
+        (L' + p_i, h) prefix per image instead, its hard prompt appended (for :func:`capdec.decode.generate`)."""
         cfg = self.checkpoint.inference_config(**self.inference)
-        retrieval = bool(self.model.config.retrieval_k)
+        retrieval = bool(self.model.config.retrieval_k or self.model.config.entity_prompt)
         memory = self._memory(retrieval=retrieval, project=cfg.project)
         q = prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
                                      memory=memory)
-        extra: dict[str, torch.Tensor] = {}
+        extra: dict[str, Any] = {}
         if retrieval:
             from capdec.retrieval import RetrievalContext
 
             extra = RetrievalContext(memory, self.model)(q)
+        prompts = extra.pop("prompt_ids", None)
         with torch.inference_mode():
-            return self.model.prefix(q, **extra)
+            prefix = self.model.prefix(q, **extra)
+            return prefix if prompts is None else self.model.with_prompts(prefix, prompts)
 
     def _memory(self, *, retrieval: bool, project: bool) -> Any:
         """The text memory projection / retrieval use: the one given, else the checkpoint's (None when unused)."""
@@ -167,7 +170,7 @@ class Captioner:
             return self.memory
         memory = self.memory if self.memory is not None else self.checkpoint.memory
         if memory is None and retrieval:
-            raise InputError(f"{self.checkpoint.path} is retrieval-augmented but has no memory/; give --memory")
+            raise InputError(f"{self.checkpoint.path} retrieves training captions but has no memory/; give --memory")
         return memory
 
     def _check_dim(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -181,8 +184,9 @@ class Captioner:
 
     def _caption_embeddings(self, emb: torch.Tensor, cfg: DecodeConfig) -> list[str]:
         """Raw (b, d) image embeddings -> captions: prepare, prefix (with retrieval), decode."""
-        prefix = self.prefix(emb)  # (b, L, h)
-        return self.model.decode_ids(generate(self.model, prefix.to(self.device), config=cfg))
+        prefix = self.prefix(emb)  # (b, L, h), or one (L + p_i, h) per image with entity prompts
+        prefix = [p.to(self.device) for p in prefix] if isinstance(prefix, list) else prefix.to(self.device)
+        return self.model.decode_ids(generate(self.model, prefix, config=cfg))
 
     @torch.inference_mode()
     def caption_embeddings(self, embeddings: Any, *, batch_size: int = 64, show_progress: bool | None = None,

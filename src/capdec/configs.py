@@ -34,6 +34,7 @@ MAPPER_VARIANTS = ("clipcap", "legacy")  # transformer mapper layers: ClipCap's 
 STRATEGIES = ("beam", "greedy", "sample")
 EARLY_STOPPING = ("exact", "heuristic")  # when a beam search may end (capdec.decode._beam)
 NOISE_SHAPES = ("isotropic", "gap")
+RETRIEVAL_FUSIONS = ("ifcap", "embedding")
 DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
 MEMORY_BACKENDS = ("auto", "torch", "faiss")
 MEMORY_INDEXES = ("flat", "ivf")
@@ -143,9 +144,30 @@ class ModelConfig(_FromRecipe, Config):
     retrieval_k: int = option(0, "IFCap: fuse the k nearest training captions (of the noised query) with the query "
                                  "through cross-attention before the mapper (0 = off); the memory is kept in the "
                                  "checkpoint")
-    entity_slots: int = option(0, "IFCap entity filtering: up to N words frequent among the retrieved captions "
-                                  "become extra prefix vectors the decoder can copy (needs --retrieval-k)")
-    entity_min_count: int = option(2, "a word must occur in at least this many retrieved captions to be an entity")
+    retrieval_fusion: str = option("ifcap", "how retrieved captions are fused: ifcap (IFCap's Fusion Module: the "
+                                            "mapper's clip tokens cross-attend over the retrieved captions mapped to "
+                                            "the LM size; transformer mapper) or embedding (capdec's earlier fusion "
+                                            "in CLIP space)", choices=RETRIEVAL_FUSIONS)
+    retrieval_variance: float | None = option(None, "IFCap image-like retrieval: in training, retrieve with the "
+                                                    "caption's embedding plus isotropic noise of this variance "
+                                                    "(IFCap: 0.04) instead of the decoder's noised input")
+    entity_slots: int = option(0, "capdec's earlier entity filtering: up to N words frequent among the retrieved "
+                                  "captions become extra prefix vectors the decoder can copy (needs --retrieval-k)")
+    entity_min_count: int = option(2, "with --entity-slots: a word must occur in at least this many retrieved "
+                                      "captions to be an entity")
+    entity_prompt: bool = option(False, "IFCap / ViECap entity hard prompt after the soft prefix: 'There are e1, e2 "
+                                        "in image.' In training the caption's own entities (words of "
+                                        "--entity-vocab), each left out with probability --entity-mask; at caption "
+                                        "time IFCap's frequency-based entity filtering: the entities found at least "
+                                        "--entity-threshold times in the image's --entity-retrieve nearest captions")
+    entity_vocab: list[str] | None = option(None, "the entity words (filled from --entity-vocab FILE)", cli=False,
+                                            repr=False)
+    entity_mask: float = option(0.4, "training: probability of leaving each entity out of the prompt (IFCap 0.4)")
+    entity_retrieve: int = option(9, "caption time: captions retrieved for entity filtering (IFCap: 9 on COCO, 7 on "
+                                     "Flickr30k)")
+    entity_threshold: int = option(5, "caption time: occurrences among them that make an entity (IFCap: 5 on COCO, "
+                                      "3 on Flickr30k)")
+    entity_max: int = option(10, "at most this many entities in a prompt")
     lm_config: dict[str, Any] | None = option(None, "resolved transformers config (filled at build)", cli=False,
                                               repr=False)
 
@@ -159,6 +181,22 @@ class ModelConfig(_FromRecipe, Config):
                 raise InputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if self.entity_slots and not self.retrieval_k:
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
+        if self.retrieval_fusion not in RETRIEVAL_FUSIONS:
+            raise InputError(f"retrieval_fusion must be one of {', '.join(RETRIEVAL_FUSIONS)}, "
+                             f"got {self.retrieval_fusion!r}")
+        if self.retrieval_k and self.retrieval_fusion == "ifcap" and self.mapper != "transformer":
+            raise InputError("IFCap's fusion works on the transformer mapper's clip tokens: use --mapper transformer "
+                             "or --retrieval-fusion embedding")
+        if self.retrieval_variance is not None and not (self.retrieval_variance >= 0
+                                                         and math.isfinite(self.retrieval_variance)):
+            raise InputError(f"retrieval_variance must be a finite number ≥ 0, got {self.retrieval_variance}")
+        if self.entity_prompt and not self.entity_vocab:
+            raise InputError("entity prompts need an entity vocabulary (--entity-vocab FILE: one word per line)")
+        if not 0 <= self.entity_mask < 1:
+            raise InputError(f"entity_mask must be in [0, 1), got {self.entity_mask}")
+        for name in ("entity_retrieve", "entity_threshold", "entity_max"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
             raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
 
@@ -167,6 +205,7 @@ class ModelConfig(_FromRecipe, Config):
         d = dict(d or {})
         if not strict:
             d.setdefault("mapper_variant", "legacy")  # written before the field existed: the GELU mapper
+            d.setdefault("retrieval_fusion", "embedding")  # likewise: capdec's earlier fusion in CLIP space
         return super().from_dict(d, strict=strict, where=where)
 
 

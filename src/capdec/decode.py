@@ -295,16 +295,29 @@ def _max_positions(lm: Any) -> int | None:
     return None
 
 
-def generate(model_or_lm: Any, prefix: torch.Tensor, *, eos_token_id: int | None = None,
+def generate(model_or_lm: Any, prefix: torch.Tensor | list[torch.Tensor], *, eos_token_id: int | None = None,
              config: DecodeConfig | None = None, **options: Any) -> list[list[int]]:
     """Decode token ids after ``prefix`` (b, L, h), one list per row (end-of-sequence not included).
 
+    ``prefix`` may also be a list of (L_i, h) prefixes of different lengths (entity prompts): rows of
+    one length are decoded together, and the results come back in the list's order.
     ``model_or_lm`` is a :class:`~capdec.model.CapDecModel` (its LM, end-of-sequence token and
     ``max_length`` are used) or a Hugging Face causal LM (then ``eos_token_id`` is required).
     Options are :class:`DecodeConfig` fields, given as ``config`` and/or keywords (keywords win)::
 
         generate(model, model.prefix(emb), strategy="beam", beam_size=5)
     """
+    if isinstance(prefix, (list, tuple)):
+        out: list[list[int]] = [[] for _ in prefix]
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prefix):
+            by_length.setdefault(p.shape[0], []).append(i)
+        for rows in by_length.values():
+            ids = generate(model_or_lm, torch.stack([prefix[i] for i in rows]), eos_token_id=eos_token_id,
+                           config=config, **options)
+            for i, seq in zip(rows, ids):
+                out[i] = seq
+        return out
     cfg = (config or DecodeConfig()).replace(**options) if options else (config or DecodeConfig())
     lm = getattr(model_or_lm, "lm", model_or_lm)
     if eos_token_id is None:

@@ -46,3 +46,33 @@ def test_experiments_decode_with_the_beam_stop_their_documented_numbers_had():
     assert (cfg.strategy, cfg.beam_size, cfg.early_stopping) == ("beam", 3, "heuristic")
     assert DecodeConfig().early_stopping == "exact"
     assert decode_config(replace(ExperimentConfig(), decode={"early_stopping": "exact"})).early_stopping == "exact"
+
+
+def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
+    """The gap run is calibrated as a user would (15 paired images × 5 captions, the store's text centre,
+    unlabelled images); the ifcap run carries IFCap's settings and the toy world's shape nouns as entities."""
+    import numpy as np
+
+    from capdec.checkpoint import load_checkpoint
+    from capdec.lab.experiment import entity_words
+
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--methods", "gap", "ifcap", *TINY]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"capdec", "gap", "ifcap"}
+    assert all(r["CIDEr"] is not None for r in metrics["results"].values())
+    cal = metrics["gap_calibration"]
+    assert (cal["n_paired_images"], cal["n_pairs"], cal["gap_rank"], cal["n_texts"]) == (15, 75, 32, 400)
+    assert cal["n_images"] == 15 + 1000  # the paired images and the unlabelled ones
+    gap = load_checkpoint(out / "runs" / "gap", device="cpu")
+    assert gap.noise.shape == "gap" and gap.noise.variance == 0.0 and len(gap.noise.gap_factor) == 32
+    texts = np.load(out / "data" / "text_store" / "embeddings.npy").astype(np.float64)
+    text_mean = (texts / np.linalg.norm(texts, axis=1, keepdims=True)).mean(0)
+    image_mean = np.array(gap.noise.offset) + text_mean  # offset = image mean − the store's text mean
+    assert np.linalg.norm(image_mean) > np.linalg.norm(text_mean) * 0.5  # an image centre, not zero
+    ifcap = load_checkpoint(out / "runs" / "ifcap", device="cpu").model_config
+    assert (ifcap.retrieval_k, ifcap.retrieval_fusion, ifcap.entity_prompt) == (5, "ifcap", True)
+    assert (ifcap.entity_retrieve, ifcap.entity_threshold, ifcap.entity_mask) == (9, 5, 0.4)
+    assert ifcap.retrieval_variance == 2.5 * TOY_NOISE_VARIANCE
+    assert ifcap.entity_vocab == entity_words() == ["box", "circle", "cross", "diamond", "disc", "dot", "rhombus",
+                                                    "sign", "square", "triangle"]

@@ -82,12 +82,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(g, NoiseConfig, ["center"])
 
     # None = not given: the ModelConfig default applies, or with --init-from the checkpoint's value
-    retrieval = ["retrieval_k", "entity_slots", "entity_min_count"]
+    retrieval = ["retrieval_k", "retrieval_fusion", "retrieval_variance", "entity_prompt", "entity_mask",
+                 "entity_retrieve", "entity_threshold", "entity_max", "entity_slots", "entity_min_count"]
     add_config_arguments(p.add_argument_group("model"), ModelConfig,
                          [f for f in _field_names(ModelConfig) if f not in retrieval], unset_default=True)
 
     g = p.add_argument_group("closing the modality gap further (recorded; 'capdec caption' can override)")
     add_config_arguments(g, ModelConfig, retrieval, unset_default=True)
+    g.add_argument("--entity-vocab", metavar="FILE",
+                   help="entity words for --entity-prompt, one per line (e.g. COCO's object categories or Visual "
+                        "Genome's objects); kept in the checkpoint")
     add_config_arguments(g, TrainConfig, ["save_memory"])
     add_config_arguments(g, InferenceConfig, ["project", "tau", "project_k"])
     g.add_argument("--image-mean", metavar="FILE",

@@ -8,7 +8,8 @@ re-export them.
 from __future__ import annotations
 
 # capdec demo --methods: the later methods the demo can add to CapDec (described in capdec.lab.demo)
-METHODS = ("projection", "capdec_projection", "centering", "retrieval", "retrieval_projection")
+METHODS = ("gap", "gap_projection", "projection", "capdec_projection", "centering", "retrieval",
+           "retrieval_projection", "ifcap", "gap_ifcap")
 # capdec sweep --variances: noise variances ε² trained by default (0 = no noise; 1.6e-2 is the paper's)
 DEFAULT_VARIANCES = (0.0, 1e-3, 4e-3, 1.6e-2, 4e-2, 1e-1)
 TOY_CALIBRATION_SEED = 123  # the scenes calibrate_toy draws its pairs from (train split)

@@ -25,7 +25,9 @@ from capdec.lab.experiment import (
     ExperimentConfig,
     ToyData,
     VariantResult,
+    entity_words,
     evaluate_checkpoint,
+    gap_noise,
     prepare_data,
     train_variant,
 )
@@ -44,9 +46,19 @@ DESCRIPTIONS = {
     "projection": "no-noise decoder, image embeddings projected onto the text memory (DeCap, τ=0.01)",
     "capdec_projection": "CapDec decoder + projection onto the text memory",
     "centering": "CapDec noise on mean-centred embeddings; images centred by their mean (C3)",
-    "retrieval": "CapDec noise + 5 retrieved captions fused by cross-attention, entity slots (IFCap)",
+    "gap": "CapDec with noise shaped like the modality gap (mean and covariance calibrated on 15 paired images)",
+    "gap_projection": "gap-noise decoder + projection onto the text memory",
+    "retrieval": "CapDec noise + 5 retrieved captions fused by cross-attention in CLIP space, entity slots (capdec's "
+                 "earlier IFCap approximation)",
     "retrieval_projection": "retrieval model + projection of the image embedding before retrieval",
+    "ifcap": "IFCap: image-like retrieval of 5 captions, its Fusion Module, entity hard prompts with frequency "
+             "filtering (9 retrieved, threshold 5), CapDec noise",
+    "gap_ifcap": "IFCap with the gap-shaped noise",
 }
+#: IFCap's settings (its COCO scripts: k 5, L 9, K 5, mask 0.4); the image-like retrieval variance is 2.5x the
+#: training noise's, as IFCap's 0.04 is of its 0.016
+IFCAP_MODEL = {"retrieval_k": 5, "retrieval_fusion": "ifcap", "entity_prompt": True, "entity_retrieve": 9,
+               "entity_threshold": 5, "entity_mask": 0.4}
 COMPARE = ("capdec", "no_noise", "supervised", "shifted")
 
 
@@ -66,7 +78,7 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
         from capdec.errors import InputError
 
         raise InputError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    needs_images = any(r in runs for r in ("shifted", "centering"))
+    needs_images = any(r in runs for r in ("shifted", "centering", "gap", "gap_projection", "gap_ifcap"))
     if data is None:
         config = config or ExperimentConfig()
         config = replace(config, n_paired=config.n_paired or (config.n_captions if "supervised" in runs else 0),
@@ -102,6 +114,17 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
                     r.scores.get("Bleu_4") or 0.0)
 
     memory_needed = any(r in runs for r in ("projection", "capdec_projection", "retrieval_projection"))
+    gap: dict[str, Any] = {}
+
+    def gap_config() -> NoiseConfig:
+        if not gap:
+            gap["noise"], stats = gap_noise(data)
+            gap["calibration"] = {k: stats[k] for k in ("n_pairs", "n_paired_images", "gap_rank", "offset_norm",
+                                                        "n_images", "n_texts")}
+        return gap["noise"]
+
+    def ifcap_model() -> dict[str, Any]:
+        return {**IFCAP_MODEL, "entity_vocab": entity_words(config.grammar)}
     for name in runs:
         if name == "capdec":
             evaluate(name, trained("capdec", noise=noise, save_memory=memory_needed), text_to_text=True)
@@ -121,13 +144,25 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
                          inference=InferenceConfig(image_mean=data.image_mean.tolist()))
             evaluate(name, ck, text_to_text=True)
         elif name in ("retrieval", "retrieval_projection"):
-            ck = trained("retrieval", noise=noise, model={"retrieval_k": 5, "entity_slots": 3})
+            ck = trained("retrieval", noise=noise, model={"retrieval_k": 5, "entity_slots": 3,
+                                                          "retrieval_fusion": "embedding"})
             evaluate(name, ck, inference={"project": True} if name == "retrieval_projection" else None)
+        elif name == "gap":
+            evaluate(name, trained("gap", noise=gap_config(), save_memory=True), text_to_text=True)
+        elif name == "gap_projection":
+            evaluate(name, trained("gap", noise=gap_config(), save_memory=True), inference={"project": True})
+        elif name == "ifcap":
+            ck = trained("ifcap", noise=noise, model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})
+            evaluate(name, ck)
+        elif name == "gap_ifcap":
+            ck = trained("gap_ifcap", noise=gap_config(), model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})
+            evaluate(name, ck)
 
     metrics = {
         "results": {name: r.row() for name, r in results.items()},
         "descriptions": {name: DESCRIPTIONS[name] for name in results},
         "noise_variance": config.noise_variance,
+        **({"gap_calibration": gap["calibration"]} if gap else {}),
         "clip": _clip_card(data.encoder),
         "encoder": data.encoder.spec,
         "config": config.to_dict(),

@@ -27,6 +27,7 @@ import torch
 
 from capdec.checkpoint import InferenceConfig
 from capdec.decode import DecodeConfig
+from capdec.lab.defaults import TOY_CALIBRATION_SEED
 from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
 from capdec.model import ModelConfig
 from capdec.noise import NoiseConfig, mean_embedding
@@ -66,6 +67,10 @@ class ExperimentConfig:
     batch_size: int = 128
     lr: float = 1e-3
     noise_variance: float = TOY_NOISE_VARIANCE  # CapDec's ε² for the shipped mini-CLIP (see its definition)
+    # gap-shaped noise (the "gap" runs): calibrated like CapDec's ε on a few paired training images
+    calibration_images: int = 15  # paired images for the gap covariance (each with 5 captions: 75 pairs)
+    gap_rank: int = 32  # rank of the gap covariance's low-rank part (cut to pairs - 1)
+    gap_scale: float = 1.0  # multiplies the gap covariance
     # DecodeConfig fields, over LAB_DECODE_DEFAULTS
     decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
     model: dict[str, Any] = field(default_factory=dict)  # overrides of toy_model_config()
@@ -238,15 +243,18 @@ def _decode_text(captioner: Any, text_emb: torch.Tensor, decode: DecodeConfig) -
     if ck.noise.center and ck.noise.text_mean is not None:
         q = torch.nn.functional.normalize(q - torch.tensor(ck.noise.text_mean, device=q.device), dim=-1)
     extra = {}
-    if model.config.retrieval_k:
+    if model.config.retrieval_k or model.config.entity_prompt:
         from capdec.retrieval import RetrievalContext
 
         extra = RetrievalContext(captioner.memory or ck.memory, model)(q)
+    prompts = extra.pop("prompt_ids", None)
     out: list[str] = []
     with torch.inference_mode():
         for s in range(0, len(q), 128):
             sub = {k: v[s:s + 128] for k, v in extra.items()}
             prefix = model.prefix(q[s:s + 128], **sub)
+            if prompts is not None:
+                prefix = model.with_prompts(prefix, prompts[s:s + 128])
             out.extend(model.decode_ids(generate(model, prefix, config=decode)))
     return out
 
@@ -272,3 +280,31 @@ def _read_curve(ckpt: Path) -> list[dict[str, Any]]:
 
 def no_noise(noise: NoiseConfig | None = None) -> NoiseConfig:
     return replace(noise or NoiseConfig(), variance=0.0)
+
+
+def entity_words(grammar: str = "default") -> list[str]:
+    """The toy world's entities for IFCap's prompts: its shape nouns (singular), as IFCap's are nouns."""
+    from capdec.lab.toyworld import get_grammar
+
+    shapes = get_grammar(grammar).lexicon.shapes
+    return sorted({singular.split()[-1] for forms in shapes.values() for singular, _ in forms})
+
+
+def gap_noise(data: ToyData, *, seed: int = TOY_CALIBRATION_SEED) -> tuple[NoiseConfig, dict[str, Any]]:
+    """CapDec noise shaped like the mini-CLIP's modality gap, calibrated as a user would (``capdec calibrate
+    --gap-rank R --store STORE --images DIR``): the gap covariance from ``calibration_images`` paired training
+    images with 5 captions each, the offset's text centre from the training store and its image centre from
+    unlabelled training images. Returns the noise config and the calibration (a noise.json dict)."""
+    from capdec.calibrate import calibrate
+    from capdec.lab import toyworld
+
+    cfg = data.config
+    images, refs = toyworld.test_set(cfg.calibration_images, seed=seed, split="train", n_refs=5,
+                                     grammar=cfg.grammar, world=toyworld.get_world(cfg.world))
+    unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
+                                    world=toyworld.get_world(cfg.world))
+    stats = calibrate(data.encoder, images, refs, extra_images=unlabelled, text_store=data.text_store,
+                      gap_rank=cfg.gap_rank)
+    noise = NoiseConfig(variance=0.0, shape="gap", gap_factor=stats["gap_factor"], gap_diag=stats["gap_diag"],
+                        gap_scale=cfg.gap_scale, offset=stats["offset"], source="capdec.lab.experiment.gap_noise")
+    return noise, stats

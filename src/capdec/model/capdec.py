@@ -24,6 +24,7 @@ from capdec.model.lm import (
 )
 from capdec.model.mapper import (
     ClipCapTransformerMapper,
+    IFCapFusion,
     MLPMapper,
     RetrievalFusion,
     TransformerMapper,
@@ -57,7 +58,13 @@ class CapDecModel(nn.Module):
             self.mapper = TransformerMapper(dim=config.embed_dim, hidden=hidden, prefix_length=config.prefix_length,
                                             clip_length=config.clip_length or config.prefix_length,
                                             depth=config.mapper_depth, heads=config.mapper_heads)
-        self.fusion = RetrievalFusion(dim=config.embed_dim) if config.retrieval_k else None
+        self.fusion: nn.Module | None = None
+        if config.retrieval_k and config.retrieval_fusion == "ifcap":
+            if not hasattr(self.mapper, "clip_tokens"):
+                raise InputError("IFCap's fusion needs the transformer mapper (its clip tokens)")
+            self.fusion = IFCapFusion(dim=config.embed_dim, hidden=hidden, heads=config.mapper_heads)
+        elif config.retrieval_k:
+            self.fusion = RetrievalFusion(dim=config.embed_dim)
         self.no_entity = nn.Parameter(torch.zeros(hidden)) if config.entity_slots else None
         if config.freeze_lm:
             for p in self.lm.parameters():
@@ -94,12 +101,15 @@ class CapDecModel(nn.Module):
         """
         p = next(self.mapper.parameters())
         emb = emb.to(device=p.device, dtype=p.dtype)
-        if self.fusion is not None:
-            if retrieved is None:
-                raise InputError("this model was trained with retrieval: it needs retrieved caption embeddings "
-                                 "(a memory; see capdec caption --memory)")
-            emb = self.fusion(emb, retrieved.to(emb))
-        out = self.mapper(emb)  # (b, L, h)
+        if self.fusion is not None and retrieved is None:
+            raise InputError("this model was trained with retrieval: it needs retrieved caption embeddings "
+                             "(a memory; see capdec caption --memory)")
+        if isinstance(self.fusion, IFCapFusion):  # fused in the LM's space, on the mapper's clip tokens
+            out = self.mapper.from_clip_tokens(self.fusion(self.mapper.clip_tokens(emb), retrieved.to(emb)))
+        else:
+            if self.fusion is not None:
+                emb = self.fusion(emb, retrieved.to(emb))
+            out = self.mapper(emb)  # (b, L, h)
         if self.no_entity is not None:
             if entity_ids is None:
                 raise InputError("this model was trained with entity prompts: it needs entity_ids")
@@ -116,27 +126,62 @@ class CapDecModel(nn.Module):
 
     def forward(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 retrieved: torch.Tensor | None = None, entity_ids: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                prompt_ids: Sequence[Sequence[int]] | None = None, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the caption tokens given the prefix of ``emb``: their mean, or ``reduction="sum"``.
 
-        ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included. Logits are
-        computed for the caption positions only (the prefix positions' predictions are never scored),
-        which at GPT-2's 50k vocabulary and a 40-vector prefix is most of the LM head's work.
+        ``input_ids``/``attention_mask``: (b, t), right-padded, end-of-sequence included. ``prompt_ids``:
+        one hard prompt per row (entity prompts), fed between the prefix and the caption and never scored.
+        Logits are computed for the caption positions only (the prefix positions' predictions are never
+        scored), which at GPT-2's 50k vocabulary and a 40-vector prefix is most of the LM head's work.
         """
         prefix = self.prefix(emb, retrieved=retrieved, entity_ids=entity_ids)  # (b, L, h)
         b, L, _ = prefix.shape
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        n_scored = attention_mask.sum()
+        if prompt_ids is not None:
+            input_ids, attention_mask, labels = self._with_prompts(prompt_ids, input_ids, attention_mask)
         tokens = self.lm.get_input_embeddings()(input_ids)  # (b, t, h)
         inputs = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)  # (b, L+t, h)
         mask = torch.cat([attention_mask.new_ones(b, L), attention_mask], dim=1)  # (b, L+t)
         logits = self._caption_logits(inputs, mask, L)  # position L-1+i predicts token i: (b, t, V)
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
         if reduction == "sum":
             return loss
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        return loss / attention_mask.sum().clamp(min=1)
+        return loss / n_scored.clamp(min=1)
+
+    def _with_prompts(self, prompt_ids: Sequence[Sequence[int]], input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's prompt tokens, then its caption tokens, right-padded: (ids, mask, labels), (b, p + t).
+
+        The prompt positions are labelled IGNORE_INDEX (never scored), as IFCap's hard prompts.
+        """
+        b, t = input_ids.shape
+        if len(prompt_ids) != b:
+            raise ValueError(f"{len(prompt_ids)} prompts for {b} captions")
+        width = t + max((len(p) for p in prompt_ids), default=0)
+        ids = input_ids.new_full((b, width), self.pad_token_id)
+        mask = attention_mask.new_zeros((b, width))
+        labels = input_ids.new_full((b, width), IGNORE_INDEX)
+        lengths = attention_mask.sum(dim=1).tolist()
+        for i, (prompt, n) in enumerate(zip(prompt_ids, lengths)):
+            p = len(prompt)
+            ids[i, :p] = torch.as_tensor(list(prompt), dtype=ids.dtype)
+            ids[i, p : p + n] = input_ids[i, :n]
+            labels[i, p : p + n] = input_ids[i, :n]
+            mask[i, : p + n] = 1
+        return ids, mask, labels
+
+    def with_prompts(self, prefix: torch.Tensor, prompt_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """(b, L, h) soft prefixes -> one (L + p_i, h) prefix per row with its hard prompt's token embeddings."""
+        embed = self.lm.get_input_embeddings()
+        out = []
+        for row, prompt in zip(prefix, prompt_ids):
+            tok = embed(torch.as_tensor(list(prompt), dtype=torch.long, device=row.device))  # (p, h)
+            out.append(torch.cat([row, tok.to(row.dtype)], dim=0))
+        return out
 
     def _caption_logits(self, inputs: torch.Tensor, mask: torch.Tensor, L: int) -> torch.Tensor:
         """(b, L+t, h) inputs -> (b, t, V) logits of the positions L-1 .. L+t-2 (those predicting caption tokens)."""
@@ -171,6 +216,11 @@ class CapDecModel(nn.Module):
         return out
 
 
+def prompt_positions(config: ModelConfig) -> int:
+    """LM positions reserved for an entity hard prompt: "There are e1, …, em in image." at up to 3 tokens an entity."""
+    return 8 + 3 * config.entity_max if config.entity_prompt else 0
+
+
 def build_model(config: ModelConfig, *, captions: Sequence[str] | None = None, tokenizer=None,
                 pretrained: bool = True) -> CapDecModel:
     """A new model for training (``pretrained=True`` loads a pretrained LM's weights).
@@ -186,7 +236,8 @@ def build_model(config: ModelConfig, *, captions: Sequence[str] | None = None, t
         if config.lm_config is None:
             config.lm_config = scratch_lm_config(
                 tokenizer, dim=config.lm_dim, depth=config.lm_depth, heads=config.lm_heads,
-                n_positions=config.prefix_length + config.entity_slots + config.max_length + 8,
+                n_positions=config.prefix_length + config.entity_slots + prompt_positions(config)
+                + config.max_length + 8,
                 dropout=config.dropout)
         lm = lm_from_config(config.lm_config)
     else:

@@ -56,16 +56,22 @@ class TransformerMapper(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        clip_tokens = self.linear(x).view(b, self.clip_length, self.hidden)  # (b, c, h)
-        const = self.prefix_const.unsqueeze(0).expand(b, -1, -1)  # (b, L, h)
+        return self.from_clip_tokens(self.clip_tokens(x))
+
+    def clip_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, d) -> (b, c, h): the embedding mapped linearly to c "clip tokens"."""
+        return self.linear(x).view(x.shape[0], self.clip_length, self.hidden)
+
+    def from_clip_tokens(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, c, h) clip tokens -> (b, L, h) prefix: L learned constants appended, the transformer, the last L."""
+        const = self.prefix_const.unsqueeze(0).expand(clip_tokens.shape[0], -1, -1)  # (b, L, h)
         out = self.transformer(torch.cat([clip_tokens, const], dim=1))  # (b, c+L, h)
         return out[:, self.clip_length:]  # (b, L, h)
 
 
 class ClipCapAttention(nn.Module):
-    """ClipCap's ``MultiHeadAttention`` (self-attention only): no bias on ``to_queries`` /
-    ``to_keys_values``, a biased output ``project``, softmax over the keys."""
+    """ClipCap's ``MultiHeadAttention``: no bias on ``to_queries`` / ``to_keys_values``, a biased output
+    ``project``, softmax over the keys. Self-attention, or cross-attention over ``context`` (IFCap's fusion)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -75,12 +81,14 @@ class ClipCapAttention(nn.Module):
         self.to_keys_values = nn.Linear(dim, 2 * dim, bias=False)
         self.project = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
         b, n, h = x.shape
+        m = context.shape[1]
         q = self.to_queries(x).view(b, n, self.heads, h // self.heads)  # (b, n, H, e)
-        kv = self.to_keys_values(x).view(b, n, 2, self.heads, h // self.heads)  # (b, n, 2, H, e): keys first
-        k, v = kv[:, :, 0], kv[:, :, 1]  # (b, n, H, e) each
-        att = torch.einsum("bnhe,bmhe->bnmh", q, k) * self.scale  # (b, n, n, H)
+        kv = self.to_keys_values(context).view(b, m, 2, self.heads, h // self.heads)  # (b, m, 2, H, e): keys first
+        k, v = kv[:, :, 0], kv[:, :, 1]  # (b, m, H, e) each
+        att = torch.einsum("bnhe,bmhe->bnmh", q, k) * self.scale  # (b, n, m, H)
         att = att.softmax(dim=2)  # over the keys
         out = torch.einsum("bnmh,bmhe->bnhe", att, v).reshape(b, n, h)  # (b, n, h)
         return self.project(out)
@@ -145,15 +153,48 @@ class ClipCapTransformerMapper(nn.Module):
         self.transformer = ClipCapTransformer(hidden, heads, depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = x.shape[0]
-        clip_tokens = self.linear(x).view(b, self.clip_length, self.hidden)  # (b, c, h)
-        const = self.prefix_const.unsqueeze(0).expand(b, -1, -1)  # (b, L, h)
+        return self.from_clip_tokens(self.clip_tokens(x))
+
+    def clip_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, d) -> (b, c, h): the embedding mapped linearly to c "clip tokens"."""
+        return self.linear(x).view(x.shape[0], self.clip_length, self.hidden)
+
+    def from_clip_tokens(self, clip_tokens: torch.Tensor) -> torch.Tensor:
+        """(b, c, h) clip tokens -> (b, L, h) prefix: L learned constants appended, the transformer, the last L."""
+        const = self.prefix_const.unsqueeze(0).expand(clip_tokens.shape[0], -1, -1)  # (b, L, h)
         out = self.transformer(torch.cat([clip_tokens, const], dim=1))  # (b, c+L, h)
         return out[:, self.clip_length:]  # (b, L, h)
 
 
+class IFCapFusion(nn.Module):
+    """IFCap's Fusion Module: the query's clip tokens attend over its k retrieved captions.
+
+    The retrieved caption embeddings (b, k, d) are mapped linearly to the LM's size (``rt_linear``); one
+    pre-norm transformer layer with ClipCap's attention (no bias on q/kv) and a ReLU MLP of ratio 2 lets the
+    mapper's c clip tokens (the queries; b, c, h) cross-attend over them (keys and values, not normalised),
+    with residuals. Its output replaces the clip tokens before the mapper's transformer (IFCap's
+    ``MappingNetwork`` with ``att_gt_n_rt``), so it needs the transformer mapper.
+    """
+
+    def __init__(self, *, dim: int, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"the LM hidden size {hidden} is not divisible by {heads} fusion heads")
+        self.rt_linear = nn.Linear(dim, hidden)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.attn = ClipCapAttention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.mlp = ClipCapMLP(hidden, 2 * hidden)
+
+    def forward(self, clip_tokens: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
+        context = self.rt_linear(retrieved)  # (b, k, h)
+        x = clip_tokens + self.attn(self.norm1(clip_tokens), context)  # (b, c, h)
+        return x + self.mlp(self.norm2(x))
+
+
 class RetrievalFusion(nn.Module):
-    """IFCap-style fusion: the query embedding attends over its k retrieved caption embeddings.
+    """capdec's earlier fusion (``retrieval_fusion="embedding"``): the query embedding attends over its k
+    retrieved caption embeddings in CLIP space, before the mapper.
 
     (b, d) query + (b, k, d) retrieved -> (b, d), residual, so an untrained fusion starts near the query.
     """

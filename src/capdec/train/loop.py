@@ -72,7 +72,7 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     model = _start_model(plan).to(device).train()
     _attach_tokens(plan, model, dist_info, show_progress)
     memory, retrieval = None, None
-    if model.config.retrieval_k or plan.config.save_memory:
+    if model.config.retrieval_k or model.config.entity_prompt or plan.config.save_memory:
         memory, retrieval = _training_memory(model, plan.data, plan.split.train_idx)
     return _Run(plan, model, device, dist_info, memory=memory, retrieval=retrieval).until_done(show_progress)
 
@@ -334,7 +334,7 @@ def _training_memory(model: CapDecModel, data: TextData, train_idx: torch.Tensor
     memory = TextMemory(data.gather(train_idx, normalized=True), None, data.encoder_identity,
                         config=MemoryConfig(index="ivf") if big else None, validate=False,
                         caption_loader=lambda: list(data.iter_captions(train_idx)))  # read only if used (entities, saving)
-    retrieval = RetrievalContext(memory, model) if model.config.retrieval_k else None
+    retrieval = RetrievalContext(memory, model) if model.config.retrieval_k or model.config.entity_prompt else None
     return memory, retrieval
 
 
@@ -370,9 +370,9 @@ def _train_step(*, model, optimizer, scaler, autocast, data: TextData, idx: torc
     """
     counts = data.token_counts(idx, _max_length(model))
     n_tokens = int(counts.sum())
-    emb = data.embeddings_at(idx).to(device=device, dtype=torch.float32)
+    clean = data.embeddings_at(idx).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, stream=3))
-    emb = add_noise(emb, noise, generator=gen)
+    emb = add_noise(clean, noise, generator=gen)
     mine = distributed.shard_rows(len(idx), dist_info.rank, dist_info.world_size)
     local = idx[mine]
     empty = len(local) == 0  # a short last batch can leave a rank without rows: it still joins the step
@@ -382,8 +382,13 @@ def _train_step(*, model, optimizer, scaler, autocast, data: TextData, idx: torc
     ids, mask = data.tokens_at(local, max_length=_max_length(model), eos=_core(model).eos_token_id,
                                pad=_core(model).pad_token_id)
     ids, mask = _to_device(ids, device), _to_device(mask, device)
-    # retrieval uses the noised query (as an image would be) and never returns the caption itself
-    extra = retrieval(emb, exclude=torch.searchsorted(train_idx, local)) if retrieval is not None else {}
+    # retrieval uses the noised query (as an image would be; or IFCap's own noise on the clean embedding)
+    # and never returns the caption itself; its random draws are made for the global batch, as the noise
+    extra = {}
+    if retrieval is not None:
+        draws = retrieval.training_draws(clean, torch.Generator(device=device).manual_seed(
+            step_seed(config.seed, step, stream=6)))
+        extra = retrieval(emb, exclude=torch.searchsorted(train_idx, local), **{k: v[mine] for k, v in draws.items()})
     torch.manual_seed(step_seed(config.seed, step, stream=4) + dist_info.rank)  # dropout
     with autocast:
         loss_sum = model(emb, ids, mask, reduction="sum", **extra)

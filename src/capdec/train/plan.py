@@ -57,8 +57,8 @@ logger = logging.getLogger(__name__)
 SECTIONS: dict[str, type[Config]] = {"model": ModelConfig, "noise": NoiseConfig, "train": TrainConfig,
                                      "inference": InferenceConfig}
 # a run's inputs besides config values (capdec train's other flags), by option name
-INPUTS = ("recipe", "noise_file", "use_offset", "image_mean", "init_from", "mix_weights", "encoder", "resume",
-          "overwrite")
+INPUTS = ("recipe", "noise_file", "use_offset", "image_mean", "entity_vocab", "init_from", "mix_weights", "encoder",
+          "resume", "overwrite")
 EXPLICIT = ("flag", "argument", "config file", "noise file")  # sources the user gave for this run
 # what a checkpoint fixes when resuming: the model, its noise, and the data stream (which rows each step sees)
 FIXED_ON_RESUME = ("model.", "noise.", "train.batch_size", "train.seed", "train.val_fraction", "train.val_max",
@@ -150,7 +150,8 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
                   noise: NoiseConfig | None = None, config: TrainConfig | None = None,
                   inference: InferenceConfig | None = None, options: Mapping[str, Any] | None = None,
                   recipe: str | None = None, noise_file: str | os.PathLike | None = None, use_offset: bool = False,
-                  image_mean: str | os.PathLike | list[float] | None = None, encoder: Any = None,
+                  image_mean: str | os.PathLike | list[float] | None = None,
+                  entity_vocab: str | os.PathLike | list[str] | None = None, encoder: Any = None,
                   init_from: str | os.PathLike | None = None, resume: bool = False,
                   mix_weights: list[float] | None = None, overwrite: bool = False) -> TrainPlan:
     """Decide a training run (see the module docstring for where each value comes from).
@@ -161,6 +162,7 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
     or a :class:`~capdec.config_base.Sourced`.
     ``recipe``: a named recipe under them. ``noise_file``: a calibrate noise.json (its ε², and its offset
     with ``use_offset``). ``image_mean``: C3's image mean (a vector file or the vector) for ``center``.
+    ``entity_vocab``: the entity words of ``entity_prompt`` (a file, one word per line, or the words).
     ``encoder``: a spec or Encoder the stores must have been made with (checked). ``init_from``: fine-tune
     this checkpoint (its architecture and tokenizer). ``resume``: continue the run in ``out_dir``; pass only
     what changes (``options={"max_steps": 4}``). ``mix_weights``: one sampling weight per store.
@@ -169,8 +171,8 @@ def plan_training(stores: list[Any] | Any, out_dir: str | os.PathLike, *, model_
     started = time.time()
     given = _given(options, {"model": model_config, "noise": noise, "train": config, "inference": inference},
                    dict(recipe=recipe, noise_file=noise_file, use_offset=use_offset, image_mean=image_mean,
-                        encoder=encoder, init_from=init_from, resume=resume, mix_weights=mix_weights,
-                        overwrite=overwrite))
+                        entity_vocab=entity_vocab, encoder=encoder, init_from=init_from, resume=resume,
+                        mix_weights=mix_weights, overwrite=overwrite))
     inputs = {k: given[k].value if k in given else None for k in INPUTS}
     out_dir = Path(out_dir)
     _check_start(out_dir, inputs)
@@ -327,6 +329,13 @@ class _Layers:
                                                       shape=self.get("noise.shape").value))
         if inputs["image_mean"] is not None:
             self.explicit["inference.image_mean"] = Sourced(_vector(inputs["image_mean"]), self.sources["image_mean"])
+        if inputs["entity_vocab"] is not None:
+            from capdec.retrieval import read_entity_vocab
+
+            vocab = inputs["entity_vocab"]
+            self.explicit["model.entity_vocab"] = Sourced(
+                read_entity_vocab(vocab) if isinstance(vocab, (str, os.PathLike)) else sorted(set(vocab)),
+                self.sources["entity_vocab"])
 
     def build(self, section: str) -> Config:
         """The section's config from the first source of each field (checked by the config itself)."""
@@ -379,6 +388,8 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
         raise InputError("--image-mean only makes sense with --center")
     if layers.get("inference.project").value and center:
         raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
+    if inputs["entity_vocab"] is not None and not layers.get("model.entity_prompt").value:
+        raise InputError("--entity-vocab only makes sense with --entity-prompt")
     if layers.get("noise.shape").value == "gap" and not inputs["noise_file"] and layers.mode != "resume":
         raise InputError("--noise-shape gap needs --noise-file (a 'capdec calibrate --gap-rank R' noise.json)")
 
