@@ -267,17 +267,41 @@ def test_gap_covariance_is_the_pairs_residual_covariance(encoder, photos):
     top = evecs[:, ::-1][:, :4] * evals[::-1][:4]  # the 4 leading eigen-directions, scaled by λ
     low_rank = top @ evecs[:, ::-1][:, :4].T
 
-    stats = calibrate(encoder, paths, caps, gap_rank=4)
+    stats = calibrate(encoder, paths, caps, gap_rank=4, gap_shrinkage=0.0)
     factor, diag = np.array(stats["gap_factor"]), np.array(stats["gap_diag"])
     assert factor.shape == (4, encoder.dim) and stats["gap_rank"] == 4 and stats["gap_pairs"] == 25
     assert np.allclose(factor.T @ factor, low_rank, atol=1e-8)
     assert np.allclose(diag, np.clip(np.diag(cov) - np.diag(low_rank), 0, None), atol=1e-8)
     # a rank beyond the pairs' is cut to n − 1, and then the fit is the sample covariance itself
-    full = calibrate(encoder, paths, caps, gap_rank=1000)
+    full = calibrate(encoder, paths, caps, gap_rank=1000, gap_shrinkage=0.0)
     factor, diag = np.array(full["gap_factor"]), np.array(full["gap_diag"])
     assert full["gap_rank"] == min(24, encoder.dim)
     assert np.allclose(factor.T @ factor + np.diag(diag), cov, atol=1e-8)
     assert "gap_factor" not in calibrate(encoder, paths[:1], caps[:1])  # rank 0: none
+
+
+def test_gap_covariance_is_shrunk_by_ledoit_wolf_by_default(encoder, photos):
+    """Ledoit & Wolf (2004): α = min(1, Σᵢ‖xᵢxᵢᵀ − S‖²_F / n² / ‖S − m·I‖²_F), S the 1/n covariance,
+    m = tr S / d; the fit is of (1 − α)·S_unbiased + α·m·I, full rank when asked."""
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    r = hand_residuals(encoder, paths[:3], caps[:3])  # 15 pairs: far fewer than the dimensions
+    n, d = r.shape
+    x = r - r.mean(0)
+    s_n = x.T @ x / n
+    m = np.trace(s_n) / d
+    scatter = sum(np.sum((np.outer(xi, xi) - s_n) ** 2) for xi in x)  # the definition, one row at a time
+    alpha = min(1.0, scatter / n**2 / np.sum((s_n - m * np.eye(d)) ** 2))
+    target = (1 - alpha) * np.cov(r, rowvar=False) + alpha * np.trace(np.cov(r, rowvar=False)) / d * np.eye(d)
+
+    stats = calibrate(encoder, paths[:3], caps[:3], gap_rank=d)
+    assert stats["gap_shrinkage"] == pytest.approx(alpha, rel=1e-6) and 0 < alpha < 1
+    factor, diag = np.array(stats["gap_factor"]), np.array(stats["gap_diag"])
+    assert factor.shape == (d, d)  # shrunk, the covariance has every direction
+    assert np.allclose(factor.T @ factor + np.diag(diag), target, atol=1e-8)
+    assert np.linalg.eigvalsh(target).min() > 0.5 * alpha * m  # no direction left without noise
+    fixed = calibrate(encoder, paths[:3], caps[:3], gap_rank=2, gap_shrinkage=0.5)
+    assert fixed["gap_shrinkage"] == 0.5
 
 
 def test_text_centroid_from_a_store_and_the_reference_offset(encoder, photos, hf_store, tmp_path):
@@ -363,6 +387,7 @@ def test_cli_calibrate_store_flags_are_checked(tiny_hf_clip, photos, hf_store, t
     for flags, message in ((["--max-texts", "10"], "--max-texts needs --store"),
                            (["--store", str(hf_store), "--max-texts", "0"], "--max-texts must be >= 1"),
                            (["--gap-rank", "-1"], "--gap-rank must be >= 0"),
+                           (["--gap-rank", "2", "--gap-shrinkage", "1.5"], "--gap-shrinkage must be 'auto' or a"),
                            (["--reference-offset"], "--reference-offset needs an offset"),
                            (["--store", str(tmp_path / "absent")], "absent")):
         assert main(base + flags) == 2, flags

@@ -16,7 +16,7 @@ gap covariance and the shift convention, still load)::
      "image_mean": [...], "text_mean": [...], "offset": [...], "offset_norm", "n_images", "n_texts",
      "text_mean_source": "pairs" | "store", "renormalize_shift": true | false,
      # with a gap rank:
-     "gap_factor": [[...], ...] (r, d), "gap_diag": [...] (d), "gap_rank": r, "gap_pairs": n}
+     "gap_factor": [[...], ...] (r, d), "gap_diag": [...] (d), "gap_rank": r, "gap_pairs": n, "gap_shrinkage": α}
 
 The *modality offset* is ``image_mean − text_mean``. The text centroid comes from the paired captions,
 or from an embedding store (``text_store``: the training corpus, as CapDec's released
@@ -27,8 +27,9 @@ caption-time *shift*) is applied: capdec renormalises the shifted image embeddin
 (``reference_offset=True`` records that convention).
 
 The *gap covariance* is the covariance of the residuals ``normalize(v) − normalize(t)`` over the pairs,
-as a rank-r factor plus a diagonal (:func:`gap_covariance`): training with ``--noise-shape gap`` draws
-noise of that shape instead of CapDec's isotropic ``N(0, ε²·I)``.
+shrunk toward a multiple of the identity (Ledoit–Wolf: a few pairs leave most directions unsampled), as
+a rank-r factor plus a diagonal (:func:`gap_covariance`): training with ``--noise-shape gap`` draws noise
+of that shape instead of CapDec's isotropic ``N(0, ε²·I)``.
 
 ``capdec train --noise-file`` reads it with :func:`read_noise_file` (``variance``, the ``offset`` when
 asked to use it, the gap covariance with ``--noise-shape gap``); ``capdec caption --shift`` its
@@ -99,7 +100,8 @@ def store_centroid(store: Any, max_rows: int | None = None, *, chunk: int = 6553
 
 def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequence[str]],
               extra_images: Sequence[Any] | None = None, *, batch_size: int = 32, text_store: Any = None,
-              max_texts: int | None = None, gap_rank: int = 0, reference_offset: bool = False) -> dict[str, Any]:
+              max_texts: int | None = None, gap_rank: int = 0, gap_shrinkage: float | None = None,
+              reference_offset: bool = False) -> dict[str, Any]:
     """ε and modality-gap statistics of ``encoder`` from paired ``images`` and ``captions``.
 
     ``images``: PIL images or paths; ``captions[i]``: the caption (or list of captions) of
@@ -109,7 +111,7 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     paired and extra images (a path given in both counts once), ``text_mean`` over the store's rows
     (else the captions), and ``offset = image_mean − text_mean``. ``reference_offset`` records that the
     caption-time shift is applied without renormalising, as CapDec's released code does. ``gap_rank``
-    > 0 adds the gap covariance of the pairs (:func:`gap_covariance`).
+    > 0 adds the gap covariance of the pairs (:func:`gap_covariance`; ``gap_shrinkage`` None: Ledoit–Wolf's).
     Returns the ``noise.json`` dict (module docstring); statistics are computed in float64 on the
     re-normalised embeddings, ``std_linf`` is the population standard deviation over pairs.
     """
@@ -147,9 +149,9 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     if gap_rank > 0:
         if len(texts) < 2:
             raise InputError("calibrate: the gap covariance needs at least 2 pairs")
-        factor, diag = gap_covariance(diff, gap_rank)
+        factor, diag, alpha = gap_covariance(diff, gap_rank, shrinkage=gap_shrinkage)
         out.update({"gap_factor": factor.tolist(), "gap_diag": diag.tolist(), "gap_rank": int(factor.shape[0]),
-                    "gap_pairs": len(texts)})
+                    "gap_pairs": len(texts), "gap_shrinkage": alpha})
     if extra_images is not None or text_store is not None:
         all_v = v
         if extra_images is not None:
@@ -181,12 +183,35 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     return out
 
 
-def gap_covariance(residuals, rank: int) -> tuple[Any, Any]:
-    """Low-rank + diagonal fit of the covariance of ``residuals`` (n, d): (factor (r, d), diag (d,)).
+def ledoit_wolf_shrinkage(residuals) -> float:
+    """Ledoit & Wolf's (2004) optimal weight α of the scaled identity in ``(1 − α)·S + α·(tr S / d)·I``.
 
-    The sample covariance S (rows centred, n − 1 in the denominator) is split into its top-``rank``
-    eigen-directions, ``factor = √λ·uᵀ``, and the diagonal of what they leave, clipped at 0; so
-    ``trace(factorᵀ·factor) + sum(diag) = trace(S)``. ``rank`` is cut to n − 1 (S has no more).
+    With S the covariance of the n centred rows (1/n), m = tr S / d:
+    ``α = min(1, (1/n²)·Σᵢ ‖xᵢxᵢᵀ − S‖²_F / ‖S − m·I‖²_F)``. A few pairs give a rank-deficient S whose
+    missing directions would get no noise at all; α grows as the pairs get fewer.
+    """
+    import torch
+
+    x = residuals.double() - residuals.double().mean(dim=0)
+    n, d = x.shape
+    cov = x.T @ x / n
+    m = torch.trace(cov) / d
+    spread = ((cov - m * torch.eye(d, dtype=cov.dtype)) ** 2).sum()
+    # Σᵢ ‖xᵢxᵢᵀ − S‖² = Σᵢ ‖xᵢ‖⁴ − n·‖S‖² (the cross term sums to n·‖S‖²)
+    scatter = ((x * x).sum(dim=1) ** 2).sum() - n * (cov * cov).sum()
+    if float(spread) <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, float(scatter / n**2 / spread))))
+
+
+def gap_covariance(residuals, rank: int, *, shrinkage: float | None = 0.0) -> tuple[Any, Any, float]:
+    """Low-rank + diagonal fit of the covariance of ``residuals`` (n, d): (factor (r, d), diag (d,), α).
+
+    The sample covariance S (rows centred, n − 1 in the denominator) is shrunk toward the scaled identity,
+    ``(1 − α)·S + α·(tr S / d)·I`` with α = ``shrinkage`` (None: Ledoit–Wolf's, :func:`ledoit_wolf_shrinkage`),
+    then split into its top-``rank`` eigen-directions, ``factor = √λ·uᵀ``, and the diagonal of what they
+    leave, clipped at 0; so ``trace(factorᵀ·factor) + sum(diag) = trace(S)``. Without shrinkage ``rank``
+    is cut to n − 1 (S has no more).
     """
     import torch
 
@@ -196,12 +221,17 @@ def gap_covariance(residuals, rank: int) -> tuple[Any, Any]:
         raise InputError("the gap covariance needs at least 2 pairs")
     centred = r - r.mean(dim=0)
     cov = centred.T @ centred / (n - 1)  # (d, d)
-    rank = max(0, min(rank, n - 1, d))
+    alpha = ledoit_wolf_shrinkage(r) if shrinkage is None else float(shrinkage)
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"the gap covariance's shrinkage must be in [0, 1], got {alpha}")
+    if alpha > 0:
+        cov = (1 - alpha) * cov + alpha * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
+    rank = max(0, min(rank, d if alpha > 0 else n - 1, d))
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0)[:rank].clamp(min=0), evecs.flip(1)[:, :rank]
     factor = (evecs * evals.sqrt()).T  # (r, d)
     diag = (cov.diagonal() - (factor * factor).sum(dim=0)).clamp(min=0)
-    return factor, diag
+    return factor, diag, alpha
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap-rank", type=int, default=0, metavar="R",
                         help="also fit the pairs' gap covariance as a rank-R factor plus a diagonal, for 'capdec "
                              "train --noise-shape gap' (R is cut to the number of pairs - 1; 0: none)")
+    parser.add_argument("--gap-shrinkage", default="auto", metavar="ALPHA",
+                        help="shrink the gap covariance toward a multiple of the identity by ALPHA in [0, 1]; auto: "
+                             "Ledoit-Wolf's estimate (larger with fewer pairs)")
     parser.add_argument("--max-pairs", type=int, metavar="N",
                         help="use only the first N image/caption pairs (default: all)")
     parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")
@@ -90,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-texts needs --store (the rows it averages)")
     if args.gap_rank < 0:
         raise InputError(f"--gap-rank must be >= 0, got {args.gap_rank}")
+    shrinkage = None
+    if args.gap_shrinkage != "auto":
+        try:
+            shrinkage = float(args.gap_shrinkage)
+        except ValueError:
+            shrinkage = -1.0
+        if not 0.0 <= shrinkage <= 1.0:
+            raise InputError(f"--gap-shrinkage must be 'auto' or a number in [0, 1], got {args.gap_shrinkage!r}")
     if args.reference_offset and not (args.store or args.images):
         raise InputError("--reference-offset needs an offset: give --store and/or --images")
     store = None
@@ -109,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("only %d pairs: ε will be a rough estimate (the paper uses about 15)", n_pairs)
     encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
     stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size, text_store=store,
-                      max_texts=args.max_texts, gap_rank=args.gap_rank, reference_offset=args.reference_offset)
+                      max_texts=args.max_texts, gap_rank=args.gap_rank, gap_shrinkage=shrinkage,
+                      reference_offset=args.reference_offset)
     stats["pairs_source"] = str(args.pairs)
     if args.images:
         stats["images_source"] = str(args.images)
@@ -121,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         offset = (f", offset norm {stats['offset_norm']:.4f} ({stats['n_images']} images, {stats['n_texts']} "
                   f"{'store rows' if store is not None else 'captions'})")
     if "gap_rank" in stats:
-        offset += f", gap covariance of rank {stats['gap_rank']} (+ diagonal)"
+        offset += (f", gap covariance of rank {stats['gap_rank']} (+ diagonal, shrinkage "
+                   f"{stats['gap_shrinkage']:.3f})")
     print(f"ε = {stats['epsilon']:.5f} (variance {stats['variance']:.6f}) from {stats['n_pairs']} pairs "
           f"of {stats['n_paired_images']} images; mean L2 {stats['mean_l2']:.4f}, mean cosine "
           f"{stats['mean_cosine']:.4f}{offset} -> {args.out}")
