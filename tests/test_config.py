@@ -66,6 +66,7 @@ CHANGED = {
     ("embed", "format"): "the choices gain karpathy and flickrstyle",
     ("caption", "images"): "IMAGES may be empty when --dataset gives the images (nargs '*' instead of '+')",
     ("caption", "normalize"): "--no-normalize gains its --normalize (an imported ClipCap model records raw inputs)",
+    ("demo", "methods"): "the choices gain gap, gap_projection, ifcap and gap_ifcap (issue 22)",
 }
 
 
