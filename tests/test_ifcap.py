@@ -181,7 +181,7 @@ def test_cli_ifcap_trains_and_captions_real_photos(tmp_path, hf_store, coco_dir,
     assert main(["-q", "caption", str(ckpt), str(Path(coco_dir) / "images"), "--out", str(out), "--strategy",
                  "beam", "--beam-size", "2", "--max-length", "6"]) == 0
     assert len(out.read_text().splitlines()) == 17
-    for flags, message in ((["--entity-prompt"], "--entity-prompt needs --entity-vocab"),
+    for flags, message in ((["--entity-prompt"], "entity prompts need an entity vocabulary"),
                            (["--entity-vocab", str(vocab)], "only makes sense with --entity-prompt"),
                            (["--retrieval-k", "2", "--mapper", "mlp"], "transformer mapper")):
         assert main(["-q", "train", str(hf_store), "--out", str(tmp_path / "x"), *flags, *TINY]) == 2
