@@ -409,3 +409,36 @@ def test_version_1_noise_files_still_load(tmp_path):
                                "gap_factor": [[0.0, 1.0]]}))
     with pytest.raises(InputError, match="variances"):
         read_noise_file(bad)
+
+
+def test_gap_from_unlabelled_images_and_their_nearest_captions(encoder, photos, hf_store, tiny_hf_clip, tmp_path,
+                                                              capsys):
+    """No captions needed: each image's K nearest store captions stand in for its own."""
+    from capdec.store import EmbeddingStore
+
+    folder, captions = photos
+    paths, caps = read_pairs(folder, captions=captions)
+    rows = np.load(hf_store / "embeddings.npy").astype(np.float64)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    v = encoder.encode_image([load_image(p) for p in paths]).double().numpy()
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    nearest = np.argsort(-(v @ rows.T), axis=1, kind="stable")[:, :3]  # written with numpy: the 3 nearest rows
+    residuals = (v[:, None, :] - rows[nearest]).reshape(-1, v.shape[1])  # (17·3, d)
+    cov = np.cov(residuals, rowvar=False)
+
+    stats = calibrate(encoder, paths[:1], caps[:1], extra_images=paths, text_store=EmbeddingStore.open(hf_store),
+                      gap_rank=1000, gap_neighbours=3, gap_shrinkage=0.0)
+    assert stats["gap_pairs"] == 17 * 3 and stats["gap_source"] == "images and their 3 nearest store captions"
+    factor, diag = np.array(stats["gap_factor"]), np.array(stats["gap_diag"])
+    assert np.allclose(factor.T @ factor + np.diag(diag), cov, atol=1e-6)
+    with pytest.raises(InputError, match="needs unlabelled images and the training store"):
+        calibrate(encoder, paths[:1], caps[:1], gap_rank=4, gap_neighbours=3)
+
+    out = tmp_path / "noise.json"
+    base = ["-q", "calibrate", str(folder), "--captions", str(captions), "--encoder", tiny_hf_clip, "--device", "cpu",
+            "--max-pairs", "5", "--out", str(out), "--gap-rank", "8", "--gap-neighbours", "2"]
+    assert main([*base, "--store", str(hf_store), "--images", str(folder)]) == 0
+    assert "from 34 images and their 2 nearest store captions" in capsys.readouterr().out
+    assert read_noise_file(out)["gap_source"] == "images and their 2 nearest store captions"
+    assert main(base) == 2
+    assert "--gap-neighbours needs --gap-rank, --store" in capsys.readouterr().err

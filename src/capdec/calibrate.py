@@ -16,7 +16,8 @@ gap covariance and the shift convention, still load)::
      "image_mean": [...], "text_mean": [...], "offset": [...], "offset_norm", "n_images", "n_texts",
      "text_mean_source": "pairs" | "store", "renormalize_shift": true | false,
      # with a gap rank:
-     "gap_factor": [[...], ...] (r, d), "gap_diag": [...] (d), "gap_rank": r, "gap_pairs": n, "gap_shrinkage": α}
+     "gap_factor": [[...], ...] (r, d), "gap_diag": [...] (d), "gap_rank": r, "gap_pairs": n, "gap_shrinkage": α,
+     "gap_source": "pairs" | "images and their K nearest store captions"}
 
 The *modality offset* is ``image_mean − text_mean``. The text centroid comes from the paired captions,
 or from an embedding store (``text_store``: the training corpus, as CapDec's released
@@ -26,7 +27,8 @@ caption-time *shift*) is applied: capdec renormalises the shifted image embeddin
 ``predictions_runner.py`` adds its offset to the normalised image embedding and decodes that as is
 (``reference_offset=True`` records that convention).
 
-The *gap covariance* is the covariance of the residuals ``normalize(v) − normalize(t)`` over the pairs,
+The *gap covariance* is the covariance of the residuals ``normalize(v) − normalize(t)`` over the pairs
+(or over unlabelled images and their nearest training captions: no captions needed),
 shrunk toward a multiple of the identity (Ledoit–Wolf: a few pairs leave most directions unsampled), as
 a rank-r factor plus a diagonal (:func:`gap_covariance`): training with ``--noise-shape gap`` draws noise
 of that shape instead of CapDec's isotropic ``N(0, ε²·I)``.
@@ -101,7 +103,7 @@ def store_centroid(store: Any, max_rows: int | None = None, *, chunk: int = 6553
 def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequence[str]],
               extra_images: Sequence[Any] | None = None, *, batch_size: int = 32, text_store: Any = None,
               max_texts: int | None = None, gap_rank: int = 0, gap_shrinkage: float | None = None,
-              reference_offset: bool = False) -> dict[str, Any]:
+              gap_neighbours: int = 0, reference_offset: bool = False) -> dict[str, Any]:
     """ε and modality-gap statistics of ``encoder`` from paired ``images`` and ``captions``.
 
     ``images``: PIL images or paths; ``captions[i]``: the caption (or list of captions) of
@@ -111,7 +113,9 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     paired and extra images (a path given in both counts once), ``text_mean`` over the store's rows
     (else the captions), and ``offset = image_mean − text_mean``. ``reference_offset`` records that the
     caption-time shift is applied without renormalising, as CapDec's released code does. ``gap_rank``
-    > 0 adds the gap covariance of the pairs (:func:`gap_covariance`; ``gap_shrinkage`` None: Ledoit–Wolf's).
+    > 0 adds the gap covariance of the pairs (:func:`gap_covariance`; ``gap_shrinkage`` None: Ledoit–Wolf's),
+    or with ``gap_neighbours`` K > 0 of every image (paired and extra) with its K nearest captions in
+    ``text_store`` (:func:`nearest_caption_gaps`: no captions needed).
     Returns the ``noise.json`` dict (module docstring); statistics are computed in float64 on the
     re-normalised embeddings, ``std_linf`` is the population standard deviation over pairs.
     """
@@ -146,12 +150,9 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
         "mean_l2": float(diff.norm(dim=-1).mean()),
         "mean_cosine": float((v[torch.tensor(owner)] * t).sum(-1).mean()),
     }
-    if gap_rank > 0:
-        if len(texts) < 2:
-            raise InputError("calibrate: the gap covariance needs at least 2 pairs")
-        factor, diag, alpha = gap_covariance(diff, gap_rank, shrinkage=gap_shrinkage)
-        out.update({"gap_factor": factor.tolist(), "gap_diag": diag.tolist(), "gap_rank": int(factor.shape[0]),
-                    "gap_pairs": len(texts), "gap_shrinkage": alpha})
+    all_v = v
+    if gap_neighbours and (text_store is None or extra_images is None):
+        raise InputError("calibrate: the gap from nearest captions needs unlabelled images and the training store")
     if extra_images is not None or text_store is not None:
         all_v = v
         if extra_images is not None:
@@ -177,10 +178,46 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
             "text_mean_source": "store" if text_store is not None else "pairs",
             "renormalize_shift": not reference_offset,
         })
+    if gap_rank > 0:
+        if gap_neighbours:
+            residuals = nearest_caption_gaps(all_v, text_store, gap_neighbours)
+            source = f"images and their {gap_neighbours} nearest store captions"
+        else:
+            if len(texts) < 2:
+                raise InputError("calibrate: the gap covariance needs at least 2 pairs")
+            residuals, source = diff, "pairs"
+        factor, diag, alpha = gap_covariance(residuals, gap_rank, shrinkage=gap_shrinkage)
+        out.update({"gap_factor": factor.tolist(), "gap_diag": diag.tolist(), "gap_rank": int(factor.shape[0]),
+                    "gap_pairs": int(residuals.shape[0]), "gap_shrinkage": alpha, "gap_source": source})
     from capdec import __version__
 
     out["capdec_version"] = __version__
     return out
+
+
+def nearest_caption_gaps(images, store: Any, k: int, *, batch_size: int = 4096):
+    """Pseudo-pairs from unlabelled images: ``v − t`` for each image embedding v (n, d; L2-normalised) and each
+    of its ``k`` nearest captions t in the training ``store`` (cosine, through its text memory: exact, or faiss
+    on a large store): (n·k, d) float64.
+
+    An image's nearest captions are mostly ones that describe it, so these differences are shaped like the
+    modality gap of true pairs; in the toy world their covariance models held-out true gaps as well as 2,000
+    true pairs do (docs/results/quality.md).
+    """
+    import torch
+
+    from capdec.memory import TextMemory
+
+    if k < 1:
+        raise InputError(f"the number of nearest captions must be >= 1, got {k}")
+    memory = TextMemory.from_store(store)
+    out = []
+    for lo in range(0, images.shape[0], batch_size):
+        v = images[lo:lo + batch_size]
+        _, idx = memory.search(v.float(), min(k, len(memory)))  # (b, k)
+        t = _unit64(memory.gather(idx, dtype=torch.float64))  # (b, k, d)
+        out.append((v[:, None, :].double() - t).reshape(-1, v.shape[-1]))
+    return torch.cat(out)
 
 
 def ledoit_wolf_shrinkage(residuals) -> float:

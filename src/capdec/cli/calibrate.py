@@ -21,7 +21,8 @@ DESCRIPTION = (
     "training rows: give --store and --max-texts 20000; at caption time the shift is added to the normalised "
     "image embedding without renormalising). --gap-rank R also fits the covariance of the pairs' gaps "
     "(normalize(image) - normalize(caption)) as a rank-R factor plus a diagonal, for 'capdec train "
-    "--noise-shape gap'. Writes noise.json for 'capdec train --noise-file' and 'capdec caption --shift'."
+    "--noise-shape gap'; with --gap-neighbours K, of the images and their K nearest training captions instead "
+    "(no captions needed). Writes noise.json for 'capdec train --noise-file' and 'capdec caption --shift'."
 )
 
 logger = logging.getLogger("capdec.cli.calibrate")
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap-rank", type=int, default=0, metavar="R",
                         help="also fit the pairs' gap covariance as a rank-R factor plus a diagonal, for 'capdec "
                              "train --noise-shape gap' (R is cut to the number of pairs - 1; 0: none)")
+    parser.add_argument("--gap-neighbours", type=int, default=0, metavar="K",
+                        help="fit the gap covariance on the images (paired and --images) and their K nearest "
+                             "captions in --store instead of on the labelled pairs: no captions needed (0: the pairs)")
     parser.add_argument("--gap-shrinkage", default="auto", metavar="ALPHA",
                         help="shrink the gap covariance toward a multiple of the identity by ALPHA in [0, 1]; auto: "
                              "Ledoit-Wolf's estimate (larger with fewer pairs)")
@@ -93,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--max-texts needs --store (the rows it averages)")
     if args.gap_rank < 0:
         raise InputError(f"--gap-rank must be >= 0, got {args.gap_rank}")
+    if args.gap_neighbours < 0:
+        raise InputError(f"--gap-neighbours must be >= 0, got {args.gap_neighbours}")
+    if args.gap_neighbours and not (args.gap_rank and args.store and args.images):
+        raise InputError("--gap-neighbours needs --gap-rank, --store (the captions) and --images (the images)")
     shrinkage = None
     if args.gap_shrinkage != "auto":
         try:
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
     stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size, text_store=store,
                       max_texts=args.max_texts, gap_rank=args.gap_rank, gap_shrinkage=shrinkage,
+                      gap_neighbours=args.gap_neighbours,
                       reference_offset=args.reference_offset)
     stats["pairs_source"] = str(args.pairs)
     if args.images:
@@ -134,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{'store rows' if store is not None else 'captions'})")
     if "gap_rank" in stats:
         offset += (f", gap covariance of rank {stats['gap_rank']} (+ diagonal, shrinkage "
-                   f"{stats['gap_shrinkage']:.3f})")
+                   f"{stats['gap_shrinkage']:.3f}) from {stats['gap_pairs']} {stats['gap_source']}")
     print(f"ε = {stats['epsilon']:.5f} (variance {stats['variance']:.6f}) from {stats['n_pairs']} pairs "
           f"of {stats['n_paired_images']} images; mean L2 {stats['mean_l2']:.4f}, mean cosine "
           f"{stats['mean_cosine']:.4f}{offset} -> {args.out}")

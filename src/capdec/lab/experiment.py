@@ -68,8 +68,9 @@ class ExperimentConfig:
     lr: float = 1e-3
     noise_variance: float = TOY_NOISE_VARIANCE  # CapDec's ε² for the shipped mini-CLIP (see its definition)
     # gap-shaped noise (the "gap" runs): calibrated like CapDec's ε on a few paired training images
-    calibration_images: int = 15  # paired images for the gap covariance (each with 5 captions: 75 pairs)
-    gap_rank: int = 32  # rank of the gap covariance's low-rank part (cut to pairs - 1)
+    calibration_images: int = 15  # paired images calibrate sees (each with 5 captions: 75 pairs)
+    gap_neighbours: int = 5  # the gap from the unlabelled images and their 5 nearest training captions (0: the pairs)
+    gap_rank: int = 32  # rank of the gap covariance's low-rank part
     gap_scale: float = 1.0  # multiplies the gap covariance
     # DecodeConfig fields, over LAB_DECODE_DEFAULTS
     decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
@@ -292,9 +293,11 @@ def entity_words(grammar: str = "default") -> list[str]:
 
 def gap_noise(data: ToyData, *, seed: int = TOY_CALIBRATION_SEED) -> tuple[NoiseConfig, dict[str, Any]]:
     """CapDec noise shaped like the mini-CLIP's modality gap, calibrated as a user would (``capdec calibrate
-    --gap-rank R --store STORE --images DIR``): the gap covariance from ``calibration_images`` paired training
-    images with 5 captions each, the offset's text centre from the training store and its image centre from
-    unlabelled training images. Returns the noise config and the calibration (a noise.json dict)."""
+    PAIRS --gap-rank R --gap-neighbours K --store STORE --images DIR``): the gap covariance from the unlabelled
+    training images and their ``gap_neighbours`` nearest training captions (or, with 0, from
+    ``calibration_images`` paired images with 5 captions each), the offset's text centre from the training
+    store and its image centre from the images. Returns the noise config and the calibration (a noise.json
+    dict)."""
     from capdec.calibrate import calibrate
     from capdec.lab import toyworld
 
@@ -304,7 +307,7 @@ def gap_noise(data: ToyData, *, seed: int = TOY_CALIBRATION_SEED) -> tuple[Noise
     unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
                                     world=toyworld.get_world(cfg.world))
     stats = calibrate(data.encoder, images, refs, extra_images=unlabelled, text_store=data.text_store,
-                      gap_rank=cfg.gap_rank)
+                      gap_rank=cfg.gap_rank, gap_neighbours=cfg.gap_neighbours)
     noise = NoiseConfig(variance=0.0, shape="gap", gap_factor=stats["gap_factor"], gap_diag=stats["gap_diag"],
                         gap_scale=cfg.gap_scale, offset=stats["offset"], source="capdec.lab.experiment.gap_noise")
     return noise, stats
