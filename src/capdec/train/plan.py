@@ -390,7 +390,8 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
         raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
     if inputs["entity_vocab"] is not None and not layers.get("model.entity_prompt").value:
         raise InputError("--entity-vocab only makes sense with --entity-prompt")
-    if layers.get("noise.shape").value == "gap" and not inputs["noise_file"] and layers.mode != "resume":
+    if (layers.get("noise.shape").value == "gap" and layers.get("noise.gap_diag").value is None
+            and not inputs["noise_file"]):
         raise InputError("--noise-shape gap needs --noise-file (a 'capdec calibrate --gap-rank R' noise.json)")
 
 
