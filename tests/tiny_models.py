@@ -70,6 +70,23 @@ def clip_bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges  # type: ignore[return-value]
 
 
+def _hf_tower_configs(width: int, layers: int) -> dict[str, dict[str, Any]]:
+    """``text_config`` and ``vision_config`` of a tiny transformers dual encoder with the CLIP vocabulary."""
+    heads = max(1, width // 16)
+    return {
+        "text_config": dict(
+            vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
+            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=CONTEXT_LENGTH,
+            # the real token ids, so pooling picks the end-of-text token (as in laion/* CLIP configs)
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ),
+        "vision_config": dict(
+            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=8,
+        ),
+    }
+
+
 def make_tiny_hf_clip(directory: str | Path, *, seed: int = 0, width: int = 32, layers: int = 2) -> Path:
     """Save a tiny random-weight transformers ``CLIPModel`` with a real CLIP tokenizer to ``directory``.
 
@@ -83,18 +100,8 @@ def make_tiny_hf_clip(directory: str | Path, *, seed: int = 0, width: int = 32, 
         return directory
     directory.mkdir(parents=True, exist_ok=True)
 
-    heads = max(1, width // 16)
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
-            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=CONTEXT_LENGTH,
-            # the real token ids, so pooling picks the end-of-text token (as in laion/* CLIP configs)
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ),
-        vision_config=dict(
-            hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-            num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=8,
-        ),
+        **_hf_tower_configs(width, layers),
         projection_dim=TINY_DIM,
     )
     torch.manual_seed(seed)
@@ -132,14 +139,7 @@ def make_tiny_hf_siglip(directory: str | Path, *, seed: int = 0, width: int = 32
     if _is_complete(directory, params):
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    heads = max(1, width // 16)
-    config = SiglipConfig(
-        text_config=dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width,
-                         num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=CONTEXT_LENGTH,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                           num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=8),
-    )
+    config = SiglipConfig(**_hf_tower_configs(width, layers))
     torch.manual_seed(seed)
     SiglipModel(config).eval().save_pretrained(directory)
     vocab, merges = clip_bpe_vocab_and_merges()
