@@ -39,7 +39,8 @@ def test_txt_normalises_whitespace_and_counts_empty_lines(tmp_path):
     corpus = read_corpus(p)
     assert corpus.captions == ["A dog runs.", "A cat sleeps", "A dog runs."]
     assert [m["line"] for m in corpus.meta] == [1, 4, 6]
-    assert corpus.stats.as_dict() == {"read": 6, "empty_skipped": 3, "duplicates_removed": 0}
+    assert corpus.stats.as_dict() == {"read": 6, "empty_skipped": 3, "duplicates_removed": 0,
+                                      "too_long": 0}
     assert corpus.format == "txt"
     assert corpus.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
     assert corpus.paths == [str(p.resolve())]
@@ -250,7 +251,7 @@ def test_captions_from_list():
     assert isinstance(corpus, Corpus)
     assert corpus.captions == ["A dog.", "A cat."]
     assert corpus.meta == [{"index": 0}, {"index": 3}]
-    assert corpus.stats.as_dict() == {"read": 4, "empty_skipped": 1, "duplicates_removed": 1}
+    assert corpus.stats.as_dict() == {"read": 4, "empty_skipped": 1, "duplicates_removed": 1, "too_long": 0}
     assert corpus.format == "memory" and corpus.paths == []
     assert captions_from_list(["A dog."]).sha256 != captions_from_list(["A cat."]).sha256
     with pytest.raises(InputError, match="caption 1 is a int"):

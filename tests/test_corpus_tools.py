@@ -70,7 +70,7 @@ def test_sentences_cli_errors(tmp_path, capsys):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
     assert main(["corpus", "sentences", str(bad), "--out", str(tmp_path / "o.txt")]) == 2
-    assert "latin1.txt: line 2: not valid UTF-8" in capsys.readouterr().err
+    assert "latin1.txt: line 2 column 4: not valid UTF-8" in capsys.readouterr().err
     assert main(["corpus", "sentences", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o.txt")]) == 2
     assert not (tmp_path / "o.txt").exists()
 

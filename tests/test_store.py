@@ -103,7 +103,8 @@ def test_store_contents_match_the_encoder(reference, encoder):
     assert meta["dtype"] == "float32"
     assert meta["corpus"]["sha256"] == read_corpus(COCO_SAMPLE).sha256
     assert meta["corpus"]["format"] == "coco" and meta["corpus"]["dedupe"] is False
-    assert meta["stats"] == {"read": N_SAMPLE, "empty_skipped": 0, "duplicates_removed": 0, "truncated": 0}
+    assert meta["stats"] == {"read": N_SAMPLE, "empty_skipped": 0, "duplicates_removed": 0, "too_long": 0,
+                             "truncated": 0}
     assert meta["capdec_version"] and meta["created"]
     assert store.encoder_spec == encoder.spec and store.encoder_identity == encoder.identity
     store.check_encoder(encoder)
@@ -381,7 +382,8 @@ def test_write_store_and_from_arrays(encoder, tmp_path):
     mem = EmbeddingStore.from_arrays(corpus, encoder.encode_text(corpus.captions).numpy(),
                                      encoder_spec=encoder.spec, encoder_identity=encoder.identity)
     assert mem.path is None and len(mem) == 2
-    assert mem.meta["stats"] == {"read": 3, "empty_skipped": 1, "duplicates_removed": 0, "truncated": None}
+    assert mem.meta["stats"] == {"read": 3, "empty_skipped": 1, "duplicates_removed": 0, "too_long": 0,
+                              "truncated": None}
     saved = mem.save(tmp_path / "m")  # keeps the in-memory dtype unless told otherwise
     assert saved.meta["dtype"] == "float32" and saved.captions == ["A dog.", "A cat."]
     with pytest.raises(InputError, match="already holds an embedding store"):

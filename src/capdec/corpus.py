@@ -31,7 +31,7 @@ from typing import Any
 from capdec.errors import InputError
 from capdec.io.corpora import FORMATS, detect_format, iter_caption_file
 from capdec.io.datasets import check_split, json_kind
-from capdec.io.text import check_utf8, normalize_caption, read_json
+from capdec.io.text import MAX_CAPTION_CHARS, check_utf8, cut_caption, normalize_caption, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,11 @@ class CorpusStats:
     read: int = 0  # caption records seen, empty ones included
     empty_skipped: int = 0  # records whose caption was empty after whitespace normalisation
     duplicates_removed: int = 0  # exact duplicates dropped (only with dedupe=True)
+    too_long: int = 0  # captions over MAX_CAPTION_CHARS characters, cut to that length
 
     def as_dict(self) -> dict[str, int]:
         return {"read": self.read, "empty_skipped": self.empty_skipped,
-                "duplicates_removed": self.duplicates_removed}
+                "duplicates_removed": self.duplicates_removed, "too_long": self.too_long}
 
 
 @dataclass
@@ -100,6 +101,12 @@ class _Collector:
         if not text:
             self.stats.empty_skipped += 1
             return
+        if len(text) > MAX_CAPTION_CHARS:  # one 20 MB line would otherwise be embedded, tokenised, trained on whole
+            if not self.stats.too_long:
+                logger.warning("a caption of %d characters (%s) was cut to %d; later ones are counted", len(text),
+                               ", ".join(f"{k} {v}" for k, v in meta.items()) or "in memory", MAX_CAPTION_CHARS)
+            self.stats.too_long += 1
+            text = cut_caption(text)
         if self.dedupe:
             if text in self.seen:
                 self.stats.duplicates_removed += 1
@@ -195,7 +202,7 @@ def captions_from_list(captions: Sequence[str], *, meta: Sequence[dict[str, Any]
 
 def _log_summary(corpus: Corpus, where: str) -> None:
     s = corpus.stats
-    logger.info("corpus %s: %d captions (%d read, %d empty skipped, %d duplicates removed)",
-                where, len(corpus), s.read, s.empty_skipped, s.duplicates_removed)
+    logger.info("corpus %s: %d captions (%d read, %d empty skipped, %d duplicates removed, %d cut to %d characters)",
+                where, len(corpus), s.read, s.empty_skipped, s.duplicates_removed, s.too_long, MAX_CAPTION_CHARS)
     if not corpus.captions:
         logger.warning("corpus %s has no captions", where)

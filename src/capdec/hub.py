@@ -28,7 +28,11 @@ from capdec.errors import CapdecError, InputError
 logger = logging.getLogger(__name__)
 
 # owner and name as the Hub allows them (letters, digits, - _ .), then an optional @revision
-_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>[\w./-]+))?$")
+_REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95})(?:@(?P<revision>.+))?$", re.ASCII)
+# a revision: a commit hash, or a branch / tag name as git allows them (check-ref-format), in ASCII letters,
+# digits and . _ - : slash-separated parts, none empty, none starting with '.' or ending with '.lock', no '..'.
+# Nothing else reaches huggingface_hub, which joins the revision into paths of its cache.
+_REF_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$", re.ASCII)
 # never downloaded for inference: the optimizer state of a resumable checkpoint
 INFERENCE_IGNORE = ["training/*"]
 
@@ -38,11 +42,26 @@ class HubError(CapdecError):
 
 
 def parse_repo_id(text: str) -> tuple[str, str | None] | None:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``; None when ``text`` is not shaped like a repo id."""
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; None when ``text`` is not shaped like a repo id.
+
+    A repo id whose revision is not a branch, tag or commit name (``org/name@/abs/path``, ``@../x``) is an
+    :class:`InputError`: it is never handed to huggingface_hub.
+    """
     m = _REPO_ID.match(text)
-    if m is None or ".." in text or m.group("repo").endswith((".", "-")):
+    if m is None or ".." in m.group("repo") or m.group("repo").endswith((".", "-")):
         return None
-    return m.group("repo"), m.group("revision")
+    revision = m.group("revision")
+    if revision is not None and not is_revision(revision):
+        raise InputError(f"{text!r}: the revision {revision!r} is not a branch, tag or commit name (letters, "
+                         "digits, '.', '_', '-' in '/'-separated parts, no '..', no part starting with '.')")
+    return m.group("repo"), revision
+
+
+def is_revision(text: str) -> bool:
+    """Whether ``text`` is shaped like a branch, tag or commit name (see ``_REF_PART``)."""
+    parts = text.split("/")
+    return (len(text) <= 255 and ".." not in text
+            and all(_REF_PART.match(part) and not part.endswith(".lock") for part in parts))
 
 
 def is_repo_id(path_or_id: str | os.PathLike) -> bool:
@@ -138,6 +157,9 @@ def push_checkpoint(path: str | os.PathLike, repo_id: str, *, revision: str | No
     parsed = parse_repo_id(repo_id)
     if parsed is None or parsed[1] is not None:
         raise InputError(f"{repo_id!r} is not a Hub repo id: give owner/name (a branch goes in --revision)")
+    if revision is not None and not is_revision(revision):
+        raise InputError(f"--revision {revision!r} is not a branch name (letters, digits, '.', '_', '-' in "
+                         "'/'-separated parts, no '..', no part starting with '.')")
     write_model_card(path, repo_id=repo_id, license=license)  # reads (and so checks) config.json
     ignore = [".*", "**/.*"] + ([] if include_training_state else INFERENCE_IGNORE)
     if dry_run:

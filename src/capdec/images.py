@@ -88,15 +88,72 @@ def list_images(directory: str | os.PathLike, *, recursive: bool = True) -> list
 
 
 def _glob(pattern: str, recursive: bool) -> list[Path]:
-    return [Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=recursive)
-            if is_image_name(p) and os.path.isfile(p)]
+    pattern = os.path.expanduser(pattern)
+    found = _walk_glob(pattern) if recursive and "**" in pattern else glob.glob(pattern)
+    return [Path(p) for p in found if is_image_name(p) and os.path.isfile(p)]
+
+
+def _walk_glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``'s matches, but each real directory is entered once.
+
+    glob follows symbolic links to directories under ``**``, so a link to a parent directory makes it
+    recurse until the path is too long, and two such links make that exponential (hours). Here the walk
+    follows links too, but skips a directory it has already been in (by device and inode).
+    """
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = os.path.join(*parts[:fixed]) if fixed else ""
+    wanted = parts[fixed:]
+    hidden_ok = any(part.startswith(".") for part in wanted)
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root or os.curdir, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if not hidden_ok:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root or os.curdir)
+        base = [] if rel == os.curdir else rel.split(os.sep)
+        for name in filenames + dirnames:
+            if _glob_match(base + [name], wanted):
+                found.append(os.path.join(root, *base, name) if root else os.path.join(*base, name))
+    return sorted(found)
+
+
+def _glob_match(names: list[str], parts: Sequence[str]) -> bool:
+    """Whether path components ``names`` match glob ``parts`` (``**``: any number of non-hidden components)."""
+    import fnmatch
+
+    # reach[j]: names[:i] can be matched by parts[:j]
+    reach = [True] + [False] * len(parts)
+    for j, part in enumerate(parts):  # leading **'s match zero components
+        reach[j + 1] = reach[j] and part == "**"
+    for name in names:
+        hidden = name.startswith(".")
+        new = [False] * (len(parts) + 1)
+        for j, part in enumerate(parts):
+            if part == "**":
+                new[j + 1] = new[j] or ((reach[j + 1] or reach[j]) and not hidden)
+            else:
+                new[j + 1] = reach[j] and fnmatch.fnmatchcase(name, part) and (part.startswith(".") or not hidden)
+        reach = new
+    return reach[-1]
 
 
 def _read_list(list_file: Path, recursive: bool) -> list[Path]:
+    from capdec.io.text import decode_text
+
     try:
-        lines = list_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the image list {list_file}: {e}") from e
+        lines = decode_text(list_file.read_bytes(), list_file).splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read the image list {list_file}: {e.strerror or e}") from e
     found: list[Path] = []
     for lineno, line in enumerate(lines, 1):
         entry = line.strip()
@@ -156,8 +213,8 @@ ImageId = int | str
 #   number (COCO_val2014_000000000257.jpg, 000000000785.jpg) becomes that int; any other name its base name;
 # - image_id_from_name: the number a COCO results file gives an image without an id map: the trailing
 #   number of the stem (COCO_val2014_000000000257 -> 257, img_12 -> 12), or None.
-_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+[0-9]*_)?([0-9]+)", re.ASCII)
-_TRAILING_NUMBER = re.compile(r"(?:^|_)([0-9]+)$", re.ASCII)
+_COCO_STEM = re.compile(r"(?:COCO_[A-Za-z]+[0-9]*_)?([0-9]{1,64})", re.ASCII)
+_TRAILING_NUMBER = re.compile(r"(?:^|_)([0-9]{1,64})$", re.ASCII)
 
 
 def basename(name: str) -> str:
@@ -178,7 +235,7 @@ def image_key(name: int | str) -> ImageId:
     if isinstance(name, (int, np.integer)):
         return int(name)
     text = os.fspath(name).strip()
-    if re.fullmatch(r"[0-9]+", text, re.ASCII):
+    if re.fullmatch(r"[0-9]{1,64}", text, re.ASCII):
         return int(text)
     base = basename(text)
     stem = base.rsplit(".", 1)[0] if "." in base[1:] else base

@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from capdec.corpus import read_corpus
+    from capdec.io.text import MAX_CAPTION_CHARS
     from capdec.store import embed_corpus
     from capdec.utils import set_threads_from_env
 
@@ -98,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out} is up to date: {len(store)} captions, nothing to do ({seconds:.1f} s)")
     else:
         resumed = store.embed_run.resumed if store.embed_run is not None else 0
+        cut = f", {stats['too_long']} cut to {MAX_CAPTION_CHARS} characters" if stats.get("too_long") else ""
         print(f"embedded {len(store)} captions ({stats['empty_skipped']} empty skipped, "
-              f"{stats['duplicates_removed']} duplicates removed, {stats['truncated']} truncated"
+              f"{stats['duplicates_removed']} duplicates removed{cut}, {stats['truncated']} truncated"
               f"{f', {resumed} resumed' if resumed else ''}) in {seconds:.1f} s -> {args.out}")
     return 0
 

@@ -112,11 +112,12 @@ def user_config(args: argparse.Namespace, *, seed: int = 0):
             raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     model = {}
     if args.model_config:
+        from capdec.io.text import read_json
+
         try:
-            with open(args.model_config, encoding="utf-8") as f:
-                model = json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read --model-config {args.model_config}: {e}") from e
+            model = read_json(args.model_config)
+        except InputError as e:
+            raise InputError(f"cannot read --model-config: {e}") from e
         if not isinstance(model, dict):
             raise InputError(f"--model-config {args.model_config}: expected a JSON object of decoder options")
     if args.lm:

@@ -109,7 +109,7 @@ class HFEncoder(Encoder):
         if not isinstance(name, str) or not name.strip():
             raise EncoderError(f"hf encoder spec needs a 'model' (hub id or directory): {spec!r}")
         name = name.strip()
-        local = Path(name).expanduser()
+        local = Path(os.path.expanduser(name))
         if local.exists():
             source, local_only = _check_local_dir(local), True
         elif looks_like_path(name):

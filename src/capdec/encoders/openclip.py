@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class OpenCLIPEncoder(Encoder):
             return {"kind": cls.kind, "model": rest, "pretrained": None}
         model, sep, pretrained = rest.partition("@")
         model = model.strip()
-        if not sep and (Path(model).expanduser().is_dir() or looks_like_path(model)):
+        if not sep and (Path(os.path.expanduser(model)).is_dir() or looks_like_path(model)):
             return {"kind": cls.kind, "model": LOCAL_DIR + model, "pretrained": None}
         if not model:
             raise EncoderError(f"open_clip encoder spec {rest!r} has no model name before '@'")
@@ -281,7 +282,7 @@ def _causal_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _resolve(open_clip: Any, name: str, pretrained: str | None) -> tuple[str, str | None]:
     """Check a spec before open_clip sees it: local paths must exist, names and tags must be known."""
     if name.startswith(LOCAL_DIR):
-        return LOCAL_DIR + _check_local_dir(Path(name[len(LOCAL_DIR):]).expanduser()), None
+        return LOCAL_DIR + _check_local_dir(Path(os.path.expanduser(name[len(LOCAL_DIR):]))), None
     if name.startswith(HF_HUB):
         return name, None
     cleaned = name.replace("/", "-")
@@ -295,7 +296,7 @@ def _resolve(open_clip: Any, name: str, pretrained: str | None) -> tuple[str, st
     if not pretrained:
         raise EncoderError(f"open_clip encoder: {name!r} needs weights: open_clip:{name}@TAG "
                            f"(tags: {', '.join(tags) or 'none'}) or open_clip:{name}@/path/to/weights")
-    path = Path(pretrained).expanduser()
+    path = Path(os.path.expanduser(pretrained))
     if path.exists() or looks_like_path(pretrained) or pretrained.endswith(_WEIGHT_SUFFIXES):
         if not path.is_file():
             raise EncoderError(f"open_clip encoder: no such weights file {pretrained!r} (resolved to "

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
-from capdec.io.text import describe_json, read_json
+from capdec.io.text import decode_text, describe_json, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class CocoCaptions:
         for i, ann in enumerate(self.annotations):
             if "image_id" not in ann:
                 raise InputError(f"{self.path}: annotations[{i}] has no 'image_id'")
-            by_image.setdefault(_coco_id(ann["image_id"], f"{self.path}: annotations[{i}]"), []).append(ann["caption"])
+            by_image.setdefault(check_image_id(ann["image_id"], f"{self.path}: annotations[{i}]"), []).append(ann["caption"])
         out = []
         for img in self.images:
             out.append(CaptionedImage(img["id"], img.get("file_name", ""), by_image.pop(img["id"], [])))
@@ -167,13 +167,14 @@ def read_coco(data: Any, path: str | os.PathLike, *, annotations: bool = True, h
     for i, img in enumerate(images):
         if not isinstance(img, dict) or "id" not in img:
             raise InputError(f"{path}: images[{i}] has no 'id'")
-        _coco_id(img["id"], f"{path}: images[{i}]")
+        check_image_id(img["id"], f"{path}: images[{i}]")
         if not isinstance(img.get("file_name", ""), str):
             raise InputError(f"{path}: images[{i}]: 'file_name' must be a string")
     return CocoCaptions(path, anns, images)
 
 
-def _coco_id(value: Any, where: str) -> Any:
+def check_image_id(value: Any, where: str) -> Any:
+    """An image id read from JSON: a number or a string (not a bool, list, object or null)."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InputError(f"{where}: an image id must be a number or a string, not a JSON {type(value).__name__}")
     return value
@@ -191,7 +192,7 @@ def _karpathy_id(img: dict[str, Any]) -> int | str:
     if isinstance(img.get("cocoid"), int):
         return img["cocoid"]
     stem = img["filename"].rsplit(".", 1)[0]
-    return int(stem) if re.fullmatch(r"[0-9]+", stem, re.ASCII) else img["filename"]
+    return int(stem) if re.fullmatch(r"[0-9]{1,64}", stem, re.ASCII) else img["filename"]
 
 
 def karpathy_from_data(data: Any, path: str | os.PathLike, split: str = "all") -> ImageDataset:
@@ -277,10 +278,7 @@ def read_name_list(path: str | os.PathLike) -> list[str]:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise InputError(f"{path}: expected a pickled list of file names, got {type(names).__name__}")
         return [n.strip() for n in names]
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from e
+    text = decode_text(raw, path)
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 

@@ -26,15 +26,31 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from capdec.errors import InputError
 from capdec.images import image_key, list_images
-from capdec.io.datasets import CaptionedImage, ImageDataset, json_kind, karpathy_from_data, read_coco
+from capdec.io.datasets import (
+    CaptionedImage,
+    ImageDataset,
+    check_image_id,
+    json_kind,
+    karpathy_from_data,
+    read_coco,
+)
 from capdec.io.references import load_references
-from capdec.io.text import at_line, location, normalize_caption, parse_json_or_jsonl, read_json, read_text
+from capdec.io.text import (
+    at_line,
+    cut_caption,
+    location,
+    normalize_caption,
+    parse_json_or_jsonl,
+    read_json,
+    read_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +67,7 @@ def _resolve(name: str, root: Path) -> str:
 
 
 def _cleaned(captions: list[str]) -> list[str]:
-    return [t for t in map(normalize_caption, captions) if t]
+    return [cut_caption(t) for t in map(normalize_caption, captions) if t]
 
 
 def detect_dataset_format(path: Path) -> tuple[str, Any]:
@@ -210,7 +226,7 @@ def read_pairs(source: str | os.PathLike, *, captions: str | os.PathLike | None 
             value = [value]
         if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
             raise InputError(f"{where}: 'caption' must be a non-empty string (or 'captions' a list of them)")
-        path = Path(rec["image"]).expanduser()
+        path = Path(os.path.expanduser(rec["image"]))
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise InputError(f"{where}: image file not found: {path}")
@@ -294,7 +310,7 @@ def _image_ids_from_json(path: Path, data: Any) -> dict[str, Any]:
     if isinstance(data, dict) and "images" in data:
         return read_coco(data, path, annotations=False).file_names()
     if isinstance(data, dict):
-        return {str(k): v for k, v in data.items()}
+        return {str(k): check_image_id(v, f"{path}: {k!r}") for k, v in data.items()}
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON object or list mapping file names to image ids")
     mapping: dict[str, Any] = {}
@@ -303,7 +319,9 @@ def _image_ids_from_json(path: Path, data: Any) -> dict[str, Any]:
         image_id = row.get("image_id", row.get("id")) if isinstance(row, dict) else None
         if name is None or image_id is None:
             raise InputError(f"{path}: entry {n} needs 'file_name' (or 'image') and 'id' (or 'image_id')")
-        mapping[str(name)] = image_id
+        if not isinstance(name, str):
+            raise InputError(f"{path}: entry {n}: 'file_name' must be a string")
+        mapping[name] = check_image_id(image_id, f"{path}: entry {n}")
     return mapping
 
 
@@ -316,9 +334,10 @@ def _image_ids_from_csv(path: Path, text: str) -> dict[str, Any]:
         if len(row) < 2:
             raise InputError(f"{at_line(path, lineno)}: expected two columns 'file_name,image_id'")
         name, image_id = row[0].strip(), row[1].strip()
-        if lineno == 1 and not image_id.lstrip("-").isdigit() and image_id.lower() in ("image_id", "id"):
+        number = re.fullmatch(r"-?[0-9]{1,64}", image_id, re.ASCII)
+        if lineno == 1 and not number and image_id.lower() in ("image_id", "id"):
             continue  # header
-        mapping[name] = int(image_id) if image_id.lstrip("-").isdigit() else image_id
+        mapping[name] = int(image_id) if number else image_id
     return mapping
 
 

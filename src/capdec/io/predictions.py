@@ -32,7 +32,7 @@ def _prediction_from_record(rec: Any, where: str) -> Prediction:
         raise InputError(f"{where}: expected an object with 'caption' and 'image' (or 'image_id'), "
                          f"got {type(rec).__name__}")
     if "caption" not in rec:
-        raise InputError(f"{where}: no 'caption' field (fields: {', '.join(map(str, rec)) or 'none'})")
+        raise InputError(f"{where}: no 'caption' field (fields: {', '.join(map(repr, rec)) or 'none'})")
     caption = rec["caption"]
     if caption is not None and not isinstance(caption, str):
         raise InputError(f"{where}: 'caption' must be a string, got {type(caption).__name__}")
