@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
-from capdec.config_base import Config, option
+from capdec.config_base import Config, option, short_repr, type_error
 from capdec.errors import InputError
 from capdec.recipes import get_recipe
 
@@ -38,9 +38,36 @@ RETRIEVAL_FUSIONS = ("ifcap", "embedding")
 DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
 MEMORY_BACKENDS = ("auto", "torch", "faiss")
 MEMORY_INDEXES = ("flat", "ivf")
+# Bounds on sizes, checked when a config is built (from flags, a --config file or an artefact's JSON), so a
+# crafted checkpoint cannot make capdec allocate without limit before its weights are even read.
+MAX_DIM = 16384  # embedding and hidden sizes (CLIP: 512-1280; GPT-2 XL: 1600)
+MAX_DEPTH = 256  # layers
+MAX_HEADS = 256
+MAX_TOKENS = 4096  # prefix vectors, clip tokens, caption tokens (GPT-2 has 1024 positions)
+MAX_VOCAB = 1_000_000  # a trained tokenizer's vocabulary (real LMs: 50k-260k)
+MAX_SEED = 2**63 - 1
 
 
 R = TypeVar("R", bound="_FromRecipe")
+
+# The size keys of a transformers LM config (GPT-2's names and the common ones), bounded like ModelConfig's
+# own sizes: a checkpoint's recorded lm_config builds the LM before its weights are read.
+_LM_SIZES = {"vocab_size": MAX_VOCAB, "n_positions": 1 << 20, "max_position_embeddings": 1 << 20, "n_ctx": 1 << 20,
+             "n_embd": MAX_DIM, "hidden_size": MAX_DIM, "n_inner": 4 * MAX_DIM, "intermediate_size": 4 * MAX_DIM,
+             "n_layer": MAX_DEPTH, "num_hidden_layers": MAX_DEPTH, "n_head": MAX_HEADS,
+             "num_attention_heads": MAX_HEADS, "num_key_value_heads": MAX_HEADS}
+
+
+def check_lm_config(config: dict[str, Any]) -> None:
+    """A recorded transformers config: ``model_type`` a string, its sizes integers within bounds."""
+    if not isinstance(config.get("model_type"), str):
+        raise InputError(f"lm_config must name its model_type (a string), got {short_repr(config.get('model_type'))}")
+    for key, high in _LM_SIZES.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if type_error(value, int) or not 1 <= value <= high:
+            raise InputError(f"lm_config {key} must be an integer from 1 to {high}, got {short_repr(value)}")
 
 
 class _FromRecipe:
@@ -115,35 +142,39 @@ class ModelConfig(_FromRecipe, Config):
 
     RECIPE_SECTION: ClassVar[str] = "model"
 
-    embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False)
+    embed_dim: int = option(512, "d: the encoder's embedding size (taken from the stores)", cli=False,
+                            bounds=(1, MAX_DIM))
     mapper: str = option("transformer", "mapping network: transformer (CapDec's) or mlp (ClipCap's)",
                          choices=("transformer", "mlp"))
     # a checkpoint config without this field gets "legacy" (from_dict), so old checkpoints load and decode as before
     mapper_variant: str = option("clipcap", "transformer mapper: clipcap (ClipCap's / CapDec's exact layers: ReLU, "
                                             "no q/k/v bias) or legacy (capdec's earlier GELU mapper)",
                                  choices=MAPPER_VARIANTS)
-    prefix_length: int = option(10, "prefix vectors (L) given to the LM")
-    clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)")
-    mapper_depth: int = option(8, "transformer mapper layers")
-    mapper_heads: int = option(8, "transformer mapper heads")
+    prefix_length: int = option(10, "prefix vectors (L) given to the LM", bounds=(1, MAX_TOKENS))
+    clip_length: int | None = option(None, "transformer mapper clip tokens (default: prefix length)",
+                                     bounds=(1, MAX_TOKENS))
+    mapper_depth: int = option(8, "transformer mapper layers", bounds=(1, MAX_DEPTH))
+    mapper_heads: int = option(8, "transformer mapper heads", bounds=(1, MAX_HEADS))
     lm: str = option("scratch", "'scratch' (a small LM trained from scratch with a corpus tokenizer) or a Hugging "
                                 "Face causal LM id/directory (e.g. gpt2)")
     freeze_lm: bool = option(False, "train the mapper only (ClipCap's prefix-only variant); off: fine-tune the LM too")
-    max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)")
+    max_length: int = option(40, "caption tokens incl. end-of-sequence (longer captions are cut)",
+                             bounds=(1, MAX_TOKENS))
     stop_at_period: bool = option(False, "the model never learned an end token (imported ClipCap / CapDec weights, "
                                          "see capdec.clipcap): decoding ends a caption at its first '.' by default",
                                   cli=False)
     # from-scratch LM (lm == "scratch")
-    lm_dim: int = option(256, "scratch LM hidden size")
-    lm_depth: int = option(4, "scratch LM layers")
-    lm_heads: int = option(4, "scratch LM heads")
-    vocab_size: int = option(8000, "scratch tokenizer vocabulary (an upper bound: small corpora give fewer)")
+    lm_dim: int = option(256, "scratch LM hidden size", bounds=(1, MAX_DIM))
+    lm_depth: int = option(4, "scratch LM layers", bounds=(1, MAX_DEPTH))
+    lm_heads: int = option(4, "scratch LM heads", bounds=(1, MAX_HEADS))
+    vocab_size: int = option(8000, "scratch tokenizer vocabulary (an upper bound: small corpora give fewer)",
+                             bounds=(16, MAX_VOCAB))
     lowercase: bool = option(True, "lowercase text for the scratch tokenizer")
-    dropout: float = option(0.1, "scratch LM dropout")
+    dropout: float = option(0.1, "scratch LM dropout (a probability, below 1)")
     # retrieval augmentation (IFCap): needs the training captions as a memory (saved in the checkpoint)
     retrieval_k: int = option(0, "IFCap: fuse the k nearest training captions (of the noised query) with the query "
                                  "through cross-attention before the mapper (0 = off); the memory is kept in the "
-                                 "checkpoint")
+                                 "checkpoint", bounds=(0, MAX_TOKENS))
     retrieval_fusion: str = option("ifcap", "how retrieved captions are fused: ifcap (IFCap's Fusion Module: the "
                                             "mapper's clip tokens cross-attend over the retrieved captions mapped to "
                                             "the LM size; transformer mapper) or embedding (capdec's earlier fusion "
@@ -152,9 +183,10 @@ class ModelConfig(_FromRecipe, Config):
                                                     "caption's embedding plus isotropic noise of this variance "
                                                     "(IFCap: 0.04) instead of the decoder's noised input")
     entity_slots: int = option(0, "capdec's earlier entity filtering: up to N words frequent among the retrieved "
-                                  "captions become extra prefix vectors the decoder can copy (needs --retrieval-k)")
+                                  "captions become extra prefix vectors the decoder can copy (needs --retrieval-k)",
+                               bounds=(0, MAX_TOKENS))
     entity_min_count: int = option(2, "with --entity-slots: a word must occur in at least this many retrieved "
-                                      "captions to be an entity")
+                                      "captions to be an entity", bounds=(1, None))
     entity_prompt: bool = option(False, "IFCap / ViECap entity hard prompt after the soft prefix: 'There are e1, e2 "
                                         "in image.' In training the caption's own entities (words of "
                                         "--entity-vocab), each left out with probability --entity-mask; at caption "
@@ -164,21 +196,19 @@ class ModelConfig(_FromRecipe, Config):
                                             repr=False)
     entity_mask: float = option(0.4, "training: probability of leaving each entity out of the prompt (IFCap 0.4)")
     entity_retrieve: int = option(9, "caption time: captions retrieved for entity filtering (IFCap: 9 on COCO, 7 on "
-                                     "Flickr30k)")
+                                     "Flickr30k)", bounds=(1, MAX_TOKENS))
     entity_threshold: int = option(5, "caption time: occurrences among them that make an entity (IFCap: 5 on COCO, "
-                                      "3 on Flickr30k)")
-    entity_max: int = option(10, "at most this many entities in a prompt")
+                                      "3 on Flickr30k)", bounds=(1, None))
+    entity_max: int = option(10, "at most this many entities in a prompt", bounds=(1, MAX_TOKENS))
     lm_config: dict[str, Any] | None = option(None, "resolved transformers config (filled at build)", cli=False,
                                               repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("embed_dim", "prefix_length", "max_length", "mapper_depth", "lm_dim", "lm_depth"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("retrieval_k", "entity_slots"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lm_config is not None:
+            check_lm_config(self.lm_config)
         if self.entity_slots and not self.retrieval_k:
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
         if self.retrieval_fusion not in RETRIEVAL_FUSIONS:
@@ -194,9 +224,6 @@ class ModelConfig(_FromRecipe, Config):
             raise InputError("entity prompts need an entity vocabulary (--entity-vocab FILE: one word per line)")
         if not 0 <= self.entity_mask < 1:
             raise InputError(f"entity_mask must be in [0, 1), got {self.entity_mask}")
-        for name in ("entity_retrieve", "entity_threshold", "entity_max"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
             raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
 
@@ -215,27 +242,29 @@ class TrainConfig(_FromRecipe, Config):
 
     RECIPE_SECTION: ClassVar[str] = "train"
 
-    epochs: int = option(10, "passes over the training captions")
-    max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)")
+    epochs: int = option(10, "passes over the training captions", bounds=(1, None))
+    max_steps: int | None = option(None, "stop after N steps (a fixed budget; wins over epochs when smaller)",
+                                   bounds=(1, None))
     batch_size: int = option(64, "captions per step; under torchrun the global batch, split evenly over the "
-                                 "processes")
+                                 "processes", bounds=(1, None))
     lr: float | None = option(None, "peak AdamW learning rate (default 2e-5 for a pretrained LM as CapDec, 5e-4 "
-                                    "from scratch)")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: int | None = option(None, "linear warm-up steps (default: 5% of the steps, at most 5000)")
+                                    "from scratch)", bounds=(0, None))
+    weight_decay: float = option(0.01, "AdamW weight decay", bounds=(0, None))
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: 5% of the steps, at most 5000)",
+                                      bounds=(0, None))
     schedule: str = option("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
-    grad_clip: float = option(1.0, "max gradient norm (0 = off)")
+    grad_clip: float = option(1.0, "max gradient norm (0 = off)", bounds=(0, None))
     amp: str = option("auto", "mixed precision (auto: bf16, or fp16 on GPUs without bf16; bf16 on CPUs with AMX or "
                               "AVX512-BF16, else fp32; off: fp32 everywhere)", choices=("auto", "off", "fp16", "bf16"))
     length_buckets: bool = option(False, "batch captions of similar length together: less padding, faster steps; "
                                          "batches are shuffled within windows of 50")
     compile: bool = option(False, "torch.compile the model (slower first steps, faster after)")
     val_fraction: float = option(0.02, "captions held out for the clean-embedding validation loss")
-    val_max: int = option(2000, "at most this many validation captions", cli=False)
-    eval_every: int | None = option(None, "validate every N steps (default: each epoch)")
-    save_every: int | None = option(None, "checkpoint every N steps (default: each epoch)")
-    log_every: int = option(20, "metrics.jsonl row every N steps")
-    seed: int = option(0, "seeds data order, noise, dropout and initialisation")
+    val_max: int = option(2000, "at most this many validation captions", cli=False, bounds=(0, None))
+    eval_every: int | None = option(None, "validate every N steps (default: each epoch)", bounds=(1, None))
+    save_every: int | None = option(None, "checkpoint every N steps (default: each epoch)", bounds=(1, None))
+    log_every: int = option(20, "metrics.jsonl row every N steps", bounds=(1, None))
+    seed: int = option(0, "seeds data order, noise, dropout and initialisation", bounds=(0, MAX_SEED))
     save_memory: bool = option(False, "keep the training captions' embeddings in the checkpoint (for --project)")
     keep_epochs: bool = option(False, "also keep each epoch's weights beside --out as OUT-epoch001, OUT-epoch002, ...")
     keep_best: bool = option(False, "also keep the weights of the lowest validation loss so far as OUT-best")
@@ -246,8 +275,8 @@ class TrainConfig(_FromRecipe, Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.batch_size < 1 or self.epochs < 1:
-            raise InputError("batch_size and epochs must be ≥ 1")
+        if self.lr == 0:
+            raise InputError("lr must be > 0")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -265,14 +294,13 @@ class InferenceConfig(Config):
     project: bool = option(False, "DeCap: at caption time, replace image embeddings by their softmax-weighted "
                                   "projection onto the text memory (implies --save-memory)")
     tau: float = option(0.01, "projection temperature")
-    project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)")
+    project_k: int | None = option(None, "project over the top-k memory items only (default: all, exact)",
+                                   bounds=(1, None))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tau <= 0 or not math.isfinite(self.tau):
             raise InputError(f"tau (the projection temperature) must be > 0, got {self.tau}")
-        if self.project_k is not None and self.project_k < 1:
-            raise InputError(f"project_k must be ≥ 1, got {self.project_k}")
 
 
 @dataclass
@@ -281,20 +309,20 @@ class DecodeConfig(Config):
 
     strategy: str = option("beam", "decoding strategy", choices=STRATEGIES)
     max_length: int | None = option(None, "most tokens per caption, end-of-sequence included (default: the "
-                                          "checkpoint's)")
-    beam_size: int = option(5, "beam: hypotheses kept per image")
+                                          "checkpoint's)", bounds=(1, MAX_TOKENS))
+    beam_size: int = option(5, "beam: hypotheses kept per image", bounds=(1, None))
     length_penalty: float = option(1.0, "beam: finished captions are ranked by sum log p / length**this")
     early_stopping: str = option("exact", "beam: exact ends an image's search once no running beam can beat its best "
                                           "caption even at max_length (the result of searching to the end); "
                                           "heuristic once the best running beam, scored at its current length, "
                                           "does not beat the k finished ones (faster; Hugging Face's default; can "
                                           "end too soon)", choices=EARLY_STOPPING)
-    top_k: int = option(0, "sample: keep the k most likely tokens (0: all)")
+    top_k: int = option(0, "sample: keep the k most likely tokens (0: all)", bounds=(0, None))
     top_p: float = option(1.0, "sample: nucleus probability mass (the fewest tokens whose probability sums to "
                                "≥ this; 1: all)")
     temperature: float = option(1.0, "sample: logits are divided by this")
     seed: int | None = option(None, "sample: random seed (reproducible for a given --batch-size; default: "
-                                    "torch's global RNG)")
+                                    "torch's global RNG)", bounds=(0, MAX_SEED))
     use_cache: bool = option(True, "reuse the LM's key/value cache (off: re-run the whole sequence each step)",
                              cli=False)
     stop_at_period: bool | None = option(None, "end a caption at its first '.' (for models that never learned an "
@@ -303,12 +331,6 @@ class DecodeConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.max_length is not None and self.max_length < 1:
-            raise InputError(f"max_length must be ≥ 1, got {self.max_length}")
-        if self.beam_size < 1:
-            raise InputError(f"beam_size must be ≥ 1, got {self.beam_size}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be ≥ 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.temperature <= 0.0:

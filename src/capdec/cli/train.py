@@ -140,6 +140,7 @@ def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """The --config file's options by dest, each converted as its flag's value would be."""
+    from capdec.config_base import short_repr, type_error
     from capdec.errors import InputError
     from capdec.io.text import read_json
 
@@ -155,14 +156,24 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, A
         dest = key.replace("-", "_")
         if dest not in actions:
             raise InputError(f"--config {path}: unknown option {key!r}")
-        kind = actions[dest].type
-        if kind in (int, float) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            try:
-                value = kind(value)
-            except ValueError:
-                raise InputError(f"--config {path}: {key} must be a number, got {value!r}") from None
+        action = actions[dest]
+        wrong = type_error(value, _json_type(action))
+        if wrong:  # JSON's own types, as the flag's: "2" is no integer, 2.5 no integer either
+            raise InputError(f"--config {path}: {key} must be {wrong}, got {short_repr(value)}")
+        if action.choices is not None and value not in action.choices:
+            raise InputError(f"--config {path}: {key} must be one of {', '.join(map(str, action.choices))}, "
+                             f"got {short_repr(value)}")
         out[dest] = value
     return out
+
+
+def _json_type(action: argparse.Action) -> Any:
+    """The JSON value a config file gives for a flag: what its command-line value would parse to."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        return bool
+    kind = action.type if action.type in (int, float) else str
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    return list[kind] if many else kind
 
 
 def options_given(args: argparse.Namespace, names: set[str]) -> dict[str, Any]:
@@ -189,13 +200,22 @@ def plan_json(plan: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from capdec import distributed
     from capdec.config_base import Sourced
+    from capdec.errors import InputError
     from capdec.train import plan_training, run_training
     from capdec.train.plan import INPUTS, option_keys
     from capdec.utils import set_threads_from_env
 
     assert isinstance(args.dry_run, Sourced) or args.dry_run, "parse with capdec.cli.main (it marks the defaults)"
     set_threads_from_env()
-    plan = plan_training(args.stores, args.out, options=options_given(args, set(option_keys()) | set(INPUTS)))
+    options = options_given(args, set(option_keys()) | set(INPUTS))
+    try:
+        plan = plan_training(args.stores, args.out, options=options)
+    except InputError as e:  # a config's check of a value the --config file gave: name the file
+        fields = [option_keys()[k].split(".")[1] for k, v in options.items()
+                  if v.source == "config file" and k in option_keys()]
+        if args.config and any(str(e).startswith(f"{name} ") for name in fields):
+            raise InputError(f"--config {args.config}: {e}") from e
+        raise
     if args.dry_run is True:  # a flag; not given it is Sourced(False, "default")
         print(plan_json(plan.describe()))
         return 0
