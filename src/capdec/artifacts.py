@@ -15,16 +15,27 @@ User files (corpora, references, predictions, configs) are the input layer's (:m
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from capdec.config_base import short_repr, type_error
 from capdec.errors import InputError
+from capdec.io.text import MAX_CAPTION_CHARS, at_line, cut_caption, decode_json
 from capdec.utils import read_artifact_json
+
+logger = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100 << 20  # a safetensors header (JSON: names, dtypes, shapes) of more is no weights file
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 NORM_TOLERANCE = 1e-2  # |row norm - 1| allowed for "L2-normalised" (fp16 storage rounds)
 _CHUNK = 65536  # rows per norm check: flat memory for a memory-mapped million-row matrix
@@ -42,6 +53,99 @@ def read_meta(path: str | os.PathLike, *, redo: str) -> Any:
         return read_artifact_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); {redo}") from e
+
+
+def check_fields(obj: Any, where: str | os.PathLike, kinds: dict[str, Any], *, redo: str) -> dict[str, Any]:
+    """``obj`` must be a JSON object whose fields named in ``kinds`` have those types (a missing field is None).
+
+    The kinds are :func:`capdec.config_base.type_error`'s (``int``, ``float``: finite, ``str``, ``dict``,
+    ``list[str]``, ``X | None``), so an edited or crafted file is refused before a value is used.
+    """
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {short_repr(obj)}; {redo}")
+    for key, kind in kinds.items():
+        wrong = type_error(obj.get(key), kind)
+        if wrong:
+            got = short_repr(obj[key]) if key in obj else "nothing"
+            raise InputError(f"{where}: {key!r} must be {wrong}, got {got}; {redo}")
+    return obj
+
+
+def check_count(value: int, name: str, where: str | os.PathLike, *, redo: str, low: int = 0,
+                high: int = 1 << 40) -> int:
+    """A recorded size (a row count, a dimension) within ``[low, high]``."""
+    if not low <= value <= high:
+        raise InputError(f"{where}: {name!r} must be from {low} to {high}, got {value}; {redo}")
+    return value
+
+
+def read_safetensors_header(path: str | os.PathLike, *, redo: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors a ``.safetensors`` file holds, ``{name: (dtype, shape)}``, checked without reading them.
+
+    The format: 8 bytes (little-endian header length N), N bytes of JSON ``{name: {dtype, shape,
+    data_offsets: [begin, end]}, "__metadata__": {...}}``, then the data. An empty or truncated file, a header
+    length past the file's end (or over :data:`MAX_HEADER_BYTES`), a header that is no such JSON, or a tensor
+    whose bytes do not fit its dtype and shape or lie outside the file is an :class:`InputError`.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: {size} bytes, too short for a safetensors file; {redo}")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise InputError(f"{path}: its header says it is {n} bytes long, but the file has {size - 8} after the "
+                             f"length (truncated or not a safetensors file); {redo}")
+        raw = f.read(n)
+    try:
+        header = decode_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: the safetensors header is not valid JSON ({e}); {redo}") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: the safetensors header is not a JSON object; {redo}")
+    data = size - 8 - n
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] in SAFETENSORS_DTYPES
+              and not type_error(entry.get("shape"), list[int]) and all(d >= 0 for d in entry["shape"])
+              and not type_error(entry.get("data_offsets"), list[int]) and len(entry["data_offsets"]) == 2)
+        if not ok:
+            raise InputError(f"{path}: tensor {name!r} has no valid dtype, shape and data_offsets in the header; "
+                             f"{redo}")
+        begin, end = entry["data_offsets"]
+        numel = math.prod(entry["shape"])
+        if not 0 <= begin <= end <= data or end - begin != numel * SAFETENSORS_DTYPES[entry["dtype"]]:
+            raise InputError(f"{path}: tensor {name!r} ({entry['dtype']} {tuple(entry['shape'])}) does not fit its "
+                             f"bytes {begin}..{end} of the {data} after the header (truncated or altered); {redo}")
+        tensors[name] = (entry["dtype"], tuple(entry["shape"]))
+    return tensors
+
+
+_BLOCKED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
+def load_tensors(path: str | os.PathLike, *, what: str) -> Any:
+    """``torch.load`` of plain tensors and containers only (``weights_only=True``): a file that would run code
+    or is damaged is refused in one line naming it (torch's own text is several paragraphs)."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _BLOCKED_GLOBAL.search(str(e))
+        why = f"it calls {found.group(1)}" if found else " ".join(str(e).split())[:160]
+        raise InputError(f"{path}: refused: loading it would run code or build objects other than tensors ({why}); "
+                         f"{what} holds plain tensors only") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable PyTorch tensor file ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:160]}); {what}") from None
 
 
 def load_matrix(path: str | os.PathLike, shape: tuple[int, int], *, mmap: bool, redo: str,
@@ -66,16 +170,27 @@ def write_rows(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> No
 
 
 def iter_rows(path: str | os.PathLike, *, redo: str) -> Iterator[dict[str, Any]]:
-    """The records of a ``captions.jsonl`` one at a time (a streaming read: nothing is kept)."""
+    """The records of a ``captions.jsonl`` one at a time (a streaming read: nothing is kept).
+
+    A caption over :data:`~capdec.io.text.MAX_CAPTION_CHARS` characters (which capdec never writes: a store
+    made by an older version, or edited) is cut to that length, with a warning for the first.
+    """
     path = Path(path)
+    warned = False
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             try:
-                record = json.loads(line)
+                record = decode_json(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); {redo}") from e
+                raise InputError(f"{at_line(path, lineno, e.colno)}: not valid JSON ({e.msg}); {redo}") from e
             if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
-                raise InputError(f"{path}:{lineno}: expected an object with a 'caption' string; {redo}")
+                raise InputError(f"{at_line(path, lineno)}: expected an object with a 'caption' string; {redo}")
+            if len(record["caption"]) > MAX_CAPTION_CHARS:
+                record["caption"] = cut_caption(record["caption"])
+                if not warned:
+                    logger.warning("%s: a caption of over %d characters was cut to that length (and any "
+                                   "later ones)", at_line(path, lineno), MAX_CAPTION_CHARS)
+                    warned = True
             yield record
 
 
@@ -89,7 +204,8 @@ def read_rows(path: str | os.PathLike, count: int, *, redo: str, holder: str = "
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
     """Every non-blank line of a JSON Lines log capdec wrote (``metrics.jsonl``), parsed."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [decode_json(line, allow_nan=True) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
 def check_rows(embeddings: Any, what: str) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,18 +31,23 @@ from typing import Any
 import torch
 
 from capdec import __version__
-from capdec.configs import InferenceConfig
+from capdec.artifacts import check_count, check_fields, load_tensors, read_safetensors_header
+from capdec.configs import InferenceConfig, TrainConfig
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError
 from capdec.hub import resolve_checkpoint
 from capdec.model import CapDecModel, ModelConfig, model_from_config
 from capdec.model_card import card_for_new_checkpoint
 from capdec.noise import NoiseConfig
-from capdec.utils import atomic_dir, read_artifact_json, write_json
+from capdec.output import atomic_dir, finish_swap
+from capdec.utils import read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "capdec.checkpoint/1"
+# what a checkpoint directory holds (the module docstring); a directory holding anything else is not replaced
+CHECKPOINT_ENTRIES = frozenset({"config.json", "model.safetensors", "tokenizer", "README.md", "model_card.json",
+                                "metrics.jsonl", "memory", "training"})
 
 
 @dataclass
@@ -123,7 +127,8 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
         **(extra or {}),
     }
     path = Path(path)
-    with atomic_dir(path, overwrite=True) as tmp:
+    allowed = CHECKPOINT_ENTRIES | set(files or {})
+    with atomic_dir(path, overwrite=True, replaceable=lambda p: replaceable(p, allowed)) as tmp:
         write_json(tmp / "config.json", config)
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.tokenizer.save_pretrained(tmp / "tokenizer")
@@ -142,17 +147,43 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
 
 def recover(path: str | os.PathLike) -> None:
     """Finish a checkpoint swap a crash interrupted (old copy renamed away, new one not yet in place)."""
+    finish_swap(path)
+
+
+def replaceable(path: str | os.PathLike, allowed: set[str] | frozenset[str] = CHECKPOINT_ENTRIES) -> str | None:
+    """None when the directory ``path`` is a checkpoint capdec wrote (its ``config.json`` says so) holding only
+    what capdec writes in one (``allowed``), else why it is not: ``--overwrite`` and every save replace only
+    such a directory (or an empty one)."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.exists():
-        logger.warning("recovering checkpoint %s from an interrupted save", path)
-        os.replace(old, path)
-    elif path.exists() and old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        config = read_artifact_json(path / "config.json")
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        return f"exists and is not a capdec checkpoint (no config.json of format {FORMAT})"
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed)
+    if foreign:
+        return (f"is a capdec checkpoint that also holds what capdec did not write there "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
+    return None
+
+
+_REDO = "the checkpoint is damaged or was altered (re-train or re-download it)"
+# config.json's sections and the types they must have; the configs in them are checked whole (their types
+# and bounds: capdec.config_base) before any model is built from them
+_SECTIONS = {"model": dict, "encoder": dict, "encoder_identity": dict, "noise": dict | None, "train": dict | None,
+             "inference": dict | None, "data": dict | None}
+_STATE = {"step": int, "total_steps": int, "peak_lr": float, "warmup_steps": int, "world_size": int | None,
+          "seconds": float | None, "train_loss": float | None, "val_loss": float | None,
+          "best_val_loss": float | None, "best_step": int | None}
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's config.json, validated (no weights loaded). ``path``: a directory or a Hub repo id."""
+    """The checkpoint's config.json, validated (no weights loaded). ``path``: a directory or a Hub repo id.
+
+    A checkpoint may come from anyone (the Hub), so each recorded config is checked as the configs check
+    flags (types, bounds: a ``prefix_length`` of a million is refused here, before a mapper is allocated).
+    """
     path = resolve_checkpoint(path)
     recover(path)
     cfg_file = path / "config.json"
@@ -160,14 +191,21 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"{path} is not a capdec checkpoint (no config.json)")
     try:
         config = read_artifact_json(cfg_file)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise InputError(f"{cfg_file} is not valid JSON: {e}") from e
-    fmt = config.get("format")
+    fmt = config.get("format") if isinstance(config, dict) else None
     if fmt != FORMAT:
         raise InputError(f"{path}: unknown checkpoint format {fmt!r} (this capdec reads {FORMAT})")
     for key in ("model", "encoder", "encoder_identity"):
         if key not in config:
             raise InputError(f"{cfg_file} has no {key!r} entry; the checkpoint is incomplete")
+    check_fields(config, cfg_file, _SECTIONS, redo=_REDO)
+    for section, cls in (("model", ModelConfig), ("noise", NoiseConfig), ("inference", InferenceConfig),
+                         ("train", TrainConfig)):
+        try:
+            cls.from_dict(config.get(section), where=f"{cfg_file}: {section}")
+        except InputError as e:
+            raise InputError(f"{e}; {_REDO}") from e
     return config
 
 
@@ -184,19 +222,54 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device | Non
 
     path = resolve_checkpoint(path)
     config = read_config(path)
-    if not (path / "model.safetensors").is_file():
+    weights = path / "model.safetensors"
+    if not weights.is_file():
         raise InputError(f"{path} has no model.safetensors; the checkpoint is incomplete")
+    header = read_safetensors_header(weights, redo=_REDO)
     tokenizer = load_tokenizer(str(path / "tokenizer"), local_only=True)
-    model = model_from_config(ModelConfig.from_dict(config["model"]), tokenizer)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    model_config = ModelConfig.from_dict(config["model"])
+    with torch.device("meta"):  # shapes only: the file must hold every tensor the config asks for, before any is made
+        _check_weights(model_from_config(model_config, tokenizer), header, weights)
+    model = model_from_config(model_config, tokenizer)
+    missing, unexpected = load_model(model, str(weights), strict=False)
     if missing or unexpected:
         raise InputError(f"{path}/model.safetensors does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
+    bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise InputError(f"{weights}: {bad!r} holds NaN or infinite values; {_REDO}")
     model.to(resolve_device(device))
     if dtype is not None:
         model.to(dtype)
     model.eval()
     return Checkpoint(path=path, model=model, config=config)
+
+
+def _check_weights(model: torch.nn.Module, header: dict[str, tuple[str, tuple[int, ...]]], weights: Path) -> None:
+    """Every tensor of ``model`` (built on the meta device) is in the file's ``header`` with its shape and a
+    floating-point dtype, and the file holds nothing else. Tied weights are saved under one of their names."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    shapes = dict(model.state_dict(keep_vars=True).items())
+    expected = {n for group in names.values() for n in group if n in shapes}
+    unexpected = sorted(set(header) - expected)
+    if unexpected:
+        raise InputError(f"{weights}: {len(unexpected)} tensor(s) its config has no place for, e.g. {unexpected[:3]}; "
+                         f"{_REDO}")
+    for group in names.values():
+        group = [n for n in group if n in shapes]
+        saved = [n for n in group if n in header]
+        if group and not saved:
+            raise InputError(f"{weights}: no tensor {group[0]!r}, which its config needs; {_REDO}")
+        for name in saved:
+            dtype, shape = header[name]
+            if shape != tuple(shapes[name].shape):
+                raise InputError(f"{weights}: {name!r} has shape {shape} but its config makes "
+                                 f"{tuple(shapes[name].shape)}; {_REDO}")
+            if shapes[name].is_floating_point() and not dtype.startswith(("F", "BF")):
+                raise InputError(f"{weights}: {name!r} holds {dtype} values where the model has floating-point "
+                                 f"weights; {_REDO}")
 
 
 def load_training_state(path: str | os.PathLike, *,
@@ -207,6 +280,17 @@ def load_training_state(path: str | os.PathLike, *,
     if not state_file.is_file():
         raise InputError(f"{path} holds no training state to resume from (it was saved without it, or is a "
                          "final-only checkpoint)")
+    try:
+        state = read_artifact_json(state_file)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{state_file}: not valid JSON ({e}); {_REDO}") from e
+    check_fields(state, state_file, _STATE, redo=_REDO)
+    for key in ("step", "total_steps", "warmup_steps"):
+        check_count(state[key], key, state_file, redo=_REDO)
     opt_file = path / "training" / "optimizer.pt"
-    opt = torch.load(opt_file, map_location="cpu", weights_only=True) if optimizer and opt_file.is_file() else None
-    return read_artifact_json(state_file), opt
+    opt = None
+    if optimizer and opt_file.is_file():
+        opt = load_tensors(opt_file, what="a checkpoint's optimizer state")
+        if not isinstance(opt, dict) or not isinstance(opt.get("optimizer"), dict):
+            raise InputError(f"{opt_file}: not an optimizer state (expected a dict with 'optimizer'); {_REDO}")
+    return state, opt

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from capdec.artifacts import load_tensors
 from capdec.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -77,11 +78,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such weights file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - whatever torch.load refuses, the file is the reason
-        raise InputError(f"{path}: not a plain PyTorch state dict that loads without running code "
-                         f"(torch.load(weights_only=True) failed: {type(e).__name__}: {e})") from e
+    state = load_tensors(path, what="a ClipCap / CapDec state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # some trainers wrap it
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -234,15 +231,17 @@ def import_clipcap(weights: str | os.PathLike, out: str | os.PathLike, *, lm: st
     with them. ``max_length`` defaults to the reference's 67 tokens (fewer if the LM's positions end
     sooner). Nothing is written if anything does not match.
     """
-    from capdec.checkpoint import InferenceConfig, save_checkpoint
+    from capdec.checkpoint import InferenceConfig, replaceable, save_checkpoint
     from capdec.encoders import Encoder, load_encoder
     from capdec.model import ModelConfig, build_model
     from capdec.model.lm import load_tokenizer
     from capdec.noise import NoiseConfig
+    from capdec.output import check_replaceable
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} already exists; use --overwrite to replace it")
+    check_replaceable(out, replaceable)  # --overwrite replaces a checkpoint capdec wrote, nothing else
     if mapper is not None and mapper not in ("mlp", "transformer"):
         raise InputError(f"mapper must be mlp or transformer, got {mapper!r}")
     state = read_state_dict(weights)

@@ -42,7 +42,17 @@ import numpy as np
 import torch
 
 from capdec import distributed
-from capdec.artifacts import check_rows, jsonable, load_matrix, read_meta, read_rows, write_rows
+from capdec.artifacts import (
+    check_count,
+    check_fields,
+    check_rows,
+    jsonable,
+    load_matrix,
+    read_meta,
+    read_rows,
+    write_rows,
+)
+from capdec.configs import MAX_DIM
 from capdec.corpus import Corpus, captions_sha256, read_corpus
 from capdec.encoders.base import EncoderError, check_identity
 from capdec.errors import InputError
@@ -138,6 +148,17 @@ class EmbeddingStore:
                    if k not in meta]
         if missing:
             raise InputError(f"{path / META}: incomplete, missing {', '.join(missing)}; re-create the store")
+        redo = "the store is damaged, re-create it"
+        check_fields(meta, path / META, {"encoder": dict, "encoder_identity": dict, "dim": int, "count": int,
+                                         "rows": int | None, "dtype": str | None, "modality": str | None,
+                                         "corpus": dict | None, "stats": dict | None}, redo=redo)
+        check_count(meta["dim"], "dim", path / META, low=1, high=MAX_DIM, redo=redo)
+        for key in ("count", "rows"):
+            if key in meta:
+                check_count(meta[key], key, path / META, redo=redo)
+        if meta.get("modality", "text") not in MODALITIES:
+            raise InputError(f"{path / META}: modality must be one of {', '.join(MODALITIES)}, got "
+                             f"{meta['modality']!r}; {redo}")
         for name in (EMBEDDINGS, CAPTIONS):
             if not (path / name).is_file():
                 raise InputError(f"{path}: incomplete embedding store, {name} is missing; re-create it "

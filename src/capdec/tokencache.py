@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from capdec.artifacts import iter_rows, read_meta
+from capdec.artifacts import check_count, check_fields, iter_rows, read_meta
+from capdec.configs import MAX_TOKENS
 from capdec.errors import InputError
 from capdec.utils import atomic_dir, progress, write_json
 
@@ -83,8 +84,14 @@ class TokenCache:
     def open(cls, path: str | os.PathLike) -> TokenCache:
         path = Path(path)
         meta = read_meta(path / META, redo="delete the directory to rebuild it")
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{path}: not a token cache ({meta.get('format')!r}); delete it to rebuild")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise InputError(f"{path}: not a token cache; delete it to rebuild")
+        redo = "delete the directory to rebuild it"
+        check_fields(meta, path / META, {"count": int, "tokens": int, "dtype": str}, redo=redo)
+        for key in ("count", "tokens"):
+            check_count(meta[key], key, path / META, redo=redo)
+        if meta["dtype"] not in ("uint16", "int32"):
+            raise InputError(f"{path / META}: dtype must be uint16 or int32, got {meta['dtype']!r}; {redo}")
         ids = np.memmap(path / IDS, dtype=np.dtype(meta["dtype"]), mode="r", shape=(int(meta["tokens"]),)) \
             if int(meta["tokens"]) else np.zeros(0, dtype=meta["dtype"])
         offsets = np.load(path / OFFSETS, mmap_mode="r", allow_pickle=False)
@@ -159,10 +166,13 @@ def _stream(captions: Iterator[str], n: int, tokenizer: Any, offsets: np.ndarray
     dtype = id_dtype(len(tokenizer))
     encode = _batch_encoder(tokenizer)
     offsets[0] = 0
-    done, total = 0, 0
+    done, total, cut = 0, 0, 0
     with progress(total=n, desc="tokenize", unit="caption", show=show_progress) as bar:
         while batch := list(itertools.islice(captions, _BATCH)):
             enc = encode(batch)
+            if any(len(x) > MAX_TOKENS for x in enc):  # no model reads more (ModelConfig.max_length's bound)
+                cut += sum(len(x) > MAX_TOKENS for x in enc)
+                enc = [x[:MAX_TOKENS] for x in enc]
             lens = np.fromiter((len(x) for x in enc), dtype=np.int64, count=len(enc))
             flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int64, count=int(lens.sum()))
             if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
@@ -174,6 +184,8 @@ def _stream(captions: Iterator[str], n: int, tokenizer: Any, offsets: np.ndarray
             bar.update(len(enc))
     if done != n:
         raise InputError(f"the store lists {n} captions but {done} were read; the store is damaged, re-create it")
+    if cut:
+        logger.warning("%d caption(s) of more than %d tokens were cut to that length", cut, MAX_TOKENS)
     return total
 
 

@@ -1,22 +1,24 @@
-"""Small shared helpers: progress bars, atomic writes, hashing, seeding, JSON."""
+"""Small shared helpers: progress bars, hashing, seeding, JSON (atomic writes: :mod:`capdec.output`, re-exported)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from capdec.output import atomic_dir, write_text
+
+__all__ = ["atomic_dir", "progress", "read_artifact_json", "release_freed_memory", "seed_everything",
+           "set_threads_from_env", "sha256_file", "sha256_files", "write_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,31 +57,21 @@ def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False, encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
-        f.write("\n")
-        tmp = f.name
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Write JSON as :func:`capdec.output.write_text` writes (atomic replace of a file; devices written through)."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def read_artifact_json(path: str | os.PathLike) -> Any:
-    """A JSON file capdec wrote itself (metadata, manifests, results); raises what :func:`json.load` does.
+    """A JSON file capdec wrote itself (metadata, manifests, results); raises :class:`json.JSONDecodeError` (also
+    for what :func:`capdec.io.text.decode_json` refuses: an artefact may have been edited or crafted),
+    :class:`UnicodeDecodeError` or :class:`OSError`.
 
     A file a *user* hands capdec is read with :func:`capdec.io.read_json` (errors naming line and column).
     """
+    from capdec.io.text import decode_json
+
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        return decode_json(f.read(), allow_nan=True)  # json.dump writes NaN for a NaN
 
 
 def _json_default(o: Any) -> Any:
@@ -90,34 +82,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, torch.Tensor) and o.numel() == 1:
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-@contextlib.contextmanager
-def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary sibling name; rename it to ``final`` only on success.
-
-    A crash leaves ``final`` untouched (the old version, or nothing) and the temp dir removed.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(f"{final} already exists")
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
 
 
 def seed_everything(seed: int) -> None:

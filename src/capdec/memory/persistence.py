@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from capdec.artifacts import load_matrix, read_meta, read_rows
-from capdec.configs import MemoryConfig
+from capdec.artifacts import check_count, check_fields, load_matrix, read_meta, read_rows
+from capdec.configs import MAX_DIM, MemoryConfig
 from capdec.errors import InputError
 from capdec.memory.faiss_index import write_index
 from capdec.utils import atomic_dir, read_artifact_json, write_json
@@ -86,6 +86,13 @@ def open_memory_dir(path: str | os.PathLike, *, config: MemoryConfig | None = No
         saved = store_rows(EmbeddingStore.open(path, mmap=mmap))
         saved.config = config
         return saved
+    if fmt in (FORMAT, LEGACY_FORMAT):
+        redo = "re-create the memory"
+        check_fields(meta, path / META, {"count": int, "dim": int, "encoder": dict | None,
+                                         "encoder_identity": dict | None, "config": dict | None,
+                                         "store": str | None, "store_meta_sha256": str | None}, redo=redo)
+        check_count(meta["count"], "count", path / META, redo=redo)
+        check_count(meta["dim"], "dim", path / META, low=1, high=MAX_DIM, redo=redo)
     if fmt == LEGACY_FORMAT:
         saved = _open_legacy(path, meta, mmap=mmap)
     elif fmt == FORMAT:

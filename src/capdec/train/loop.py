@@ -27,6 +27,7 @@ from capdec.configs import TrainConfig
 from capdec.errors import InputError, TrainingError
 from capdec.model import CapDecModel, build_model
 from capdec.noise import NoiseConfig, add_noise
+from capdec.output import clean_stale
 from capdec.textdata import CaptionTexts, TextData
 from capdec.train.plan import TrainPlan, plan_training
 from capdec.train.schedule import bucket_batches, epoch_order, lr_at, step_seed
@@ -68,6 +69,8 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     dist_info = distributed.init(device)
     if not dist_info.is_main:
         show_progress = False
+    else:  # what a save killed mid-write left beside --out (a whole checkpoint's size) goes before this run's
+        clean_stale(plan.out_dir)
     torch.manual_seed(plan.config.seed)
     model = _start_model(plan).to(device).train()
     _attach_tokens(plan, model, dist_info, show_progress)
@@ -264,7 +267,12 @@ def _optimizer(plan: TrainPlan, model: CapDecModel, device: torch.device):
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], lr=plan.schedule.peak_lr,
                                weight_decay=plan.config.weight_decay, device=device)
     if opt_state is not None:
-        optimizer.load_state_dict(opt_state["optimizer"])  # restores each group's recorded weight decay too
+        try:
+            optimizer.load_state_dict(opt_state["optimizer"])  # restores each group's recorded weight decay too
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # a state for other parameters, or altered
+            raise InputError(f"{plan.out_dir / 'training' / 'optimizer.pt'}: does not fit the model's parameters "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); the checkpoint is damaged or "
+                             "was altered") from e
         optimizer.param_groups[0]["weight_decay"] = plan.config.weight_decay  # matrices; the rest stay at 0
     autocast, scaler = _autocast(device, plan.config.amp)
     if scaler is not None and opt_state is not None and opt_state.get("scaler"):

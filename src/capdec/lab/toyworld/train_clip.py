@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from capdec.artifacts import load_tensors
 from capdec.encoders.miniclip import (
     CARD_FILE,
     WEIGHTS_FILE,
@@ -145,7 +146,7 @@ def train_clip(cfg: ClipTrainConfig, out_dir: str | Path, *, resume: bool = Fals
     opt = _optimizer(model, cfg)
     start, history, elapsed = 0, [], 0.0
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_tensors(state_path, what="a mini-CLIP training state")
         if state["config"] != cfg.to_dict():
             diff = sorted(k for k in state["config"] if state["config"][k] != cfg.to_dict().get(k))
             raise InputError(f"--resume: {state_path} was made with different options ({', '.join(diff)}); "
