@@ -83,9 +83,9 @@ def _read_json(path: Path, *, redo: str) -> Any:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from capdec.output import write_text
+
+    write_text(path, text)
 
 
 def _write_card_data(ckpt_dir: Path, data: dict[str, Any]) -> None:

@@ -18,7 +18,6 @@ from capdec import __version__
 from capdec.errors import CapdecError
 
 # In data-flow order: corpus tools, corpus -> embeddings -> training -> captions -> metrics, then experiments.
-# In data-flow order: corpus tools, corpus -> embeddings -> training -> captions -> metrics, then experiments.
 COMMANDS = ["corpus", "embed", "train", "caption", "evaluate", "calibrate", "import", "sweep", "experiment", "demo", "toyworld",
             "serve", "push"]
 _MODULES = {"import": "import_"}  # a command whose module name is a Python keyword
@@ -99,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except CapdecError as e:
         logger.debug("error details", exc_info=True)
-        print(f"capdec {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a file put in it
+        print(f"capdec {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # what the system refused (a full disk, a permission, a vanished file): one line too
+        logger.debug("error details", exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"capdec {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"capdec {args.command}: interrupted", file=sys.stderr)

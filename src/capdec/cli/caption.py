@@ -26,9 +26,11 @@ DESCRIPTION = (
     "extension; --recursive descends), glob patterns, or list files (@FILE, or a .txt/.lst file: one path "
     "per line, relative to the list's directory). Bad files (corrupt, truncated, empty, not an image, "
     "over --max-pixels) are skipped with a warning and listed at the end. Results are written as they are "
-    "produced: JSONL and CSV are flushed after every batch; COCO results JSON is written at the end, with "
-    "OUT.partial.jsonl kept alongside until then. Exit status: 0 all captioned, 1 some files skipped, "
-    "2 usage or input error."
+    "produced, into OUT.partial.jsonl (OUT.partial.csv) after every batch, which becomes OUT when every image "
+    "is done (COCO results JSON is written from it then): OUT is never half-written, an interrupted run keeps "
+    "the partial file, a failed write (disk full) leaves OUT as it was. To stdout, a FIFO or a device, results "
+    "go straight there. Exit status: 0 all captioned, 1 some files skipped, 2 usage or input error (or a "
+    "failed write)."
 )
 FORMATS = ("jsonl", "coco", "csv")
 DECODE_FLAGS = ["strategy", "beam_size", "length_penalty", "max_length", "stop_at_period", "top_p", "top_k",
@@ -112,24 +114,54 @@ def _format(args: argparse.Namespace) -> str:
 
 
 class _Writer:
-    """Streams results to JSONL/CSV (flushed per batch) or collects COCO results (partial JSONL alongside)."""
+    """Writes results as they are made. To a file OUT: streamed into ``OUT.partial.jsonl`` (``.csv``), flushed
+    after each batch, and renamed to OUT when every image is done (COCO results JSON is written from those
+    rows), so OUT is never half-written; an interrupted run keeps the partial file, a failed write (disk full)
+    removes it. To stdout, a FIFO or a device: streamed straight there (COCO: at the end)."""
 
     def __init__(self, fmt: str, out: str | None, image_ids: dict[str, Any] | None):
+        from capdec.output import open_through, output_target
+
         self.fmt, self.out, self.image_ids = fmt, out, image_ids
         self.coco: list[dict[str, Any]] = []
         self.partial: Path | None = None
+        self.where: Path | None = None
+        self.stream: IO[str] | None = sys.stdout if out is None and fmt != "coco" else None
         if out is not None:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "coco":
-            self.stream: IO[str] | None = None
-            if out is not None:
-                self.partial = Path(f"{out}.partial.jsonl")
-                self.stream = open(self.partial, "w", encoding="utf-8")
-        else:
-            self.stream = sys.stdout if out is None else open(out, "w", encoding="utf-8", newline="")
+            kind, self.where = output_target(out)
+            if kind == "file":
+                self.where.parent.mkdir(parents=True, exist_ok=True)
+                self.partial = Path(f"{self.where}.partial.{'csv' if fmt == 'csv' else 'jsonl'}")
+                self.stream = self._guard(lambda: open(self.partial, "w", encoding="utf-8", newline=""))
+            elif fmt != "coco":
+                self.stream = open_through(out, kind)
         self.csv = csv.writer(self.stream) if fmt == "csv" else None
         if self.csv is not None:
-            self.csv.writerow(["image", "caption"] + (["image_id"] if image_ids is not None else []))
+            self._guard(lambda: self.csv.writerow(["image", "caption"] + (["image_id"] if image_ids is not None
+                                                                           else [])))
+
+    def _guard(self, write: Any) -> Any:
+        """Run one write; an OSError (disk full, ...) removes the partial file and is one line naming OUT."""
+        from capdec.output import OutputError, write_error
+
+        try:
+            return write()
+        except OSError as e:
+            if isinstance(e, OutputError):
+                raise
+            self._discard()
+            raise write_error(self.out or "stdout", e) from None
+
+    def _discard(self) -> None:
+        if self.stream is not None and self.stream is not sys.stdout:
+            try:
+                self.stream.close()
+            except OSError:
+                pass
+        self.stream = None
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+            self.partial = None
 
     def _image_id(self, image: str) -> Any:
         from capdec.images import lookup_image_id
@@ -137,37 +169,48 @@ class _Writer:
         return lookup_image_id(image, self.image_ids)
 
     def write(self, results: list[Any]) -> None:
+        lines = []
         for r in results:
             row: dict[str, Any] = {"image": r.image, "caption": r.caption}
             if self.fmt == "coco" or self.image_ids is not None:
                 row["image_id"] = self._image_id(r.image)
             if self.fmt == "coco":
                 self.coco.append({"image_id": row["image_id"], "caption": r.caption})
-                if self.stream is not None:
-                    self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-            elif self.csv is not None:
-                self.csv.writerow([r.image, r.caption] + ([row["image_id"]] if self.image_ids is not None else []))
+            if self.csv is not None:
+                self._guard(lambda r=r, row=row: self.csv.writerow(
+                    [r.image, r.caption] + ([row["image_id"]] if self.image_ids is not None else [])))
             else:
-                assert self.stream is not None
-                self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
         if self.stream is not None:
-            self.stream.flush()
+            self._guard(lambda: (self.stream.write("".join(lines)), self.stream.flush()))
 
     def close(self, *, success: bool) -> None:
-        from capdec.utils import write_json
+        from capdec.output import publish, write_text
 
         if self.stream is not None and self.stream is not sys.stdout:
-            self.stream.close()
-        if self.fmt != "coco" or not success:
+            stream, self.stream = self.stream, None
+            if success:
+                self._guard(stream.close)
+            else:
+                try:
+                    stream.close()
+                except OSError:  # the partial file is incomplete as well: nothing worth keeping
+                    self._discard()
+        if not success:
             return
-        if self.out is None:
-            json.dump(self.coco, sys.stdout, indent=2, ensure_ascii=False)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        else:
-            write_json(self.out, self.coco)
-            if self.partial is not None:
-                self.partial.unlink(missing_ok=True)
+        if self.fmt == "coco":
+            text = json.dumps(self.coco, indent=2, ensure_ascii=False) + "\n"
+            if self.out is None:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                write_text(self.out, text)
+        elif self.partial is not None:
+            self._guard(lambda: publish(self.partial, self.where))
+            self.partial = None
+        if self.partial is not None:
+            self.partial.unlink(missing_ok=True)
+            self.partial = None
 
 
 REFERENCE_SHIFT_KEY = "offset_to_add_in_inference"  # CapDec's CLIP_embeddings_centers_info (converted to JSON)
@@ -300,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
 
     writer = _Writer(fmt, args.out, image_ids)
     if writer.partial is not None:
-        log.info("results are kept in %s until %s is written", writer.partial, args.out)
+        log.info("results are written to %s until %s is complete", writer.partial, args.out)
     stream = captioner.stream(paths, batch_size=args.batch_size)
     success = False
     try:

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 HELP = "corpus tools: open text -> sentences, gender rebalancing, corpus statistics"
@@ -80,17 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write atomically: a temporary file in the target directory, then a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write as every output is written (:func:`capdec.output.write_text`: atomic for files, through for devices)."""
+    from capdec.output import write_text as write
+
+    write(path, text)
 
 
 def _dump(obj) -> str:
@@ -99,18 +91,12 @@ def _dump(obj) -> str:
 
 def _read_lines(path: str) -> list[str]:
     from capdec.errors import InputError
+    from capdec.io.text import decode_text
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{path}: no such file")
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); re-encode the file as "
-                         f"UTF-8 (e.g. iconv -t UTF-8)") from e
-    return text.split("\n")
+    return decode_text(p.read_bytes(), path).split("\n")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -181,12 +181,9 @@ def _diversity(captions: dict, train_corpus: str | None) -> dict:
 
 
 def _write_text(path: str, text: str) -> None:
-    """Write atomically (temp file, then rename); capdec.utils.write_json would import torch."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    from capdec.output import write_text  # torch-free (capdec.utils.write_json would import torch)
+
+    write_text(path, text)
 
 
 def _write_per_image(path: str, per_image: dict, captions: dict) -> None:

@@ -130,14 +130,12 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from capdec.lab.toyworld.data import corpus
+    from capdec.output import write_text
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for text in corpus(args.n, args.seed, args.split, captions_per_scene=args.per_scene, grammar=args.grammar):
-            f.write(text + "\n")
+    write_text(args.out, "".join(text + "\n" for text in corpus(args.n, args.seed, args.split,
+                                                               captions_per_scene=args.per_scene,
+                                                               grammar=args.grammar)))
     logger.info("wrote %d captions to %s", args.n, args.out)
     return 0
 

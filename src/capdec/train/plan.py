@@ -32,6 +32,7 @@ what changed.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import time
@@ -43,11 +44,12 @@ from typing import Any
 import torch
 
 from capdec import distributed
-from capdec.checkpoint import load_training_state, read_config
+from capdec.checkpoint import load_training_state, read_config, replaceable
 from capdec.config_base import Config, Sourced, option_name
 from capdec.configs import InferenceConfig, ModelConfig, NoiseConfig, TrainConfig
 from capdec.encoders.base import check_identity
 from capdec.errors import InputError
+from capdec.output import check_replaceable
 from capdec.recipes import get_recipe
 from capdec.textdata import TextData, load_text_data
 from capdec.train.schedule import Schedule, derive_schedule, split_indices, val_sample
@@ -228,6 +230,8 @@ def _check_start(out_dir: Path, inputs: dict[str, Any]) -> None:
     if not inputs["resume"] and not inputs["overwrite"] and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} already exists; use --resume to continue its training or --overwrite to "
                          "replace it")
+    if inputs["overwrite"] and not inputs["resume"]:
+        check_replaceable(out_dir, replaceable)  # only a checkpoint capdec wrote: never a user's directory
 
 
 def _open_data(stores: list[Any] | Any, inputs: dict[str, Any], recorded: dict[str, Any] | None, mode: str, *,
@@ -437,6 +441,11 @@ def _derive(values: dict[str, Any], data: TextData, out_dir: Path, recorded_stat
     if (config.keep_best or config.keep_epochs) and out_dir.name in ("", ".", ".."):
         raise InputError(f"--keep-best / --keep-epochs write siblings of --out; give --out a directory name, "
                          f"not {str(out_dir)!r}")
+    name = glob.escape(out_dir.name)
+    kept = ([out_dir.with_name(f"{out_dir.name}-best")] if config.keep_best else []) + (
+        sorted(out_dir.parent.glob(f"{name}-epoch[0-9][0-9][0-9]*")) if config.keep_epochs else [])
+    for path in kept:  # replaced when kept: each must be absent, empty or a checkpoint (checked before training)
+        check_replaceable(path, replaceable, flag="--keep-best / --keep-epochs")
     if noise.center and noise.text_mean is None:
         noise.text_mean = data.mean_normalized(split.train_idx).tolist()
         sources["noise.text_mean"] = "derived: mean of the training captions' embeddings"
