@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from capdec.errors import CapdecError
@@ -149,6 +149,7 @@ def test_load_references(name, split, data):
 
 @fuzz
 @given(data=texts_of(PREDICTIONS) | texts_of(PREDICTIONS_JSONL, jsonl=True))
+@example(data=b'{"\\n": null}')  # found by the fuzzing: a field name with a newline made a two-line message
 @pytest.mark.parametrize("name", ["p.json", "p.jsonl", "p.csv"])
 def test_load_predictions(name, data):
     from capdec.io.predictions import load_predictions
@@ -197,6 +198,7 @@ def test_read_vector(data):
                           lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
                           | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8),
        raw=st.binary(max_size=100))
+@example(names=[], raw=b"P")  # found by the fuzzing: the unpickler's message (several lines) was passed on
 def test_read_name_list(names, raw):
     from capdec.io.datasets import read_name_list
 

@@ -569,6 +569,26 @@ def test_a_long_caption_in_a_crafted_store_is_cut_when_read(toy, tmp_path):
     assert len(EmbeddingStore.open(store).captions[3]) == MAX_CAPTION_CHARS
 
 
+def test_the_token_cache_keeps_at_most_max_tokens_of_a_caption(toy, tmp_path):
+    import shutil
+
+    from capdec.configs import MAX_TOKENS
+    from capdec.model.lm import train_tokenizer
+    from capdec.store import EmbeddingStore
+    from capdec.tokencache import token_cache
+
+    store = Path(shutil.copytree(toy["store"], tmp_path / "store"))
+    rows = (store / "captions.jsonl").read_text().splitlines()
+    emoji = "".join(chr(0x1F600 + i % 80) for i in range(4000))  # 4000 characters, 16,000 bytes: no merges
+    rows[5] = json.dumps({"caption": emoji}, ensure_ascii=False)
+    (store / "captions.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    opened = EmbeddingStore.open(store)
+    tokenizer = train_tokenizer(captions(120), vocab_size=300)
+    assert len(tokenizer(opened.captions[5])["input_ids"]) > MAX_TOKENS  # a byte-level BPE: a token per byte
+    cache = token_cache(opened, tokenizer, show_progress=False)
+    assert int(cache.lengths([5])[0]) == MAX_TOKENS and int(cache.lengths([4])[0]) < 20
+
+
 # -- item 7: symlink loops ----------------------------------------------------------------------------------------
 
 

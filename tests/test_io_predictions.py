@@ -73,7 +73,7 @@ def test_two_predictions_for_one_image_name_both_lines(tmp_path, captioned):
 @pytest.mark.parametrize("text, match", [
     ('{"image": "a.jpg", "caption": 3}\n', r"p\.jsonl: line 1: 'caption' must be a string"),
     ('{"image": "a.jpg", "caption": "A dog."}\n{"caption": "A cat."}\n', r"p\.jsonl: line 2: no 'image'"),
-    ('{"image": "a.jpg"}\n', r"line 1: no 'caption' field \(fields: image\)"),
+    ('{"image": "a.jpg"}\n', r"line 1: no 'caption' field \(fields: 'image'\)"),
     ('{"image": "a.jpg", "caption": "A dog."}\n{"image": \n', r"p\.jsonl: line 2 column \d+: malformed JSON"),
     ('{"image_id": [1], "caption": "A dog."}\n', r"line 1: bad 'image_id' \[1\]"),
 ])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from capdec.errors import InputError
-from capdec.io.text import check_utf8, location, parse_json_or_jsonl, read_json, read_text
+from capdec.io.text import check_utf8, decode_json, location, parse_json_or_jsonl, read_json, read_text
 
 COCO_SAMPLE = Path(__file__).parent / "data" / "coco_captions_sample.json"
 
@@ -56,3 +56,31 @@ def test_user_files_read_as_utf8_with_errors_that_say_what(tmp_path, captions):
     txt.write_bytes("\n".join(captions[:3]).encode() + b"\nA caf\xe9.\n")
     with pytest.raises(InputError, match=r"c\.txt: line 4 column 6: not valid UTF-8 \(byte 0xe9\)"):
         check_utf8(txt)
+
+
+# -- what decode_json refuses that json.loads takes (issue 21) ---------------------------------------------
+
+
+@pytest.mark.parametrize("text, column, message", [
+    ("[" * 101 + "]" * 101, 101, "nested more than 100 deep"),
+    ('{"a": ' + "[" * 100 + "]" * 100 + "}", 106, "nested more than 100 deep"),  # the object is a level too
+    ("[" * 5000 + "]" * 5000, 101, "nested more than 100 deep"),  # over the interpreter's recursion limit
+    ('{"id": ' + "7" * 65 + "}", 8, "an integer of 65 digits"),
+    ('{"id": ' + "7" * 5000 + "}", 8, "an integer of 5000 digits"),  # over Python's own 4300-digit limit
+    ('{"lr": NaN}', 8, "NaN is not a JSON value"),
+    ("[1, -Infinity]", 5, "-Infinity is not a JSON value"),
+    ('{"x": 1e400}', 7, "the number 1e400 is out of range"),
+    ('["\\ud800 alone"]', 3, "an unpaired UTF-16 surrogate"),
+])
+def test_decode_json_refuses_what_the_parser_would_take(text, column, message):
+    with pytest.raises(json.JSONDecodeError, match=message) as e:
+        decode_json(text)
+    assert (e.value.lineno, e.value.colno) == (1, column)
+
+
+def test_decode_json_takes_what_is_within_its_limits():
+    assert decode_json("[" * 100 + "]" * 100) is not None
+    assert decode_json('{"id": ' + "7" * 64 + ', "s": "' + "9" * 200 + '"}')["id"] == int("7" * 64)
+    assert decode_json('{"s": "[[[[ \\" {{{{"}') == {"s": '[[[[ " {{{{'}  # brackets in strings do not nest
+    assert decode_json('["\\ud83d\\ude00"]') == ["\U0001F600"]  # a surrogate pair is a character
+    assert decode_json("[NaN]", allow_nan=True)[0] != decode_json("[NaN]", allow_nan=True)[0]  # capdec's own logs

@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "after the prefix)")
     parser.add_argument("--stop-at-period", action=argparse.BooleanOptionalAction, default=True,
                         help="record that captions end at their first '.' (the model never learned an end token)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint at --out (only a checkpoint capdec wrote: any other directory is "
+                             "refused)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = _formatter_with_epilog(p.formatter_class)
     p.add_argument("--resume", action="store_true", help="continue the run in --out (options given change it from "
                                                           "the resume point on; see above)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out (only a checkpoint capdec "
+                                                             "wrote, holding nothing else: any other directory is refused)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (JSON: every value with its source) and "
                                                           "exit without writing anything")
 

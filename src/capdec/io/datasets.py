@@ -272,7 +272,8 @@ def read_name_list(path: str | os.PathLike) -> list[str]:
         try:
             names = _DataOnlyUnpickler(io.BytesIO(raw), encoding="utf-8").load()
         except Exception as e:  # noqa: BLE001 - any failure of an untrusted pickle is the file's fault
-            raise InputError(f"{path}: not a pickled list of image names ({type(e).__name__}: {e})") from e
+            raise InputError(f"{path}: not a pickled list of image names ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]})") from e
         if isinstance(names, (tuple, list)):
             names = [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
