@@ -119,3 +119,16 @@ def test_a_legacy_run_plans_as_a_resume_with_its_recorded_configuration(legacy, 
     assert fresh.mode == "new" and fresh.state == {"step": 0} and fresh.opt_state is None
     tuned = plan_training(legacy / "store", tmp_path / "tuned", init_from=legacy / "checkpoint")
     assert tuned.mode == "init_from" and tuned.init_from == legacy / "checkpoint"
+
+
+def test_a_checkpoint_whose_noise_has_a_field_this_version_lacks_still_loads(legacy, tmp_path, caplog):
+    # a checkpoint written by another capdec version (e.g. a newer noise shape) must still caption
+    ckpt_dir = tmp_path / "checkpoint"
+    shutil.copytree(legacy / "checkpoint", ckpt_dir)
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    config["noise"] = {**config.get("noise", {}), "from_the_future": 1}
+    (ckpt_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="capdec.config_base"):
+        noise = load_checkpoint(ckpt_dir, device="cpu").noise
+    assert noise.variance == config["noise"]["variance"]
+    assert "from_the_future" in caplog.text and str(ckpt_dir) in caplog.text

@@ -72,7 +72,7 @@ class Checkpoint:
 
     @property
     def noise(self) -> NoiseConfig:
-        return NoiseConfig(**self.config.get("noise", {}))
+        return NoiseConfig.from_dict(self.config.get("noise"), where=str(self.path))
 
     @property
     def inference(self) -> InferenceConfig:
