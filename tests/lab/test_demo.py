@@ -50,7 +50,7 @@ def test_experiments_decode_with_the_beam_stop_their_documented_numbers_had():
 
 def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     """The gap run is calibrated as a user would (15 paired images × 5 captions, the store's text centre,
-    unlabelled images); the ifcap run carries IFCap's settings and the toy world's shape nouns as entities."""
+    unlabelled images and their nearest store captions for the covariance); the ifcap run carries IFCap's settings and the toy world's shape nouns as entities."""
     import numpy as np
 
     from capdec.checkpoint import load_checkpoint
@@ -64,6 +64,8 @@ def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     cal = metrics["gap_calibration"]
     assert (cal["n_paired_images"], cal["n_pairs"], cal["gap_rank"], cal["n_texts"]) == (15, 75, 32, 400)
     assert cal["n_images"] == 15 + 1000  # the paired images and the unlabelled ones
+    # the covariance from the unlabelled images and their 5 nearest training captions, not from the 75 pairs
+    assert (cal["gap_source"], cal["gap_pairs"]) == ("images and their 5 nearest store captions", 5 * 1015)
     gap = load_checkpoint(out / "runs" / "gap", device="cpu")
     assert gap.noise.shape == "gap" and gap.noise.variance == 0.0 and len(gap.noise.gap_factor) == 32
     texts = np.load(out / "data" / "text_store" / "embeddings.npy").astype(np.float64)
