@@ -7,7 +7,9 @@ leaves the old version or nothing) with a ``format`` id (``capdec.<kind>/<versio
 metadata, and read back through the checks here: the metadata parses and names the expected format
 (:func:`read_meta`), the matrix has the recorded shape (:func:`load_matrix`), caption rows are one
 JSON object per line and as many as the embeddings (:func:`read_rows`), and embedding rows are finite
-and L2-normalised (:func:`check_rows`).
+and L2-normalised (:func:`check_rows`). Matrices read through memory maps are told they are read at
+random (:func:`random_access`) and their pages are unmapped after each read (:func:`release`), so a
+store far larger than memory never becomes this process's resident memory.
 
 User files (corpora, references, predictions, configs) are the input layer's (:mod:`capdec.io`).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import struct
@@ -232,3 +235,50 @@ def check_rows(embeddings: Any, what: str) -> None:
     if max(abs(lo_norm - 1), abs(hi_norm - 1)) > NORM_TOLERANCE:
         raise InputError(f"{what} are not L2-normalised (row norms from {lo_norm:.3f} to {hi_norm:.3f}); "
                          f"normalise them first (torch.nn.functional.normalize(x, dim=-1))")
+
+
+# -- memory maps -------------------------------------------------------------------------------------
+
+
+def file_map(array: Any) -> mmap.mmap | None:
+    """The memory map a numpy array reads from (a store's ``np.load(mmap_mode="r")`` matrix), or None."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None and isinstance(getattr(array, "base", None), mmap.mmap):
+        mm = array.base
+    return mm if hasattr(mm, "madvise") else None
+
+
+def random_access(array: Any) -> None:
+    """Tell the kernel a memory map is read at random rows (no read-ahead around each page touched)."""
+    mm = file_map(array)
+    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
+        mm.madvise(mmap.MADV_RANDOM)
+
+
+def release(array: Any, lo: int | None = None, hi: int | None = None) -> None:
+    """Unmap the pages of a memory map this process has touched (rows ``lo:hi`` only, when given); the
+    data stays in the page cache, and reading it again maps it again.
+
+    Reading one row maps its whole page-cache folio (up to 2 MB on recent kernels), so a few thousand
+    random rows, or one pass over a matrix, would make a store's whole file resident and count in this
+    process's RSS. Rows are copied out of the map before use, so dropping the mappings after each read
+    costs only a page-table walk (~0.5 ms for a whole store).
+    """
+    mm = file_map(array)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start, length = 0, len(mm)
+    if lo is not None:
+        # where the array's data sits in the mapping (the .npy header comes first)
+        offset = array.ctypes.data - np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data
+        first = offset + lo * array.strides[0]
+        last = min(len(mm), offset + (array.shape[0] if hi is None else hi) * array.strides[0])
+        start = first - first % mmap.PAGESIZE
+        length = last - start
+        if length <= 0:
+            return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, length)
+    except (OSError, ValueError):  # not supported for this mapping: nothing to release
+        pass
+

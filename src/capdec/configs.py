@@ -37,7 +37,7 @@ NOISE_SHAPES = ("isotropic", "gap")
 RETRIEVAL_FUSIONS = ("ifcap", "embedding")
 DEFAULT_MAX_LENGTH = 40  # for a bare LM; a CapDecModel brings its own (ModelConfig.max_length)
 MEMORY_BACKENDS = ("auto", "torch", "faiss")
-MEMORY_INDEXES = ("flat", "ivf")
+MEMORY_INDEXES = ("flat", "ivf", "ivfpq")
 # Bounds on sizes, checked when a config is built (from flags, a --config file or an artefact's JSON), so a
 # crafted checkpoint cannot make capdec allocate without limit before its weights are even read.
 MAX_DIM = 16384  # embedding and hidden sizes (CLIP: 512-1280; GPT-2 XL: 1600)
@@ -350,11 +350,16 @@ class MemoryConfig(Config):
     """How a :class:`TextMemory` is searched (recorded in its ``meta.json``)."""
 
     backend: str = "auto"  # "torch" (exact, chunked), "faiss", or "auto" (faiss for an ivf index over >= 100k rows)
-    index: str = "flat"  # faiss index: "flat" (exact IndexFlatIP) or "ivf" (approximate, for >= ~1M rows)
-    nlist: int | None = None  # ivf: number of inverted lists; None = 4·√n
-    nprobe: int = 32  # ivf: lists scanned per query (more = better recall, slower)
-    train_size: int | None = None  # ivf: rows sampled to train the coarse k-means; None = min(n, 50·nlist)
+    # faiss index: "flat" (exact IndexFlatIP, a float32 copy of the rows), "ivf" (approximate: inverted lists
+    # holding the rows, 2·d bytes each) or "ivfpq" (approximate: inverted lists of product-quantised codes,
+    # pq_m bytes a row, whose candidates are re-scored exactly from the rows; for memories larger than RAM)
+    index: str = "flat"
+    nlist: int | None = None  # ivf, ivfpq: number of inverted lists; None = 4·√n
+    nprobe: int = 32  # ivf, ivfpq: lists scanned per query (more = better recall, slower)
+    train_size: int | None = None  # ivf, ivfpq: rows sampled to train the k-means; None = min(n, 50·nlist)
     chunk_size: int | None = None  # torch: memory rows per chunk; None = from CHUNK_BYTES
+    pq_m: int | None = None  # ivfpq: bytes per row (one 8-bit code per d/pq_m dimensions); None = d/16
+    rerank: int = 4  # ivfpq: candidates per result re-scored exactly from the rows (k·rerank, at least 256)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -362,11 +367,12 @@ class MemoryConfig(Config):
             raise InputError(f"unknown memory backend {self.backend!r}; use one of {', '.join(MEMORY_BACKENDS)}")
         if self.index not in MEMORY_INDEXES:
             raise InputError(f"unknown memory index {self.index!r}; use one of {', '.join(MEMORY_INDEXES)}")
-        if self.backend == "torch" and self.index == "ivf":
-            raise InputError("index='ivf' needs backend='faiss' (or 'auto'); the torch backend is exact only")
-        for name in ("nlist", "train_size", "chunk_size"):
+        if self.backend == "torch" and self.index in ("ivf", "ivfpq"):
+            raise InputError(f"index={self.index!r} needs backend='faiss' (or 'auto'); the torch backend is exact only")
+        for name in ("nlist", "train_size", "chunk_size", "pq_m"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"memory option {name} must be a positive integer (got {value})")
-        if self.nprobe < 1:
-            raise InputError(f"memory option nprobe must be a positive integer (got {self.nprobe})")
+        for name in ("nprobe", "rerank"):
+            if getattr(self, name) < 1:
+                raise InputError(f"memory option {name} must be a positive integer (got {getattr(self, name)})")

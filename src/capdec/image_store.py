@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +52,7 @@ from capdec.store import (
     ROWS_FORMAT,
     EmbeddingStore,
     EmbedRun,
+    NpyWriter,
     _check_dtype,
     _check_target,
     _make_meta,
@@ -312,22 +313,6 @@ def _load_image_shard(partial: Path, i: int, dim: int) -> np.ndarray | None:
     return load_shard(partial, i, rows, dim)
 
 
-class _NpyWriter:
-    """A ``.npy`` file of known shape written row block by row block (memory: one block)."""
-
-    def __init__(self, f: BinaryIO, shape: tuple[int, ...], dtype: str):
-        self.f, self.dtype, self.rows, self.written = f, np.dtype(dtype), shape[0], 0
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                 "fortran_order": False, "shape": shape})
-
-    def write(self, block: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
-        self.written += len(block)
-
-    def close(self) -> None:
-        assert self.written == self.rows, (self.written, self.rows)
-
-
 def _assemble(dataset: ImageDataset, encoder: Any, partial: Path, out_dir: Path, shards: list[tuple[int, int]], *,
               dtype: str, digest: str, replace: bool) -> None:
     """Write the store from the shards (rank 0), streaming: embeddings, the row map and the captions."""
@@ -346,12 +331,12 @@ def _assemble(dataset: ImageDataset, encoder: Any, partial: Path, out_dir: Path,
     n_skipped_captions = dataset.n_captions - count
     with atomic_dir(out_dir, overwrite=replace) as tmp:
         with open(tmp / EMBEDDINGS, "wb") as f:
-            emb = _NpyWriter(f, (n_rows, dim), dtype)
+            emb = NpyWriter(f, (n_rows, dim), dtype)
             for i, (lo, hi) in enumerate(shards):
                 emb.write(load_shard(partial, i, hi - lo - len(infos[i]["skipped"]), dim))
             emb.close()
         with open(tmp / ROWS, "wb") as rows_f, open(tmp / CAPTIONS, "w", encoding="utf-8") as cap_f:
-            rows = _NpyWriter(rows_f, (count,), "int64")
+            rows = NpyWriter(rows_f, (count,), "int64")
             row = 0
             for lo, hi in shards:
                 block = []

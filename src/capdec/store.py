@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -419,6 +419,26 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+class NpyWriter:
+    """A ``.npy`` file of known shape written block of rows by block (memory: one block).
+
+    Written through a file, not a memory map: a written map's dirty pages would count as this process's
+    memory until the kernel writes them back.
+    """
+
+    def __init__(self, f: BinaryIO, shape: tuple[int, ...], dtype: str | np.dtype):
+        self.f, self.dtype, self.rows, self.written = f, np.dtype(dtype), shape[0], 0
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                 "fortran_order": False, "shape": shape})
+
+    def write(self, block: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.written += len(block)
+
+    def close(self) -> None:
+        assert self.written == self.rows, (self.written, self.rows)
 
 
 def _make_meta(spec: dict[str, Any], identity: dict[str, Any], shape: tuple[int, ...], dtype: str,

@@ -8,19 +8,23 @@ captions share their image's stored row) and its token ids (from each store's
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from capdec.artifacts import random_access, release
 from capdec.encoders.base import check_identity
 from capdec.errors import InputError
 from capdec.tokencache import TokenCache, iter_captions, pad_batch, token_cache
+from capdec.utils import progress
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +158,43 @@ class TextData:
             total += normalize(self.embeddings_at(idx[lo : lo + _CHUNK]).float()).double().sum(0)
         return (total / max(1, len(idx))).float()
 
+    def write_store(self, idx: torch.Tensor | np.ndarray, out_dir: str | os.PathLike, *,
+                    show_progress: bool | None = None) -> Path:
+        """Rows ``idx`` (L2-normalised, in the stored dtype) and their captions as an embedding store at
+        ``out_dir``, written in chunks (memory: one chunk). A store already there of the same rows of the
+        same stores is kept as it is."""
+        from capdec.store import CAPTIONS, EMBEDDINGS, META, NpyWriter, _make_meta
+        from capdec.utils import atomic_dir, read_artifact_json, write_json
+
+        idx = np.asarray(idx, dtype=np.int64)
+        assert (np.diff(idx) > 0).all(), "rows must be sorted and distinct (captions are read in row order)"
+        out_dir = Path(out_dir)
+        digest = hashlib.sha256(idx.tobytes())
+        for s in self.stores:  # a re-made store changes its meta.json (its creation time at least)
+            digest.update(hashlib.sha256((s.path / META).read_bytes()).digest() if s.path else b"memory")
+        corpus = {"format": "rows of stores", "stores": self.sources, "rows_sha256": digest.hexdigest()}
+        try:
+            if read_artifact_json(out_dir / META)["corpus"] == corpus and (out_dir / EMBEDDINGS).is_file():
+                return out_dir
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        dtype = str(self.stores[0].vectors.dtype)
+        meta = _make_meta(self.encoder_spec, self.encoder_identity, (len(idx), self.dim), dtype, corpus,
+                          {"read": len(idx), "empty_skipped": 0, "duplicates_removed": 0, "truncated": None})
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            with open(tmp / EMBEDDINGS, "wb") as f, \
+                    progress(total=len(idx), desc="memory rows", unit="row", show=show_progress) as bar:
+                out = NpyWriter(f, (len(idx), self.dim), dtype)
+                for lo in range(0, len(idx), _CHUNK):
+                    out.write(self.gather(idx[lo : lo + _CHUNK], normalized=True).numpy())
+                    bar.update(min(_CHUNK, len(idx) - lo))
+                out.close()
+            with open(tmp / CAPTIONS, "w", encoding="utf-8") as f:
+                for caption in self.iter_captions(idx):  # in row order, as idx is sorted
+                    f.write(json.dumps({"caption": caption}, ensure_ascii=False) + "\n")
+            write_json(tmp / META, meta)  # last: its presence marks a complete store
+        return out_dir
+
     def gather(self, idx: torch.Tensor | np.ndarray, *, normalized: bool = False) -> torch.Tensor:
         """(len(idx), d) embeddings in the stored dtype, read in chunks (memory: the result only).
 
@@ -167,35 +208,6 @@ class TextData:
             rows = self.embeddings_at(idx[lo : lo + _CHUNK])
             out[lo : lo + _CHUNK] = normalize(rows.float()).to(self.dtype) if normalized else rows
         return out
-
-
-def _mmap_of(array: np.ndarray) -> mmap.mmap | None:
-    mm = getattr(array, "_mmap", None)
-    if mm is None and isinstance(getattr(array, "base", None), mmap.mmap):
-        mm = array.base
-    return mm if hasattr(mm, "madvise") else None
-
-
-def random_access(array: np.ndarray) -> None:
-    """Tell the kernel a memory map is read at random rows (no read-ahead around each page touched)."""
-    mm = _mmap_of(array)
-    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
-
-
-def release(array: np.ndarray) -> None:
-    """Unmap the pages of a memory map this process has touched; the data stays in the page cache.
-
-    Reading one row maps its whole page-cache folio (up to 2 MB on recent kernels), so a few thousand
-    random rows would make a store's whole file resident and count in this process's RSS. Batches are
-    copied out of the map, so dropping the mappings after each read costs a page-table walk (~0.5 ms).
-    """
-    mm = _mmap_of(array)
-    if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            mm.madvise(mmap.MADV_DONTNEED)
-        except OSError:  # not supported for this mapping: nothing to release
-            pass
 
 
 class CaptionTexts:

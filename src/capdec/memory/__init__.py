@@ -10,7 +10,7 @@ Two later methods use such a memory ``M`` (n captions, d dims, L2-normalised row
 
 ::
 
-    memory = TextMemory.from_store("stores/coco-train")          # memory-mapped, nothing copied
+    memory = TextMemory.from_store("stores/coco-train")          # memory-mapped, nothing copied or kept resident
     scores, idx = memory.search(image_emb, k=5)                   # (b, 5) cosines, (b, 5) row indices
     v = memory.project(image_emb, tau=0.01)                       # (b, d), exact over all n
     v = memory.project(image_emb, tau=0.01, k=256)                # softmax over the top 256 only
@@ -20,8 +20,9 @@ The package, one reason to change each:
 
 - :mod:`~capdec.memory.kernels`: exact top-k search and projection, pure torch over chunks of the rows
   (and why top-k projection is safe);
-- :mod:`~capdec.memory.faiss_index`: faiss indexes (``backend="faiss"``: exact ``flat`` or approximate
-  ``ivf``), optional;
+- :mod:`~capdec.memory.faiss_index`: faiss indexes (``backend="faiss"``: exact ``flat``, approximate ``ivf``
+  holding the rows, or approximate ``ivfpq`` holding d/16-byte codes whose candidates are re-scored
+  exactly from the rows: for memories larger than RAM), optional;
 - :mod:`~capdec.memory.persistence`: the directory format (an index over an embedding store);
 - :mod:`~capdec.memory.text_memory`: :class:`TextMemory`, which holds rows, captions and search settings.
 """

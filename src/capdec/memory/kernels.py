@@ -1,7 +1,8 @@
 """Exact search and DeCap projection over a matrix of L2-normalised rows: pure functions of tensors.
 
 Everything runs in torch over chunks of the memory (float32 maths whatever the storage dtype), so a
-1M x 512 float16 memory needs its 1 GB plus ~100 MB of work space (measured). Device and dtype of the
+1M x 512 float16 memory needs its 1 GB plus ~100 MB of work space (measured); a memory-mapped one only
+the work space, when ``release`` unmaps each chunk's pages once it is read. Device and dtype of the
 results follow the queries.
 
 **Why top-k projection is safe.** With cosines ``s_1 ≥ s_2 ≥ ...`` the weight of item ``j`` relative
@@ -21,7 +22,7 @@ Notation: b - batch of queries, n - memory rows, c - rows in one chunk, d - embe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,36 +38,45 @@ def default_chunk_size(dim: int, batch: int) -> int:
     return max(1024, CHUNK_BYTES // (4 * (dim + batch)))
 
 
-def iter_chunks(memory: torch.Tensor, device: torch.device, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+Release = Callable[[int, int], None]  # release(lo, hi): rows lo:hi of a memory-mapped memory are done with
+
+
+def iter_chunks(memory: torch.Tensor, device: torch.device, chunk_size: int, *,
+                release: Release | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, rows)`` with ``rows`` a float32 (c, d) block of ``memory`` on ``device``.
 
     A CPU float16 memory is converted into one reused buffer (fast, no allocation per chunk), so a
     yielded block is only valid until the next one; float32 blocks on the right device are views.
+    ``release(lo, hi)`` is called once a block has been used.
     """
     n, d = memory.shape
-    if memory.device == device and memory.dtype == torch.float32:
-        for lo in range(0, n, chunk_size):
-            yield lo, memory[lo : lo + chunk_size]
-        return
-    buf = torch.empty(min(chunk_size, n), d, dtype=torch.float32, device=device) if device.type == "cpu" else None
+    same = memory.device == device and memory.dtype == torch.float32
+    buf = None
+    if not same and device.type == "cpu":
+        buf = torch.empty(min(chunk_size, n), d, dtype=torch.float32, device=device)
     for lo in range(0, n, chunk_size):
         rows = memory[lo : lo + chunk_size]
-        if buf is not None and memory.device.type == "cpu":
+        if same:
+            yield lo, rows
+        elif buf is not None and memory.device.type == "cpu":
             out = buf[: rows.shape[0]]
             out.copy_(rows)
             yield lo, out
         else:
             yield lo, rows.to(device=device, dtype=torch.float32, non_blocking=True)
+        if release is not None:
+            release(lo, lo + rows.shape[0])
 
 
 def cosine_topk(queries: torch.Tensor, memory: torch.Tensor, k: int, *, exclude: torch.Tensor | None = None,
-                chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk_size: int | None = None, release: Release | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-``k`` cosine similarities of ``queries`` (b, d) against the rows of ``memory`` (n, d).
 
     ``memory`` rows must be L2-normalised (any float dtype, any device); queries are normalised here.
     ``exclude`` (b,) or (b, m) holds row indices to leave out of each query's results (negative = none).
     Returns ``(scores, indices)``, both (b, k), best first, float32 and int64 on the queries' device;
-    where fewer than ``k`` rows remain the tail is score ``-inf``, index ``-1``.
+    where fewer than ``k`` rows remain the tail is score ``-inf``, index ``-1``. ``release``: see
+    :func:`iter_chunks`.
     """
     b, device = queries.shape[0], queries.device
     q = F.normalize(queries.float(), dim=-1)  # (b, d)
@@ -74,7 +84,7 @@ def cosine_topk(queries: torch.Tensor, memory: torch.Tensor, k: int, *, exclude:
     chunk_size = chunk_size or default_chunk_size(memory.shape[1], b)
     best_s = torch.empty(b, 0, device=device)
     best_i = torch.empty(b, 0, dtype=torch.long, device=device)
-    for lo, rows in iter_chunks(memory, device, chunk_size):
+    for lo, rows in iter_chunks(memory, device, chunk_size, release=release):
         s = q @ rows.T  # (b, c)
         if ex is not None:
             _mask_excluded(s, ex, lo)
@@ -90,7 +100,7 @@ def cosine_topk(queries: torch.Tensor, memory: torch.Tensor, k: int, *, exclude:
 
 
 def project_exact(queries: torch.Tensor, memory: torch.Tensor, *, tau: float = 0.01,
-                  chunk_size: int | None = None) -> torch.Tensor:
+                  chunk_size: int | None = None, release: Release | None = None) -> torch.Tensor:
     """DeCap projection ``normalize(Σ_i softmax(cos(v, M) / τ)_i · M_i)`` over every row of ``memory``.
 
     The softmax runs chunk by chunk with a running log-sum-exp (maximum, rescaled sum and weighted
@@ -104,7 +114,7 @@ def project_exact(queries: torch.Tensor, memory: torch.Tensor, *, tau: float = 0
     run_max = torch.full((b, 1), -math.inf, device=device)
     run_sum = torch.zeros(b, 1, device=device)
     acc = torch.zeros(b, d, device=device)
-    for _, rows in iter_chunks(memory, device, chunk_size):
+    for _, rows in iter_chunks(memory, device, chunk_size, release=release):
         s = (q @ rows.T) / tau  # (b, c)
         new_max = torch.maximum(run_max, s.amax(dim=1, keepdim=True))
         scale = torch.exp(run_max - new_max)  # (b, 1); 0 on the first chunk
@@ -113,6 +123,20 @@ def project_exact(queries: torch.Tensor, memory: torch.Tensor, *, tau: float = 0
         run_sum = run_sum * scale + e.sum(dim=1, keepdim=True)
         run_max = new_max
     return F.normalize(acc / run_sum, dim=-1).to(queries.dtype)
+
+
+def rescore(queries: torch.Tensor, candidates: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The top ``k`` of ``candidates`` (b, m) row indices (``-1`` = none) by their exact cosine with ``queries``
+    (b, d); ``rows`` (b, m, d) are their embeddings. Same outputs as :func:`cosine_topk`."""
+    q = F.normalize(queries.float(), dim=-1)
+    s = torch.einsum("bd,bmd->bm", q, rows.float()).masked_fill(candidates < 0, -math.inf)  # (b, m)
+    if s.shape[1] < k:
+        pad = k - s.shape[1]
+        s = torch.cat([s, s.new_full((s.shape[0], pad), -math.inf)], dim=1)
+        candidates = torch.cat([candidates, candidates.new_full((s.shape[0], pad), -1)], dim=1)
+    s, pos = s.topk(k, dim=1)
+    return s, candidates.gather(1, pos).masked_fill(s == -math.inf, -1)
 
 
 def project_candidates(scores: torch.Tensor, items: torch.Tensor, *, tau: float = 0.01) -> torch.Tensor:
@@ -169,5 +193,5 @@ def _mask_excluded(s: torch.Tensor, ex: torch.Tensor, lo: int) -> None:
         s[r, local[r, j]] = -math.inf
 
 
-__all__ = ["cosine_topk", "default_chunk_size", "iter_chunks", "project_candidates", "project_exact",
-           "topk_mass_bound"]
+__all__ = ["Release", "cosine_topk", "default_chunk_size", "iter_chunks", "project_candidates", "project_exact",
+           "rescore", "topk_mass_bound"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ FORMAT = "capdec.memory/2"
 LEGACY_FORMAT = "capdec.memory/1"
 META, EMBEDDINGS, CAPTIONS = "meta.json", "embeddings.npy", "captions.jsonl"
 OWN_STORE = "store"  # the subdirectory of a memory that holds its own rows
-INDEX_FILES = {"flat": "index-flat.faiss", "ivf": "index-ivf.faiss"}
+INDEX_FILES = {"flat": "index-flat.faiss", "ivf": "index-ivf.faiss", "ivfpq": "index-ivfpq.faiss"}
 DTYPES = ("float16", "float32")
 
 
@@ -172,7 +173,9 @@ def save_memory(memory: Any, path: str | os.PathLike, *, overwrite: bool = False
         "capdec_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        if store_dir is None:
+        if store_dir is None and memory.store_path is not None and dtype == memory.dtype and memory.has_captions:
+            _link_store(memory.store_path, tmp / OWN_STORE)  # its rows and captions as they are: nothing is read
+        elif store_dir is None:
             memory.as_store().save(tmp / OWN_STORE, dtype=dtype)
         meta["store_meta_sha256"] = _sha256(Path(tmp / OWN_STORE if store_dir is None else store_dir) / META)
         for kind, idx in indexes.items():
@@ -181,6 +184,23 @@ def save_memory(memory: Any, path: str | os.PathLike, *, overwrite: bool = False
     logger.info("saved text memory (%d x %d %s) to %s%s", len(memory), memory.dim, dtype, path,
                 f" (an index over the store {store_dir})" if store_dir is not None else "")
     return path
+
+
+def _link_store(src: Path, dst: Path) -> None:
+    """The files of the embedding store ``src`` in ``dst``: hard links (store files are never changed in
+    place, only replaced), or copies across file systems. Its token caches are left out."""
+    from capdec.store import CAPTIONS as STORE_CAPTIONS
+    from capdec.store import EMBEDDINGS as STORE_EMBEDDINGS
+    from capdec.store import META as STORE_META
+    from capdec.store import ROWS as STORE_ROWS
+
+    dst.mkdir()
+    for name in (STORE_EMBEDDINGS, STORE_ROWS, STORE_CAPTIONS, STORE_META):
+        if (src / name).is_file():
+            try:
+                os.link(src / name, dst / name)
+            except OSError:
+                shutil.copyfile(src / name, dst / name)
 
 
 def _sha256(path: Path) -> str:

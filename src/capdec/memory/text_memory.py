@@ -17,12 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from capdec.artifacts import check_rows
+from capdec.artifacts import check_rows, file_map, release
 from capdec.configs import MEMORY_BACKENDS as BACKENDS
 from capdec.configs import MemoryConfig
 from capdec.errors import InputError
 from capdec.memory.faiss_index import build_faiss_index, faiss_available, faiss_topk, index_nbytes, read_index
-from capdec.memory.kernels import check_tau, cosine_topk, project_candidates, project_exact, topk_mass_bound
+from capdec.memory.kernels import (
+    Release,
+    check_tau,
+    cosine_topk,
+    project_candidates,
+    project_exact,
+    rescore,
+    topk_mass_bound,
+)
 from capdec.memory.persistence import SavedMemory, open_memory_dir, save_memory, store_rows
 from capdec.utils import progress
 
@@ -33,12 +41,20 @@ logger = logging.getLogger(__name__)
 # batch-1 query and 4.2 s per batch of 64, faiss IndexFlatIP at 0.41 s and 24 s (no batching gain in
 # the faiss-cpu wheel) after a 16 s build of a 2 GB float32 copy -- not worth doing behind a user's back.
 AUTO_IVF_MIN_ROWS = 100_000
+# an ivfpq search re-scores at least this many candidates exactly: product-quantised codes rank near neighbours
+# of clustered data too roughly for fewer (4-byte codes at d=32: recall@5 0.79 with 64, 0.97 with 250)
+RESCORED_MIN = 256
+RESCORED_ROWS = 16384  # candidate rows re-scored at once (32 MB in float32 at d=512)
+GATHER_ROWS = 64  # rows of a memory-mapped memory read between two unmappings (at most ~128 MB mapped)
 
 
 class TextMemory:
     """(n, d) L2-normalised text embeddings (float16 or float32), optionally with their captions.
 
-    ``embeddings`` may be a numpy array (a memory map is used in place, not copied) or a tensor.
+    ``embeddings`` may be a numpy array or a tensor. A memory map (an embedding store's matrix) is used in
+    place, never copied, and its pages are unmapped as soon as they are read, so a memory far larger than
+    RAM is searched with a resident footprint of one chunk (plus a faiss ``ivfpq`` index: a few dozen
+    bytes a row).
     ``captions`` are the rows' captions, or ``caption_loader`` a function returning them, called on
     first use of :attr:`captions` (a large corpus is then never read unless needed). ``store_path`` is
     the embedding store on disk the rows come from: :meth:`save` then only refers to it.
@@ -51,6 +67,9 @@ class TextMemory:
                  caption_loader: Callable[[], Sequence[str]] | None = None, store_path: Path | None = None):
         self.source = source or "(memory)"  # where it came from, for messages
         self._emb = _as_tensor(embeddings, self.source)  # (n, d)
+        # the memory map the rows are read from, when they are (released after each read)
+        self._map = embeddings if (isinstance(embeddings, np.ndarray) and file_map(embeddings) is not None
+                                   and self._emb.data_ptr() == embeddings.ctypes.data) else None
         if validate:
             check_rows(self._emb, f"{self.source}: embeddings")
         if captions is not None and caption_loader is not None:
@@ -141,6 +160,11 @@ class TextMemory:
         return self._emb.device
 
     @property
+    def mapped(self) -> bool:
+        """Whether the rows are read from a memory-mapped file (not held in RAM)."""
+        return self._map is not None
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the embeddings plus any faiss indices held."""
         return self._emb.numel() * self._emb.element_size() + sum(index_nbytes(i) for i in self._faiss.values())
@@ -216,10 +240,20 @@ class TextMemory:
             raise InputError(f"k={k} is more than the {len(self)} captions in the text memory {self.source}")
         backend = self._resolve_backend(backend)
         if backend == "faiss":
-            idx = self.faiss_index()
-            return faiss_topk(idx, queries, k, exclude=exclude,
-                              nprobe=self.config.nprobe if self.config.index == "ivf" else None)
-        return cosine_topk(queries, self._memory_for(queries), k, exclude=exclude, chunk_size=self.config.chunk_size)
+            idx, kind = self.faiss_index(), self.config.index
+            nprobe = self.config.nprobe if kind in ("ivf", "ivfpq") else None
+            if kind != "ivfpq":
+                return faiss_topk(idx, queries, k, exclude=exclude, nprobe=nprobe)
+            # quantised codes rank the candidates roughly; their exact cosines, from the rows, decide
+            fetch = min(len(self), max(k * self.config.rerank, RESCORED_MIN))
+            _, candidates = faiss_topk(idx, queries, fetch, exclude=exclude, nprobe=nprobe)
+            step = max(1, RESCORED_ROWS // fetch)  # queries whose candidates are read at once
+            parts = [rescore(queries[lo : lo + step], candidates[lo : lo + step],
+                             self.gather(candidates[lo : lo + step], device=queries.device), k)
+                     for lo in range(0, len(queries), step)]
+            return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
+        return cosine_topk(queries, self._memory_for(queries), k, exclude=exclude, chunk_size=self.config.chunk_size,
+                           release=self._release)
 
     def project(self, queries: torch.Tensor, *, tau: float = 0.01, k: int | None = None,
                 backend: str | None = None) -> torch.Tensor:
@@ -233,7 +267,8 @@ class TextMemory:
         queries = self._check_queries(queries)
         check_tau(tau)
         if k is None:
-            return project_exact(queries, self._memory_for(queries), tau=tau, chunk_size=self.config.chunk_size)
+            return project_exact(queries, self._memory_for(queries), tau=tau, chunk_size=self.config.chunk_size,
+                                 release=self._release)
         scores, idx = self.search(queries, min(k, len(self)), backend=backend)
         if not self._warned_topk:
             bound = topk_mass_bound(scores, len(self), tau=tau).max().item()
@@ -252,7 +287,15 @@ class TextMemory:
         device = torch.device(device) if device is not None else indices.device
         flat = indices.reshape(-1).to(self.device)
         valid = flat >= 0
-        rows = self._emb[flat.clamp(min=0)].to(device=device, dtype=dtype)  # (numel, d)
+        if self._map is None:
+            rows = self._emb[flat.clamp(min=0)].to(device=device, dtype=dtype)  # (numel, d)
+        else:
+            # a few rows at a time, unmapped after each: a row read maps its whole page-cache folio (up to
+            # 2 MB), so thousands of scattered rows at once would map most of a large store
+            rows = torch.empty(len(flat), self.dim, device=device, dtype=dtype)
+            for lo in range(0, len(flat), GATHER_ROWS):
+                rows[lo : lo + GATHER_ROWS] = self._emb[flat[lo : lo + GATHER_ROWS].clamp(min=0)]
+                release(self._map)
         rows = rows * valid.to(device=device, dtype=dtype)[:, None]
         return rows.reshape(*indices.shape, self.dim)
 
@@ -277,6 +320,8 @@ class TextMemory:
             for lo in range(0, n, batch_size):
                 hi = min(lo + batch_size, n)
                 q = self._emb[lo:hi].float()
+                if self._release is not None:
+                    self._release(lo, hi)
                 s, i = self.search(q, k, exclude=torch.arange(lo, hi, device=q.device), backend=backend)
                 scores[lo:hi], indices[lo:hi] = s.cpu(), i.cpu()
                 bar.update(hi - lo)
@@ -289,7 +334,8 @@ class TextMemory:
             if self.device.type != "cpu":
                 raise InputError("faiss indices are built from a CPU memory; use memory.to('cpu') or backend='torch'")
             self._faiss[kind] = build_faiss_index(self._emb, index=kind, nlist=self.config.nlist,
-                                                  train_size=self.config.train_size, show_progress=show_progress)
+                                                  train_size=self.config.train_size, pq_m=self.config.pq_m,
+                                                  show_progress=show_progress, release=self._release)
         return self._faiss[kind]
 
     def drop_faiss_index(self, index: str | None = None) -> None:
@@ -323,9 +369,16 @@ class TextMemory:
             raise InputError(f"unknown memory backend {backend!r}; use one of {', '.join(BACKENDS)}")
         if backend != "auto":
             return backend
-        if self.config.index == "ivf" and len(self) >= AUTO_IVF_MIN_ROWS:  # small memories: exact is cheap
+        if self.config.index in ("ivf", "ivfpq") and len(self) >= AUTO_IVF_MIN_ROWS:  # small: exact is cheap
             return "faiss"
         return "torch"
+
+    @property
+    def _release(self) -> Release | None:
+        """Unmaps rows lo:hi of a memory-mapped memory once read (None for rows held in memory)."""
+        if self._map is None:
+            return None
+        return lambda lo, hi: release(self._map, lo, hi)
 
     def _memory_for(self, queries: torch.Tensor) -> torch.Tensor:
         if queries.device != self.device and not self._warned_transfer:

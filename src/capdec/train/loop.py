@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -76,8 +77,12 @@ def run_training(plan: TrainPlan, *, show_progress: bool | None = None) -> Train
     _attach_tokens(plan, model, dist_info, show_progress)
     memory, retrieval = None, None
     if model.config.retrieval_k or model.config.entity_prompt or plan.config.save_memory:
-        memory, retrieval = _training_memory(model, plan.data, plan.split.train_idx)
-    return _Run(plan, model, device, dist_info, memory=memory, retrieval=retrieval).until_done(show_progress)
+        memory, retrieval = _training_memory(model, plan.data, plan.split.train_idx, plan.out_dir, dist_info,
+                                             show_progress)
+    result = _Run(plan, model, device, dist_info, memory=memory, retrieval=retrieval).until_done(show_progress)
+    if memory is not None and dist_info.is_main:
+        shutil.rmtree(memory.store_path, ignore_errors=True)  # the checkpoints keep their own links to its files
+    return result
 
 
 def _start_model(plan: TrainPlan) -> CapDecModel:
@@ -332,16 +337,30 @@ def _shared_tokenizer(model_config: Any, data: TextData, train_idx: torch.Tensor
     return tok if tok is not None else tokenizer_from_json(text)
 
 
-def _training_memory(model: CapDecModel, data: TextData, train_idx: torch.Tensor):
-    """The training captions' text memory (retrieval in training, and/or saved for --project at caption time)."""
+def _memory_rows_dir(out_dir: Path) -> Path:
+    """Where the training memory's rows are written: a hidden sibling of --out, removed at the end."""
+    return out_dir.with_name(f".{out_dir.name}.memory")
+
+
+def _training_memory(model: CapDecModel, data: TextData, train_idx: torch.Tensor, out_dir: Path,
+                     dist_info: distributed.DistInfo, show_progress: bool | None):
+    """The training captions' text memory (retrieval in training, and/or saved for --project at caption time).
+
+    It stays off the heap: its rows are written once as an embedding store beside --out (by rank 0, a chunk
+    at a time; a resumed run reuses it) and read through a memory map, unmapped as they are read, so a
+    5M-caption memory costs no more RAM than a small one. Search is exact below AUTO_IVF_MIN_ROWS rows and
+    through a faiss ``ivfpq`` index (32 bytes a row at d=512, candidates re-scored exactly) above, when faiss
+    is installed. Each checkpoint links the store's files into its ``memory/``.
+    """
     from capdec.memory import AUTO_IVF_MIN_ROWS, MemoryConfig, TextMemory, faiss_available
     from capdec.retrieval import RetrievalContext
 
-    # a large memory is searched through faiss's inverted-file index (approximate, sub-linear)
+    rows_dir = _memory_rows_dir(out_dir)
+    if dist_info.is_main:
+        data.write_store(train_idx, rows_dir, show_progress=show_progress)
+    distributed.barrier()
     big = len(train_idx) >= AUTO_IVF_MIN_ROWS and faiss_available()
-    memory = TextMemory(data.gather(train_idx, normalized=True), None, data.encoder_identity,
-                        config=MemoryConfig(index="ivf") if big else None, validate=False,
-                        caption_loader=lambda: list(data.iter_captions(train_idx)))  # read only if used (entities, saving)
+    memory = TextMemory.from_store(rows_dir, config=MemoryConfig(index="ivfpq") if big else None)
     retrieval = RetrievalContext(memory, model) if model.config.retrieval_k or model.config.entity_prompt else None
     return memory, retrieval
 
