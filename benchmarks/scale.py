@@ -1,23 +1,32 @@
-"""Benchmark training on a corpus far larger than memory-resident data would allow: 5M captions.
+"""Benchmark capdec at scale on one CPU: a 5M-caption text store and a 1M-image image store, with peak
+resident memory per phase, checked against targets (exit status 1 when one is missed).
 
-Builds a synthetic embedding store (``--captions`` rows, 512-d float16, ~5 GB for 5M; captions drawn
-word by word from COCO's vocabulary with COCO's caption-length distribution, so tokenised lengths are
-realistic), then:
+**Text** (``--captions``, default 5M): a synthetic embedding store (512-d float16, ~5 GB for 5M;
+captions drawn word by word from COCO's vocabulary with COCO's caption-length distribution, so
+tokenised lengths are realistic) is written without a memory map (a written map's dirty pages would
+count as this process's memory); then its token cache is built for a corpus-trained BPE tokenizer and
+a small decoder trains ``--steps`` steps on it (``capdec.train.train``, which reuses that cache).
 
-1. builds the store's token cache for a corpus-trained BPE tokenizer (timed: the streaming pass over
-   ``captions.jsonl``);
-2. trains a small decoder on the store for ``--steps`` steps with ``capdec.train.train`` (which finds
-   and reuses that cache), reporting steps/s;
-3. reports the **peak resident memory** of each phase (``VmHWM``, reset between phases) and of the
-   whole process. The target is < 2 GB for training: embeddings are memory-mapped and read per batch,
-   token ids come from the cache, captions are never held as Python strings.
+**Images** (``--images``, default 1M): small synthetic images (``--image-size`` pixels square: a
+background and 1-3 coloured rectangles, PNG, 1,000 per folder) with ``--captions-per-image`` captions
+each in a JSONL dataset (``{image, captions}`` lines); then ``embed_image_dataset`` (what ``capdec embed
+--modality image`` runs: ``--workers`` decoding processes, the shipped mini-CLIP ``toy`` encoder, 32x32
+input, 128-d) makes an image store, and the same decoder trains on it (ClipCap: one stored row per
+image, captions mapped to it).
 
-The store is written without a memory map (a written map's dirty pages would count as this process's
-memory) into ``--workdir`` (default: a temporary directory, deleted at the end unless ``--keep``)::
+Embedding, the token cache and training each run in a fresh process (as ``capdec embed`` and ``capdec
+train`` do), so each phase's **peak resident memory** (the kernel's ``VmHWM``) is its own; training
+also samples anonymous vs file-backed memory, embedding the private memory of its worker processes.
+Targets, checked at the end (exit status 1 when one is missed): training peak RSS < 2 GB on either store
+(``--train-rss-limit-mb``); image embedding adds < 512 MB to its process once the dataset file is read
+(``--pipeline-rss-limit-mb``; reading the dataset is the input layer's work, reported apart) and each
+decoding worker holds < 512 MB of its own (``--worker-rss-limit-mb``)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py                 # 5M captions, ~10 min, 5 GB disk
-    .venv/bin/python benchmarks/scale.py --captions 200000 --steps 50      # a quick look
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/scale.py --out docs/results/bench/scale.json
+    .venv/bin/python benchmarks/scale.py --parts images --images 20000 --steps 20     # a quick look
 
+Everything is written under ``--workdir`` (default: a temporary directory, deleted at the end unless
+``--keep``): ~6 GB for the 5M-caption store, ~4.5 GB for 1M images (mostly file-system blocks).
 Prints one JSON object (also written to ``--out``).
 """
 
@@ -27,19 +36,22 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import platform
-import resource
+import multiprocessing
 import shutil
+import sys
 import tempfile
-import threading
 import time
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from coco import annotations
+from PIL import Image
+from rss import MemorySampler, check_targets, peak_rss_mb, reset_peak, rss_mb
+from run_record import finish, start
 
 from capdec.model import ModelConfig
 from capdec.model.lm import train_tokenizer
@@ -49,86 +61,34 @@ from capdec.train import TrainConfig, train
 
 logger = logging.getLogger("capdec.benchmarks.scale")
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
 _CHUNK = 20_000
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (or since :func:`reset_peak`), in MiB."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class CaptionSampler:
+    """Synthetic captions: COCO's words at COCO's frequencies, COCO's caption-length distribution."""
 
+    def __init__(self, seed: int):
+        caps = [a["caption"].strip().lower() for a in annotations("captions_val2017")]  # shipped in tests/data/coco
+        words = Counter(w for c in caps for w in c.split())
+        self.vocab = np.array(list(words), dtype=object)
+        freq = np.array([words[w] for w in self.vocab], dtype=np.float64)
+        lengths = np.bincount([len(c.split()) for c in caps])
+        self.p_word, self.p_len = freq / freq.sum(), lengths / lengths.sum()
+        self.rng = np.random.default_rng(seed)
 
-def reset_peak() -> bool:
-    """Start a new peak-memory measurement (Linux: ``5`` to ``/proc/self/clear_refs``); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-class MemorySampler:
-    """Samples this process's anonymous and file-backed resident memory (``/proc/self/status``) in a thread.
-
-    File-backed pages (the memory-mapped store and token cache) are shared and reclaimable; anonymous
-    memory is what the process itself holds. Both count in RSS.
-    """
-
-    def __init__(self, every: float = 0.2):
-        self.every, self.peak = every, {"RssAnon": 0.0, "RssFile": 0.0}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with open("/proc/self/status", encoding="ascii") as f:
-                    for line in f:
-                        key = line.split(":")[0]
-                        if key in self.peak:
-                            self.peak[key] = max(self.peak[key], int(line.split()[1]) / 1024)
-            except OSError:
-                return
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def coco_statistics() -> tuple[list[str], np.ndarray, np.ndarray]:
-    """COCO's words with their frequencies, and its caption-length (in words) distribution."""
-    path = COCO / "captions_val2017.json"
-    if path.is_file():
-        caps = [a["caption"].strip().lower() for a in json.loads(path.read_text())["annotations"]]
-    else:  # a small grammar stands in when the shared data folder is absent
-        rng = np.random.default_rng(0)
-        base = "a man woman dog cat red blue small large sitting standing on in with next to the table street".split()
-        caps = [" ".join(rng.choice(base, size=rng.integers(8, 16))) for _ in range(5000)]
-    words = Counter(w for c in caps for w in c.split())
-    vocab = list(words)
-    freq = np.array([words[w] for w in vocab], dtype=np.float64)
-    lengths = np.bincount([len(c.split()) for c in caps])
-    return vocab, freq / freq.sum(), lengths / lengths.sum()
+    def sample(self, m: int) -> list[str]:
+        lens = self.rng.choice(len(self.p_len), size=m, p=self.p_len)
+        words = self.vocab[self.rng.choice(len(self.vocab), size=int(lens.sum()), p=self.p_word)]
+        return [" ".join(ws) for ws in np.split(words, np.cumsum(lens)[:-1])]
 
 
 def build_store(path: Path, n: int, dim: int, seed: int) -> tuple[EmbeddingStore, float]:
-    """A synthetic store of ``n`` captions, written in chunks (memory: one chunk)."""
+    """A synthetic text store of ``n`` captions, written in chunks (memory: one chunk)."""
     from capdec.store import _make_meta  # the store's own meta layout
 
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
-    vocab, p_word, p_len = coco_statistics()
-    vocab_arr = np.array(vocab, dtype=object)
+    captions = CaptionSampler(seed)
     path.mkdir(parents=True)
     digest = hashlib.sha256()
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)), "fortran_order": False, "shape": (n, dim)}
@@ -139,11 +99,7 @@ def build_store(path: Path, n: int, dim: int, seed: int) -> tuple[EmbeddingStore
             x = rng.standard_normal((m, dim), dtype=np.float32)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             emb_f.write(x.astype(np.float16).tobytes())
-            lens = rng.choice(len(p_len), size=m, p=p_len)
-            words = vocab_arr[rng.choice(len(vocab), size=int(lens.sum()), p=p_word)]
-            cuts = np.cumsum(lens)[:-1]
-            for ws in np.split(words, cuts):
-                caption = " ".join(ws)
+            for caption in captions.sample(m):
                 cap_f.write(json.dumps({"caption": caption}) + "\n")
                 digest.update(caption.encode("utf-8") + b"\n")
             logger.info("store: %d / %d rows", lo + m, n)
@@ -152,6 +108,44 @@ def build_store(path: Path, n: int, dim: int, seed: int) -> tuple[EmbeddingStore
                       {"read": n, "empty_skipped": 0, "duplicates_removed": 0, "truncated": 0})
     (path / "meta.json").write_text(json.dumps(meta, indent=2))
     return EmbeddingStore.open(path), time.perf_counter() - start
+
+
+def build_image_dataset(root: Path, n: int, per_image: int, size: int, seed: int, *,
+                        line_per: str = "image") -> tuple[Path, float, int]:
+    """``n`` small PNGs under ``root/images/`` (1,000 per folder) and ``root/pairs.jsonl``, ``per_image`` captions
+    each, one line per image (``{image, captions}``) or per caption (``{image, caption}``): (the dataset
+    file, seconds, bytes of image files)."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    captions = CaptionSampler(seed + 1)
+    image_bytes = 0
+    root.mkdir(parents=True)
+    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for lo in range(0, n, 10_000):
+            m = min(10_000, n - lo)
+            pixels = np.broadcast_to(rng.integers(0, 256, (m, 1, 1, 3), dtype=np.uint8), (m, size, size, 3)).copy()
+            for _ in range(3):  # up to three coloured rectangles per image
+                x0, y0 = rng.integers(0, size * 3 // 4, (2, m))
+                w, h = rng.integers(size // 8, size // 3, (2, m))
+                colour = rng.integers(0, 256, (m, 3), dtype=np.uint8)
+                drawn = rng.random(m) < 0.7
+                for i in np.nonzero(drawn)[0]:
+                    pixels[i, y0[i] : y0[i] + h[i], x0[i] : x0[i] + w[i]] = colour[i]
+            texts = captions.sample(m * per_image)
+            for j in range(m):
+                k = lo + j
+                name = f"images/{k // 1000:04d}/{k % 1000:03d}.png"
+                if k % 1000 == 0:
+                    (root / name).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[j]).save(root / name, compress_level=1)
+                image_bytes += (root / name).stat().st_size
+                mine = texts[j * per_image : (j + 1) * per_image]
+                if line_per == "image":
+                    f.write(json.dumps({"image": name, "captions": mine}) + "\n")
+                else:
+                    f.writelines(json.dumps({"image": name, "caption": c}) + "\n" for c in mine)
+            logger.info("images: %d / %d", lo + m, n)
+    return root / "pairs.jsonl", time.perf_counter() - start, image_bytes
 
 
 def save_lm(directory: Path, store: EmbeddingStore, sample: int, seed: int) -> Any:
@@ -170,15 +164,189 @@ def save_lm(directory: Path, store: EmbeddingStore, sample: int, seed: int) -> A
     return tok
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--captions", type=int, default=5_000_000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--steps", type=int, default=100, help="training steps")
-    p.add_argument("--batch-size", type=int, default=64)
+def in_child(fn: Any, threads: int, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh (spawned) process with ``threads`` torch threads, as ``capdec embed`` / ``capdec
+    train`` run: its peak memory is its own, not what earlier phases left in this process's heap. ``fn``
+    returns a JSON-able dict."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn.__name__, threads, args))
+    proc.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        ok, value = False, "the child process died without a result"
+    proc.join()
+    if not ok:
+        raise RuntimeError(f"{fn.__name__} failed in its process (exit code {proc.exitcode}): {value}")
+    return value
+
+
+def _child(send: Any, name: str, threads: int, args: tuple) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(threads)
+    try:
+        send.send((True, globals()[name](*args)))
+    except BaseException:
+        send.send((False, traceback.format_exc()))
+        raise
+
+
+def build_token_cache(store_dir: str, lm_dir: str) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    store = EmbeddingStore.open(store_dir)
+    tok = AutoTokenizer.from_pretrained(lm_dir)
+    t0 = time.perf_counter()
+    cache = token_cache(store, tok)
+    tokens = int(cache.offsets[-1])
+    return {"build_seconds": time.perf_counter() - t0, "tokens": tokens, "tokens_per_caption": tokens / len(store),
+            "dtype": str(cache.ids.dtype),
+            "bytes": (cache.path / "ids.bin").stat().st_size + (cache.path / "offsets.npy").stat().st_size,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def train_on(store_dir: str, lm_dir: str, ckpt: str, steps: int, batch_size: int, seed: int) -> dict[str, Any]:
+    store = EmbeddingStore.open(store_dir)
+    t0 = time.perf_counter()
+    with MemorySampler() as sampler:
+        run = train(store_dir, ckpt,
+                    model_config=ModelConfig(embed_dim=store.dim, lm=lm_dir, prefix_length=10, mapper_depth=2,
+                                             mapper_heads=4, max_length=40),
+                    config=TrainConfig(max_steps=steps, batch_size=batch_size, log_every=max(1, steps // 5),
+                                       val_max=500, seed=seed))
+    rows = [json.loads(r) for r in (Path(ckpt) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
+    return {"steps": run.steps, "batch_size": batch_size, "seconds_total": time.perf_counter() - t0,
+            "steps_per_s": (rates[-1] / batch_size) if rates else None,
+            "samples_per_s": rates[-1] if rates else None, "train_loss": run.train_loss, "val_loss": run.val_loss,
+            "model": "transformer mapper (2 layers, prefix 10) + GPT-2 4x256 (random weights)",
+            "token_caches": len(list((Path(store_dir) / "token-cache").iterdir())),
+            "peak_rss_mb": peak_rss_mb(), "sampled_anon_mb": sampler.peak["RssAnon"],
+            "sampled_file_mb": sampler.peak["RssFile"]}
+
+
+def embed_images(jsonl: str, store_dir: str, batch_size: int, workers: int) -> dict[str, Any]:
+    """What ``capdec embed --modality image`` does: read the dataset, then the pipeline (timed and measured apart)."""
+    from capdec.encoders import load_encoder
+    from capdec.image_store import embed_image_dataset
+    from capdec.io import read_image_dataset
+
+    t0 = time.perf_counter()
+    dataset = read_image_dataset(jsonl)
+    read = {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "rss_after_mb": rss_mb()}
+    reset_peak()
+    encoder = load_encoder("toy", device="cpu", batch_size=batch_size)
+    t0 = time.perf_counter()
+    with MemorySampler() as sampler:
+        store = embed_image_dataset(dataset, store_dir, encoder, batch_size=batch_size, num_workers=workers)
+    seconds = time.perf_counter() - t0
+    return {"read_dataset": read, "seconds": seconds, "images_per_s": len(dataset) / seconds,
+            "stored_rows": len(store.vectors), "captions": len(store), "resumed_images": store.embed_run.resumed,
+            "bytes": {name: (Path(store_dir) / name).stat().st_size
+                      for name in ("embeddings.npy", "rows.npy", "captions.jsonl")},
+            "peak_rss_mb": peak_rss_mb(), "sampled_anon_mb": sampler.peak["RssAnon"],
+            "worker_rss_max_mb": sampler.peak["child_rss_max"],
+            "worker_private_max_mb": sampler.peak["child_private_max"],
+            "workers_private_sum_mb": sampler.peak["children_private_sum"],
+            "workers_seen": sampler.peak["children_seen"]}
+
+
+def killed_and_resumed(jsonl: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The first ``--resume-images`` images embedded once without a stop, and once killed (SIGKILL, workers and
+    all) when half of its shards are on disk, then rerun: the resumed store must be byte-identical to the
+    uninterrupted one, having embedded only the missing shards."""
+    subset = jsonl.with_name("resume.jsonl")
+    with open(jsonl, encoding="utf-8") as f, open(subset, "w", encoding="utf-8") as out:
+        out.writelines(line for _, line in zip(range(args.resume_images), f))
+    whole = in_child(embed_images, args.threads, str(subset), str(work / "whole"), args.image_batch_size,
+                     args.workers)
+    shards = -(-args.resume_images // 4096)  # embed_image_dataset's shard size
+    partial = work / ".resumed.partial"
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, "embed_images", args.threads,
+                                            (str(subset), str(work / "resumed"), args.image_batch_size, args.workers)))
+    t0 = time.perf_counter()
+    proc.start()
+    while proc.is_alive() and len(list(partial.glob("shard-*.npy"))) < shards // 2:
+        time.sleep(0.05)
+    proc.kill()
+    proc.join()
+    killed = {"after_seconds": time.perf_counter() - t0, "shards_on_disk": len(list(partial.glob("shard-*.npy"))),
+              "shards": shards, "exit_code": proc.exitcode}
+    resumed = in_child(embed_images, args.threads, str(subset), str(work / "resumed"), args.image_batch_size,
+                       args.workers)
+    identical = {name: (work / "whole" / name).read_bytes() == (work / "resumed" / name).read_bytes()
+                 for name in ("embeddings.npy", "rows.npy", "captions.jsonl")}
+    return {"images": args.resume_images, "uninterrupted_seconds": whole["seconds"], "killed": killed,
+            "resume_seconds": resumed["seconds"], "resumed_images": resumed["resumed_images"],
+            "byte_identical": identical}
+
+
+def cache_and_train(store: EmbeddingStore, work: Path, args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """Token cache, then ``--steps`` training steps on ``store``, each in its own process; fills ``out``."""
+    save_lm(work / "lm", store, sample=200_000, seed=args.seed)
+    out["token_cache"] = in_child(build_token_cache, args.threads, str(store.path), str(work / "lm"))
+    out["train"] = in_child(train_on, args.threads, str(store.path), str(work / "lm"), str(work / "ckpt"),
+                            args.steps, args.batch_size, args.seed)
+    out["token_cache"]["reused_by_train"] = out["train"].pop("token_caches") == 1
+
+
+def text_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    store, seconds = build_store(work / "store", args.captions, args.dim, args.seed)
+    out: dict[str, Any] = {"captions": args.captions, "dim": args.dim, "dtype": "float16",
+                           "store": {"build_seconds": seconds,
+                                     "embeddings_bytes": (work / "store" / "embeddings.npy").stat().st_size,
+                                     "captions_bytes": (work / "store" / "captions.jsonl").stat().st_size}}
+    cache_and_train(store, work, args, out)
+    return out
+
+
+def image_scale(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    jsonl, seconds, image_bytes = build_image_dataset(work / "data", args.images, args.captions_per_image,
+                                                      args.image_size, args.seed, line_per=args.jsonl_line_per)
+    out: dict[str, Any] = {"images": args.images, "captions_per_image": args.captions_per_image,
+                           "jsonl_line_per": args.jsonl_line_per,
+                           "image_size": args.image_size, "encoder": "toy (the shipped mini-CLIP, 128-d)",
+                           "workers": args.workers, "encode_batch_size": args.image_batch_size,
+                           "dataset": {"build_seconds": seconds, "image_bytes": image_bytes,
+                                       "jsonl_bytes": jsonl.stat().st_size}}
+    if args.resume_images:
+        out["resume"] = killed_and_resumed(jsonl, work, args)
+    out["embed"] = in_child(embed_images, args.threads, str(jsonl), str(work / "store"), args.image_batch_size,
+                            args.workers)
+    cache_and_train(EmbeddingStore.open(work / "store"), work, args, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=["text", "images"], default=["text", "images"])
+    p.add_argument("--captions", type=int, default=5_000_000, help="text store rows")
+    p.add_argument("--dim", type=int, default=512, help="text store embedding dimension")
+    p.add_argument("--images", type=int, default=1_000_000, help="images of the image dataset")
+    p.add_argument("--captions-per-image", type=int, default=5)
+    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic images, pixels")
+    p.add_argument("--jsonl-line-per", choices=["image", "caption"], default="image",
+                   help="the dataset file's lines: {image, captions} per image or {image, caption} per caption "
+                        "(both are read by capdec.io; per caption takes ~2x the memory to read)")
+    p.add_argument("--image-batch-size", type=int, default=256, help="images per encoder batch")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--resume-images", type=int, default=20_000,
+                   help="images of the kill-and-resume check (0: skip it)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (each store)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workdir", help="where the store goes (default: a temporary directory)")
-    p.add_argument("--keep", action="store_true", help="keep the store and checkpoint")
+    p.add_argument("--train-rss-limit-mb", type=float, default=2048, help="target: training peak RSS")
+    p.add_argument("--pipeline-rss-limit-mb", type=float, default=512,
+                   help="target: what image embedding adds to the embedding process's memory once the dataset is read")
+    p.add_argument("--worker-rss-limit-mb", type=float, default=512,
+                   help="target: private memory of each image decoding worker")
+    p.add_argument("--workdir", help="where stores and images go (default: a temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -186,60 +354,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="capdec-scale-"))
-    result: dict[str, Any] = {"benchmark": "scale", "captions": args.captions, "dim": args.dim, "dtype": "float16",
-                              "conditions": {"threads": args.threads, "torch": torch.__version__,
-                                             "python": platform.python_version(), "loadavg_start": os.getloadavg()}}
+    record = start(argv, threads=args.threads)
+    result: dict[str, Any] = {"benchmark": "scale"}
     try:
-        store, seconds = build_store(work / "store", args.captions, args.dim, args.seed)
-        result["store"] = {"build_seconds": seconds, "embeddings_bytes": (work / "store" / "embeddings.npy").stat().st_size,
-                           "captions_bytes": (work / "store" / "captions.jsonl").stat().st_size}
-        result["peak_rss_mb"] = {"store_build": peak_rss_mb()}
-        per_phase = reset_peak()
-
-        tok = save_lm(work / "lm", store, sample=200_000, seed=args.seed)
-        t0 = time.perf_counter()
-        cache = token_cache(store, tok)
-        tokens = int(cache.offsets[-1])
-        result["token_cache"] = {"build_seconds": time.perf_counter() - t0, "tokens": tokens,
-                                 "tokens_per_caption": tokens / len(store), "dtype": str(cache.ids.dtype),
-                                 "bytes": (cache.path / "ids.bin").stat().st_size
-                                 + (cache.path / "offsets.npy").stat().st_size}
-        del cache
-        result["peak_rss_mb"]["token_cache"] = peak_rss_mb()
-        reset_peak()
-
-        t0 = time.perf_counter()
-        sampler = MemorySampler()
-        with sampler:
-            run = train(store.path, work / "ckpt",
-                        model_config=ModelConfig(embed_dim=args.dim, lm=str(work / "lm"), prefix_length=10,
-                                                 mapper_depth=2, mapper_heads=4, max_length=40),
-                        config=TrainConfig(max_steps=args.steps, batch_size=args.batch_size,
-                                           log_every=max(1, args.steps // 5), val_max=500, seed=args.seed))
-        train_seconds = time.perf_counter() - t0
-        rows = [json.loads(r) for r in (work / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-        rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
-        result["train"] = {"steps": run.steps, "batch_size": args.batch_size, "seconds_total": train_seconds,
-                           "steps_per_s": (rates[-1] / args.batch_size) if rates else None,
-                           "samples_per_s": rates[-1] if rates else None,
-                           "train_loss": run.train_loss, "val_loss": run.val_loss,
-                           "model": "transformer mapper (2 layers, prefix 10) + GPT-2 4x256 (random weights)"}
-        result["token_cache"]["reused_by_train"] = len(list((store.path / "token-cache").iterdir())) == 1
-        result["peak_rss_mb"]["train"] = peak_rss_mb()
-        result["peak_rss_mb"]["train_sampled_anon"] = sampler.peak["RssAnon"]
-        result["peak_rss_mb"]["train_sampled_file"] = sampler.peak["RssFile"]
-        result["peak_rss_mb"]["per_phase"] = per_phase  # False: each value is the peak since the start
-        result["peak_rss_mb"]["process_max"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["train_peak_rss_under_2gb"] = result["peak_rss_mb"]["train"] < 2048
-        result["conditions"]["loadavg_end"] = os.getloadavg()
+        if "text" in args.parts:
+            result["text"] = text_scale(args, work / "text")
+        if "images" in args.parts:
+            result["images"] = image_scale(args, work / "images")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(result, indent=2))
+    targets = {}
+    if "text" in result:
+        targets["text_train_peak_rss_mb"] = (result["text"]["train"]["peak_rss_mb"], args.train_rss_limit_mb)
+    if "images" in result:
+        embed = result["images"]["embed"]
+        targets.update(image_embed_pipeline_rss_mb=(embed["peak_rss_mb"] - embed["read_dataset"]["rss_after_mb"],
+                                                    args.pipeline_rss_limit_mb),
+                       image_embed_worker_private_mb=(embed["worker_private_max_mb"], args.worker_rss_limit_mb),
+                       image_train_peak_rss_mb=(result["images"]["train"]["peak_rss_mb"], args.train_rss_limit_mb))
+        if "resume" in result["images"]:  # a kill leaves finished shards that the rerun does not embed again
+            r = result["images"]["resume"]
+            targets.update(resume_files_differing=(sum(not same for same in r["byte_identical"].values()), 1),
+                           resume_images_embedded_again=(r["images"] - r["resumed_images"], r["images"]))
+    missed = check_targets(result, targets)
+    result["run"] = finish(record)
+    text = json.dumps(result, indent=2)
+    print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if missed:
+        print("scale.py: missed " + "; ".join(missed), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
