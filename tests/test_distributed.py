@@ -24,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import processes
 from capdec import distributed
 from capdec.cli import main
 from capdec.errors import InputError
@@ -121,43 +122,30 @@ def _env(tmp_path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (read from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ..."
-        except (OSError, IndexError, ValueError):
-            continue  # ended while we looked
-        if ppid == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"  # a zombie has ended; only its exit status waits to be collected
-
-
 def _kill_torchrun(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun's ranks, then torchrun, and wait until the ranks are gone.
-
-    torchrun starts each rank in a session of its own, so killing torchrun's process group leaves the
-    ranks training (and writing checkpoints) on their own.
-    """
-    ranks = _children(proc.pid)
+    """SIGKILL torchrun, its ranks (each in a session of its own: killing torchrun's group would leave them
+    training and writing checkpoints) and theirs, and wait until all are gone."""
+    ranks = processes.children(proc.pid)
     assert len(ranks) == 2, f"expected torchrun's 2 ranks among its children, found {ranks}"
-    for pid in ranks:
-        os.kill(pid, signal.SIGKILL)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 60
-    while any(map(_alive, ranks)) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(map(_alive, ranks)), f"ranks {[p for p in ranks if _alive(p)]} outlived the kill"
+    assert set(ranks) <= set(processes.kill_tree(proc))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's ranks through Linux's /proc")
+def test_a_torchrun_that_times_out_leaves_no_rank_running(tmp_path):
+    """processes.run kills torchrun's ranks too (each leads a session of its own) when the command times out."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, pathlib, time\n"
+                      "pathlib.Path(os.environ['PIDS'], os.environ['RANK']).write_text(str(os.getpid()))\n"
+                      "time.sleep(600)\n")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
+            str(script)]
+    with pytest.raises(subprocess.TimeoutExpired):
+        processes.run(argv, timeout=25, env={**_env(tmp_path), "PIDS": str(pids)}, capture_output=True)
+    ranks = [int(p.read_text()) for p in pids.iterdir()]
+    assert len(ranks) == 2, "the ranks must have started for this test to mean anything"
+    assert not [pid for pid in ranks if processes.alive(pid)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's ranks through Linux's /proc")
@@ -171,7 +159,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
     assert main(["-q", "train", str(hf_store), "--out", str(single), *common]) == 0
 
     ddp = tmp_path / "ddp"
-    subprocess.run(_torchrun(2, "train", str(hf_store), "--out", str(ddp), *common), check=True, env=env, timeout=300)
+    processes.run(_torchrun(2, "train", str(hf_store), "--out", str(ddp), *common), check=True, env=env, timeout=300)
     _assert_trained_alike(single, ddp)
     state = json.loads((ddp / "training" / "state.json").read_text())
     assert state["step"] == 24 and state["world_size"] == 2
@@ -179,18 +167,17 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
 
     # a 2-rank run killed after its first checkpoint, resumed by a single process
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_torchrun(2, "train", str(hf_store), "--out", str(killed), *common), env=env,
-                            start_new_session=True)
     state_file = killed / "training" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state_file.read_text())["step"] >= 8:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    _kill_torchrun(proc)
+    with processes.spawned(_torchrun(2, "train", str(hf_store), "--out", str(killed), *common), env=env) as proc:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state_file.read_text())["step"] >= 8:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        _kill_torchrun(proc)
     step = json.loads(state_file.read_text())["step"]
     assert 8 <= step < 24, "the run must be killed mid-way for this test to mean anything"
     assert main(["-q", "train", str(hf_store), "--out", str(killed), "--resume"]) == 0
@@ -201,6 +188,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(tmp_path, hf_store):
 def _train_worker(rank: int, world: int, port: int, argv: list[str], stop_at_step: int | None,
                   mask_file: str | None) -> None:
     """One rank of a training run started in-process (as torchrun would set it up)."""
+    processes.die_with_parent(signal.SIGKILL)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -260,7 +248,7 @@ def test_dropout_ranks_draw_their_own_masks_and_a_resumed_run_continues_the_stre
 def test_torchrun_refuses_a_batch_it_cannot_split(tmp_path, hf_store):
     env = _env(tmp_path)
     out = tmp_path / "c"
-    proc = subprocess.run(_torchrun(2, "train", str(hf_store), "--out", str(out), "--batch-size", "33",
+    proc = processes.run(_torchrun(2, "train", str(hf_store), "--out", str(out), "--batch-size", "33",
                                     "--max-steps", "1", *TINY), env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "--batch-size 33 is the global batch and cannot be split evenly over 2 processes" in proc.stderr
@@ -271,6 +259,7 @@ def test_torchrun_refuses_a_batch_it_cannot_split(tmp_path, hf_store):
 # -- embedding -------------------------------------------------------------------------------------------
 def _embed_worker(rank: int, world: int, port: int, corpus: str, encoder_spec: str, out: str,
                   fail_after_shards: int | None, report: str) -> None:
+    processes.die_with_parent(signal.SIGKILL)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -316,7 +305,7 @@ def test_sharded_embed_equals_single_process_and_resumes_missing_shards(tmp_path
 
     # the rerun through the CLI under torchrun computes only the missing shards
     env = _env(tmp_path)
-    proc = subprocess.run(_torchrun(2, "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip,
+    proc = processes.run(_torchrun(2, "embed", str(coco_caption_file), "--out", str(out), "--encoder", tiny_hf_clip,
                                     "--batch-size", "16", "--shard-size", "32", "--device", "cpu"),
                           env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -349,7 +338,7 @@ def test_image_store_under_torchrun_equals_single_process(tmp_path, photo_datase
     single = tmp_path / "single"
     assert main(["-q", "embed", *args, "--out", str(single), "--workers", "0"]) == 0
     out = tmp_path / "two"
-    proc = subprocess.run(_torchrun(2, "embed", *args, "--out", str(out), "--workers", "1", "--device", "cpu"),
+    proc = processes.run(_torchrun(2, "embed", *args, "--out", str(out), "--workers", "1", "--device", "cpu"),
                           env=_env(tmp_path), timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     for name in ("embeddings.npy", "rows.npy", "captions.jsonl"):

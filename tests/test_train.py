@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import processes
 from capdec.checkpoint import load_checkpoint
 from capdec.cli import main
 from capdec.train import TrainConfig, epoch_order, lr_at, split_indices
@@ -96,18 +97,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, hf_store):
     subprocess.run(_train_cmd(hf_store, full), check=True, env=env, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(hf_store, killed), env=env)
     state = killed / "training" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        try:
-            if json.loads(state.read_text())["step"] >= 10:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with processes.spawned(_train_cmd(hf_store, killed), env=env) as proc:  # killed however the test ends
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if json.loads(state.read_text())["step"] >= 10:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     step = json.loads(state.read_text())["step"]
     total = json.loads((full / "training" / "state.json").read_text())["step"]
     assert 10 <= step < total, "the run must be killed mid-way for this test to mean anything"
