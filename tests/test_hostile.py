@@ -432,6 +432,20 @@ def test_a_huge_prefix_length_in_a_checkpoint_is_refused_at_once(toy, tmp_path):
     one_line(done.stderr, "config.json: model: prefix_length must be from 1 to 4096, got 1000000")
 
 
+def test_serve_refuses_a_crafted_checkpoint_at_start_with_the_same_check(toy, tmp_path):
+    """serve loads through load_checkpoint: the bound on prefix_length stops it before a mapper is built."""
+    ckpt = copy_ckpt(toy, tmp_path)
+    edit_json(ckpt / "config.json", lambda c: c["model"].update(prefix_length=1_000_000))
+    done = run_capdec("serve", str(ckpt), "--port", "0", timeout=120, memory=6 << 30)
+    assert done.returncode == 2, done.stderr
+    one_line(done.stderr, "config.json: model: prefix_length must be from 1 to 4096, got 1000000")
+    nan = copy_ckpt(toy, tmp_path, "nan")
+    _nan_first_weight(nan / "model.safetensors")
+    done = run_capdec("serve", str(nan), "--port", "0", timeout=120)
+    assert done.returncode == 2, done.stderr
+    one_line(done.stderr, "model.safetensors", "NaN or infinite values")
+
+
 @pytest.mark.parametrize("section, change, message", [
     ("model", {"prefix_length": "2"}, "model: prefix_length must be an integer, got '2'"),
     ("model", {"mapper_depth": 3}, "'mapper.transformer.layers.1"),  # sizes within bounds but not the file's
@@ -450,8 +464,12 @@ def test_wrong_types_and_sizes_in_a_checkpoint_config_are_refused(toy, tmp_path,
         edit_json(ckpt / "config.json", lambda c: c.update({section: "toy"}))
     else:
         edit_json(ckpt / "config.json", lambda c: c[section].update(change))
-    rc, err = cli(capsys, "caption", str(ckpt), str(toy["img"]))
-    assert rc == 2
+    if "lm_config" in (change or {}):  # unchecked, 100,000 layers would be built: in a process with a memory limit
+        done = run_capdec("caption", str(ckpt), str(toy["img"]), timeout=120, memory=4 << 30)
+        rc, err = done.returncode, done.stderr
+    else:
+        rc, err = cli(capsys, "caption", str(ckpt), str(toy["img"]))
+    assert rc == 2, err
     one_line(err, str(ckpt), message)
 
 
