@@ -456,6 +456,8 @@ def test_serve_refuses_a_crafted_checkpoint_at_start_with_the_same_check(toy, tm
     ("inference", {"tau": float("nan")}, "inference: tau must be a finite number, got nan"),
     ("inference", {"shift": [0.1, "x"]}, "inference: shift must be a list, each item a finite number"),
     ("noise", {"variance": -1}, "noise variance must be a finite number"),
+    ("noise", {"shape": "gap", "gap_diag": [0.1] * 5, "gap_factor": [[0.1] * 3]}, "each row of gap_factor must"),
+    ("noise", {"shape": "gap", "gap_diag": [-1.0] * 2, "gap_factor": [[0.1] * 2]}, "gap_diag holds variances"),
     ("encoder", None, "'encoder' must be an object"),
 ])
 def test_wrong_types_and_sizes_in_a_checkpoint_config_are_refused(toy, tmp_path, capsys, section, change, message):

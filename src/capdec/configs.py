@@ -122,6 +122,15 @@ class NoiseConfig(_FromRecipe, Config):
             raise InputError(f"noise scale spread must be in [0, 1], got {self.scale_spread}")
         if (self.gap_factor is None) != (self.gap_diag is None):
             raise InputError("a gap covariance needs both its factor and its diagonal")
+        if self.gap_diag is not None and self.gap_factor is not None:
+            d = len(self.gap_diag)
+            if not 1 <= d <= MAX_DIM or len(self.gap_factor) > d:
+                raise InputError(f"the gap covariance must have a dimension from 1 to {MAX_DIM} and a rank at most "
+                                 f"that, got dimension {d}, rank {len(self.gap_factor)}")
+            if any(len(row) != d for row in self.gap_factor):
+                raise InputError(f"each row of gap_factor must have gap_diag's length ({d})")
+            if any(x < 0 for x in self.gap_diag):
+                raise InputError("gap_diag holds variances: they must be ≥ 0")
         if self.shape == "gap" and self.gap_diag is None:
             raise InputError("noise shape 'gap' needs the gap covariance of a noise file made by 'capdec calibrate "
                              "--gap-rank R'")
