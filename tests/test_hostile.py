@@ -158,6 +158,19 @@ def test_kept_copies_beside_out_never_replace_a_users_directory(toy, tmp_path, c
     assert_untouched(tmp_path / "run-best")
 
 
+def test_the_training_memory_beside_out_never_replaces_a_users_directory(toy, tmp_path, capsys):
+    user_dir(tmp_path / ".run.memory")  # where --save-memory writes the memory's rows while training
+    rc, err = cli(capsys, "train", str(toy["store"]), "--out", str(tmp_path / "run"), "--save-memory",
+                  "--max-steps", "1", *TINY)
+    assert rc == 2
+    one_line(err, str(tmp_path / ".run.memory"), "not the memory rows capdec writes there")
+    assert_untouched(tmp_path / ".run.memory")
+    rc, err = cli(capsys, "train", str(toy["store"]), "--out", str(tmp_path / "run2"), "--save-memory",
+                  "--max-steps", "1", *TINY)
+    assert rc == 0, err
+    assert (tmp_path / "run2" / "memory").is_dir() and not (tmp_path / ".run2.memory").exists()
+
+
 def test_import_overwrite_refuses_a_directory_capdec_did_not_write(tmp_path, tiny_gpt2_dir, tiny_hf_clip, capsys):
     import torch
 

@@ -232,20 +232,21 @@ def check_replaceable(path: str | os.PathLike, replaceable: Callable[[Path], str
 
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False,
-               replaceable: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+               replaceable: Callable[[Path], str | None] | None = None, flag: str = "--overwrite") -> Iterator[Path]:
     """Build a directory under a temporary sibling name; rename it to ``final`` only on success.
 
     A crash leaves ``final`` untouched (the old version, or nothing) and the temp dir removed (by the next
     call if the process was killed: :func:`clean_stale`). An existing ``final`` is replaced only with
     ``overwrite``, and when ``replaceable`` is given only if it recognises ``final`` (see
-    :func:`check_replaceable`); an empty directory may always be replaced.
+    :func:`check_replaceable`, whose error names ``flag`` as what replaces it); an empty directory may always
+    be replaced.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     finish_swap(final)
     clean_stale(final)
     if overwrite and replaceable is not None:
-        check_replaceable(final, replaceable)
+        check_replaceable(final, replaceable, flag=flag)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=_temp_prefix(final), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
@@ -259,7 +260,7 @@ def atomic_dir(final: str | os.PathLike, *, overwrite: bool = False,
             raise FileExistsError(f"{final} already exists")
         if replaceable is not None:
             try:
-                check_replaceable(final, replaceable)  # it may have changed while the new one was built
+                check_replaceable(final, replaceable, flag=flag)  # it may have changed while the new one was built
             except InputError:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

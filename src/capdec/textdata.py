@@ -29,6 +29,7 @@ from capdec.utils import progress
 logger = logging.getLogger(__name__)
 
 _CHUNK = 65536  # rows per pass when a whole split is read (means, memories)
+ROWS_OF_STORES = "rows of stores"  # meta.json corpus format of the memory rows write_store makes beside --out
 
 
 @dataclass
@@ -172,7 +173,7 @@ class TextData:
         digest = hashlib.sha256(idx.tobytes())
         for s in self.stores:  # a re-made store changes its meta.json (its creation time at least)
             digest.update(hashlib.sha256((s.path / META).read_bytes()).digest() if s.path else b"memory")
-        corpus = {"format": "rows of stores", "stores": self.sources, "rows_sha256": digest.hexdigest()}
+        corpus = {"format": ROWS_OF_STORES, "stores": self.sources, "rows_sha256": digest.hexdigest()}
         try:
             if read_artifact_json(out_dir / META)["corpus"] == corpus and (out_dir / EMBEDDINGS).is_file():
                 return out_dir
@@ -181,7 +182,7 @@ class TextData:
         dtype = str(self.stores[0].vectors.dtype)
         meta = _make_meta(self.encoder_spec, self.encoder_identity, (len(idx), self.dim), dtype, corpus,
                           {"read": len(idx), "empty_skipped": 0, "duplicates_removed": 0, "truncated": None})
-        with atomic_dir(out_dir, overwrite=True) as tmp:
+        with atomic_dir(out_dir, overwrite=True, replaceable=_rows_store, flag="a training run") as tmp:
             with open(tmp / EMBEDDINGS, "wb") as f, \
                     progress(total=len(idx), desc="memory rows", unit="row", show=show_progress) as bar:
                 out = NpyWriter(f, (len(idx), self.dim), dtype)
@@ -251,6 +252,24 @@ def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) ->
     return TextData(stores=opened, encoder_spec=first.encoder_spec, encoder_identity=first.encoder_identity,
                     sample_weights=weights, sources=[str(getattr(s, "path", None) or "<memory>") for s in opened],
                     modality="image" if set(modalities) == {"image"} else "text")
+
+
+def _rows_store(path: Path) -> str | None:
+    """None when ``path`` is a memory-rows store :meth:`TextData.write_store` wrote (its meta.json says so) and
+    holds nothing else, else why it is not: only such a directory is replaced."""
+    from capdec.store import CAPTIONS, EMBEDDINGS, META
+    from capdec.utils import read_artifact_json
+
+    try:
+        corpus = read_artifact_json(path / META).get("corpus")
+    except (OSError, ValueError, AttributeError):
+        corpus = None
+    if not isinstance(corpus, dict) or corpus.get("format") != ROWS_OF_STORES:
+        return "exists and is not the memory rows capdec writes there (no meta.json of its kind)"
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in (META, EMBEDDINGS, CAPTIONS))
+    if foreign:
+        return f"holds what capdec did not write there ({', '.join(foreign[:5])})"
+    return None
 
 
 __all__ = ["CaptionTexts", "TextData", "load_text_data"]
