@@ -6,13 +6,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import capdec
 from capdec.caption import Captioner
 from capdec.cli import main
 from capdec.encoders import EncoderMismatchError, load_encoder
@@ -254,7 +258,8 @@ def test_captioner_on_pil_images_paths_and_embeddings(captioner, photos, monkeyp
 
     monkeypatch.setattr(Captioner, "_caption_embeddings", spy)
     paths = [photos / n for n in COCO_PHOTOS]
-    images = [load_image(p) for p in paths]
+    # a path is decoded reduced to the encoder's input size (as capdec serve decodes uploads); an image is used as is
+    images = [load_image(p, min_side=captioner.encoder.image_size) for p in paths]
     by_path = captioner.caption(paths, strategy="greedy", batch_size=2)
     assert len(by_path) == 3 and all(isinstance(c, str) and c for c in by_path)
     reference = torch.cat(decoded)
@@ -382,3 +387,130 @@ def test_reference_offset_is_added_without_renormalising(captioner, tmp_path):
     assert torch.allclose(prepared(reference, renormalize_shift=True), as_is / as_is.norm(dim=-1, keepdim=True),
                           atol=1e-6)
     assert torch.allclose(prepared(ours, renormalize_shift=False), as_is, atol=1e-6)
+
+
+# -- large images: decoded reduced, as capdec serve decodes uploads -------------------------------------
+def _reduced_size(width: int, height: int, min_side: int, jpeg: bool) -> tuple[int, int]:
+    """The size a reduced decode gives, from its definition: a JPEG's decoder scales by 1/2, 1/4 or 1/8 as far as
+    the short side stays ≥ min_side (rounding up), then a box average by the integer factor short side // min_side."""
+    if jpeg:
+        scale = max(s for s in (1, 2, 4, 8) if min(width, height) / s >= min_side)
+        width, height = -(-width // scale), -(-height // scale)
+    f = min(width, height) // min_side
+    return -(-width // f), -(-height // f)
+
+
+@pytest.fixture(scope="module")
+def large(photos, tmp_path_factory) -> list[Path]:
+    """A COCO photo enlarged to 2000x1500, as a JPEG and a PNG (sorted as capdec caption sorts its inputs)."""
+    d = tmp_path_factory.mktemp("large")
+    big = load_image(photos / COCO_PHOTOS[0]).resize((2000, 1500), resample=3)  # bicubic
+    big.save(d / "large.jpg", quality=90)
+    big.save(d / "large.png", compress_level=1)
+    return [d / "large.jpg", d / "large.png"]
+
+
+def test_caption_and_serve_embed_and_caption_a_large_image_alike(checkpoint, large, tmp_path, monkeypatch):
+    """capdec caption decodes a large file as capdec serve decodes the same upload (reduced to the encoder's input
+    size): the encoder gets the same pixels, so the embeddings are equal and so are the captions."""
+    for module in ("fastapi", "uvicorn", "multipart"):
+        pytest.importorskip(module)
+    httpx = pytest.importorskip("httpx")
+    from capdec.encoders.hf import HFEncoder
+    from capdec.serve import ServerThread, ServeSettings, create_app
+
+    embedded: list[tuple[tuple[int, int], torch.Tensor]] = []  # (image size, raw embedding) of every image encoded
+    original = HFEncoder.encode_image
+
+    def spy(self, images, **kw):
+        emb = original(self, images, **kw)
+        embedded.extend(zip([im.size for im in images], emb.clone()))
+        return emb
+
+    monkeypatch.setattr(HFEncoder, "encode_image", spy)
+    out = tmp_path / "captions.jsonl"
+    assert main(["-q", "caption", str(checkpoint), *map(str, large), "--out", str(out), "--strategy", "greedy"]) == 0
+    by_caption = list(embedded)
+    captions = {Path(r["image"]).name: r["caption"] for r in _jsonl(out)}
+
+    embedded.clear()
+    captioner = Captioner.from_pretrained(checkpoint, device="cpu")
+    with ServerThread(create_app(captioner, ServeSettings(max_upload_mb=20))) as server:
+        answer = httpx.post(f"{server.url}/caption", files=[("image", (p.name, p.read_bytes())) for p in large],
+                            data={"strategy": "greedy"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert {c["image"]: c["caption"] for c in answer.json()["captions"]} == captions
+    by_serve = list(embedded)
+
+    side = captioner.encoder.image_size
+    expected_sizes = [_reduced_size(2000, 1500, side, jpeg=True), _reduced_size(2000, 1500, side, jpeg=False)]
+    assert expected_sizes == [(50, 38), (44, 33)]  # the definition worked out for side 32
+    assert [size for size, _ in by_caption] == [size for size, _ in by_serve] == expected_sizes
+    for (_, a), (_, b) in zip(by_caption, by_serve):
+        assert torch.equal(a, b)
+    # not equal by accident: the whole decode gives other embeddings (what capdec caption gave before)
+    whole = original(captioner.encoder, [load_image(p) for p in large])
+    for (_, a), w in zip(by_caption, whole):
+        assert (a - w).abs().max() > 1e-4
+
+
+_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from capdec.caption import Captioner
+
+def status(field):  # bytes (/proc reports kB)
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+checkpoint, small, *large = sys.argv[1:]
+captioner = Captioner.from_pretrained(checkpoint, device="cpu", num_workers=0)
+assert [r.caption for r in captioner.stream([small])]  # model, encoder and PNG decoder warmed up
+before = status("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the resident size now
+captioned = sum(len(batch) for batch in captioner.stream(large, batch_size=64).batches())
+print(json.dumps({"before": before, "peak": status("VmHWM"), "captioned": captioned}))
+"""
+
+
+def test_captioning_large_pngs_holds_them_reduced(checkpoint, tmp_path):
+    """Peak memory of captioning 8 PNGs of 3000x2000 in one batch: a PNG is decoded whole (no reduced decoding in
+    the format), but only its reduction is kept, so the batch costs about one full image (24 MB in PIL's 4 bytes a
+    pixel), not eight (what holding them decoded whole would cost)."""
+    from PIL import Image
+
+    width, height, n = 3000, 2000, 8
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin(x / 37.0) * np.cos(y / 53.0)], axis=-1)
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(tmp_path / "large0.png", compress_level=1)
+    large = [tmp_path / f"large{i}.png" for i in range(n)]
+    for p in large[1:]:
+        shutil.copy(large[0], p)
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "small.png")
+    env = {**os.environ, "PYTHONPATH": str(Path(capdec.__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(checkpoint), str(tmp_path / "small.png"),
+                           *map(str, large)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["captioned"] == n
+    full = width * height * 4
+    growth = result["peak"] - result["before"]
+    assert growth < 2 * full, f"captioning {n} large PNGs raised the peak by {growth / 2**20:.0f} MiB"
+
+
+def test_an_extreme_aspect_ratio_is_skipped_and_listed_as_serve_refuses_it(checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (800, 40), (30, 30, 200)).save(tmp_path / "panorama.png")  # 20:1: the limit, allowed
+    Image.new("RGB", (2100, 100), (200, 30, 30)).save(tmp_path / "strip.png")  # 21:1
+    out = tmp_path / "out.jsonl"
+    assert main(["caption", str(checkpoint), str(tmp_path / "panorama.png"), str(tmp_path / "strip.png"),
+                 "--out", str(out), "--strategy", "greedy"]) == 1
+    assert [Path(r["image"]).name for r in _jsonl(out)] == ["panorama.png"]
+    err = capsys.readouterr().err
+    assert "strip.png: 2100x100: aspect ratio 21:1 is over the limit of 20:1" in err[err.index("skipped 1:"):]
+    assert main(["-q", "caption", str(checkpoint), str(tmp_path / "strip.png"), "--out", str(out),
+                 "--max-aspect-ratio", "0"]) == 0  # no limit
+    assert [Path(r["image"]).name for r in _jsonl(out)] == ["strip.png"]
+    assert main(["-q", "caption", str(checkpoint), str(tmp_path / "strip.png"), "--max-aspect-ratio", "0.5"]) == 2
+    assert "--max-aspect-ratio must be ≥ 1 (or 0: no limit), got 0.5" in capsys.readouterr().err

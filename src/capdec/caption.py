@@ -31,7 +31,14 @@ from capdec.checkpoint import Checkpoint, InferenceConfig, load_checkpoint
 from capdec.decode import DecodeConfig, generate
 from capdec.encoders import Encoder, EncoderMismatchError, load_encoder
 from capdec.errors import InputError
-from capdec.images import DEFAULT_MAX_PIXELS, ImageLoadError, Skipped, iter_image_batches, load_image
+from capdec.images import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    Skipped,
+    iter_image_batches,
+    load_image,
+)
 from capdec.noise import NoiseConfig, shift_embeddings
 from capdec.utils import progress
 
@@ -58,7 +65,8 @@ class Captioner:
     def __init__(self, checkpoint: Checkpoint, *, encoder: Encoder | str | dict[str, Any] | None = None,
                  device: str | torch.device | None = "auto", precision: str = "auto",
                  decode: DecodeConfig | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 num_workers: int = 4, memory: Any = None, **inference: Any):
+                 max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT, num_workers: int = 4, memory: Any = None,
+                 **inference: Any):
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         if device in (None, "auto"):
@@ -69,6 +77,9 @@ class Captioner:
         self.precision = precision
         self.decode = decode or DecodeConfig()
         self.max_pixels = max_pixels
+        if max_aspect_ratio is not None and not max_aspect_ratio >= 1:
+            raise InputError(f"max_aspect_ratio must be ≥ 1 (or None: no limit), got {max_aspect_ratio}")
+        self.max_aspect_ratio = max_aspect_ratio
         self.num_workers = num_workers
         self.inference = self._check_inference(inference)
         # a TextMemory or its directory (checked against the encoder); None: the checkpoint's own, if any
@@ -84,7 +95,8 @@ class Captioner:
     def from_pretrained(cls, path: str | os.PathLike, *, encoder: Encoder | str | dict[str, Any] | None = None,
                         device: str | torch.device | None = "auto", precision: str = "auto",
                         decode: DecodeConfig | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                        num_workers: int = 4, memory: Any = None, **inference: Any) -> Captioner:
+                        max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT, num_workers: int = 4,
+                        memory: Any = None, **inference: Any) -> Captioner:
         """Load a checkpoint directory, or a Hugging Face Hub repo id ``org/name[@revision]``.
 
         ``encoder``: a spec (string or dict) or an :class:`Encoder` to use instead of the recorded one
@@ -92,11 +104,13 @@ class Captioner:
         embeddings needs no encoder weights. ``memory``: a text memory (or its directory, e.g. an
         embedding store) for projection / retrieval instead of the checkpoint's own. ``inference``:
         fields of :class:`~capdec.checkpoint.InferenceConfig` (``normalize``, ``shift``,
-        ``image_mean``, ``project``, ``tau``, ``project_k``) overriding the recorded ones.
+        ``image_mean``, ``project``, ``tau``, ``project_k``) overriding the recorded ones. ``max_pixels`` and
+        ``max_aspect_ratio``: image files over either are refused (skipped by :meth:`stream`).
         """
         ckpt = load_checkpoint(path, device=device)
         return cls(ckpt, encoder=encoder, device=device, precision=precision, decode=decode,
-                   max_pixels=max_pixels, num_workers=num_workers, memory=memory, **inference)
+                   max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio, num_workers=num_workers,
+                   memory=memory, **inference)
 
     # -- setup ----------------------------------------------------------------------------------------
     def _check_inference(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +151,13 @@ class Captioner:
             self._set_encoder(load_encoder(self._encoder_spec, device=self.device, precision=self.precision))
         assert self._encoder is not None
         return self._encoder
+
+    def load_options(self) -> dict[str, Any]:
+        """How image files are decoded (:func:`capdec.images.load_image`'s options), as ``capdec serve`` decodes
+        uploads: reduced as far as the encoder's input size allows (it resizes to that anyway), so a large file
+        costs about that size once decoded, and its embedding does not depend on which command read it."""
+        return {"max_pixels": self.max_pixels, "min_side": self.encoder.image_size,
+                "max_aspect": self.max_aspect_ratio}
 
     # -- embeddings -> captions -----------------------------------------------------------------------
     def prepare(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -245,7 +266,7 @@ class Captioner:
     def _load(self, x: Any) -> Any:
         if not isinstance(x, (str, os.PathLike)):
             raise InputError(f"cannot caption a {type(x).__name__}; give PIL images, paths or an embedding matrix")
-        return load_image(x, max_pixels=self.max_pixels)
+        return load_image(x, **self.load_options())
 
     def stream(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 64,
                show_progress: bool | None = None, **decode: Any) -> CaptionStream:
@@ -304,8 +325,8 @@ class CaptionStream:
         """One list of results per batch of ``batch_size`` files (empty when all of them were skipped)."""
         cap = self.captioner
         encoder = cap.encoder  # built (and checked) before any file is read
-        batches = iter_image_batches(self.paths, batch_size=self.batch_size, max_pixels=cap.max_pixels,
-                                     num_workers=cap.num_workers)
+        batches = iter_image_batches(self.paths, batch_size=self.batch_size, num_workers=cap.num_workers,
+                                     **cap.load_options())
         with progress(total=len(self.paths), unit="img", desc="captioning", show=self.show_progress) as bar:
             for batch in batches:
                 self.skipped.extend(batch.skipped)

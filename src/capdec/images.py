@@ -16,7 +16,9 @@ reason. Handled: EXIF orientation (applied), CMYK, palette and greyscale images 
 transparency (composited on white), 16-bit and 32-bit greyscale (scaled to 8 bits, not clipped).
 Skipped: missing, empty, unreadable, non-image, corrupt and truncated files, and images with more
 pixels than ``max_pixels`` (a decompression-bomb guard; PIL's own ``Image.MAX_IMAGE_PIXELS`` check
-also applies, so raise that too for images above ~179 megapixels).
+also applies, so raise that too for images above ~179 megapixels) or, if asked, an aspect ratio over
+``max_aspect``. With ``min_side`` (an encoder's input size) an image is decoded reduced, as ``capdec caption``
+and ``capdec serve`` both do.
 
 :func:`iter_image_batches` loads in a thread pool (PIL decodes without holding the GIL), in order,
 with a bounded read-ahead so memory stays flat however many files there are.
@@ -46,6 +48,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
                               ".pgm", ".pbm", ".pnm", ".jfif", ".tga", ".ico"})
 LIST_EXTENSIONS = (".txt", ".lst")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS (≈ 0.25 GiB of RGBA)
+# long side over short side (capdec caption and serve): an encoder that resizes the short side to its input
+# size makes a 4000x1 strip 4000 times wider than tall (GBs); a panorama of 20:1 still passes
+DEFAULT_MAX_ASPECT = 20.0
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _WHITE = (255, 255, 255)
 
@@ -425,10 +430,11 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     return rgb
 
 
-def try_load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[Any, str | None]:
-    """(RGB image, None) or (None, reason)."""
+def try_load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None,
+                   max_aspect: float | None = None) -> tuple[Any, str | None]:
+    """(RGB image, None) or (None, reason); the options are :func:`load_image`'s."""
     try:
-        return load_image(path, max_pixels=max_pixels), None
+        return load_image(path, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect), None
     except ImageLoadError as e:
         return None, e.reason
 
@@ -461,17 +467,19 @@ def _ordered_map(fn: Any, items: Iterable[Any], *, workers: int, window: int) ->
 
 
 def iter_image_batches(paths: Iterable[str | os.PathLike], *, batch_size: int = 64,
-                       max_pixels: int | None = DEFAULT_MAX_PIXELS, num_workers: int = 4) -> Iterator[ImageBatch]:
+                       max_pixels: int | None = DEFAULT_MAX_PIXELS, num_workers: int = 4, min_side: int | None = None,
+                       max_aspect: float | None = None) -> Iterator[ImageBatch]:
     """Load ``paths`` in order, ``batch_size`` files per batch (good and skipped together).
 
     Each skipped file is logged as a warning naming it and the reason. ``num_workers=0`` loads in the
-    calling thread.
+    calling thread. ``min_side`` and ``max_aspect`` are :func:`load_image`'s: with ``min_side`` the batches
+    hold images reduced to about that size, however large the files.
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
 
     def load(p: str | os.PathLike) -> tuple[str, Any, str | None]:
-        image, reason = try_load_image(p, max_pixels=max_pixels)
+        image, reason = try_load_image(p, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
         return os.fspath(p), image, reason
 
     # read ahead one batch (plus a little): the next batch loads while the caller encodes this one, and at

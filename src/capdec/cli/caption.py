@@ -18,19 +18,20 @@ from capdec.config_base import add_arguments as add_config_arguments
 from capdec.config_base import given
 from capdec.configs import DecodeConfig, InferenceConfig  # torch-free: cheap for --help
 from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
-from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
+from capdec.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
 HELP = "caption images with a trained checkpoint (JSONL, COCO results JSON or CSV)"
 DESCRIPTION = (
     "Caption image files with a trained checkpoint. IMAGES are files, directories (image files by "
     "extension; --recursive descends), glob patterns, or list files (@FILE, or a .txt/.lst file: one path "
-    "per line, relative to the list's directory). Bad files (corrupt, truncated, empty, not an image, "
-    "over --max-pixels) are skipped with a warning and listed at the end. Results are written as they are "
-    "produced, into OUT.partial.jsonl (OUT.partial.csv) after every batch, which becomes OUT when every image "
-    "is done (COCO results JSON is written from it then): OUT is never half-written, an interrupted run keeps "
-    "the partial file, a failed write (disk full) leaves OUT as it was. To stdout, a FIFO or a device, results "
-    "go straight there. Exit status: 0 all captioned, 1 some files skipped, 2 usage or input error (or a "
-    "failed write)."
+    "per line, relative to the list's directory). Large images are decoded reduced to the encoder's input size "
+    "(as capdec serve decodes uploads, so both give the same captions). Bad files (corrupt, truncated, empty, not "
+    "an image, over --max-pixels or --max-aspect-ratio) are skipped with a warning and listed at the end. Results "
+    "are written as they are produced, into OUT.partial.jsonl (OUT.partial.csv) after every batch, which becomes "
+    "OUT when every image is done (COCO results JSON is written from it then): OUT is never half-written, an "
+    "interrupted run keeps the partial file, a failed write (disk full) leaves OUT as it was. To stdout, a FIFO or "
+    "a device, results go straight there. Exit status: 0 all captioned, 1 some files skipped, 2 usage or input "
+    "error (or a failed write)."
 )
 FORMATS = ("jsonl", "coco", "csv")
 DECODE_FLAGS = ["strategy", "beam_size", "length_penalty", "max_length", "stop_at_period", "top_p", "top_k",
@@ -103,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                       help="skip images with more pixels than this (a decompression-bomb guard; the default is "
                            "PIL's); 0 for no limit")
+    run_.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT,
+                      help="skip images whose long side is over this many times their short side (as capdec serve "
+                           "refuses them; an encoder that resizes the short side makes a long strip huge); 0 for no "
+                           "limit")
     run_.add_argument("--workers", type=int, default=4, help="image loading threads (0: load in the main thread)")
 
 
@@ -310,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
     InferenceConfig(**given(args, InferenceConfig, ["tau", "project_k"]))
     fmt = _format(args)
     max_pixels = args.max_pixels if args.max_pixels > 0 else None
+    if not (args.max_aspect_ratio >= 1 or args.max_aspect_ratio == 0):
+        raise InputError(f"--max-aspect-ratio must be ≥ 1 (or 0: no limit), got {args.max_aspect_ratio}")
+    max_aspect = args.max_aspect_ratio or None
     if Image.MAX_IMAGE_PIXELS is not None and (max_pixels is None or max_pixels > Image.MAX_IMAGE_PIXELS):
         # our check is the guard now; PIL's own (global) limit would refuse what the user allowed
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -336,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
 
     captioner = Captioner.from_pretrained(args.checkpoint, encoder=args.encoder, device=args.device,
                                           precision=args.precision, decode=decode, max_pixels=max_pixels,
-                                          num_workers=args.workers, memory=args.memory, **overrides)
+                                          max_aspect_ratio=max_aspect, num_workers=args.workers,
+                                          memory=args.memory, **overrides)
     encoder = captioner.encoder  # built and checked against the checkpoint before anything is written
     log.info("captioning %d image(s) with %s and encoder %s (%s)", len(paths), args.checkpoint, encoder.spec,
              ", ".join(f"{k}={v}" for k, v in decode.to_dict().items() if v is not None))

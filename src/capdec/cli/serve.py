@@ -11,7 +11,7 @@ from capdec.config_base import add_arguments as add_config_arguments
 from capdec.config_base import given
 from capdec.configs import DecodeConfig  # torch-free: cheap for --help
 from capdec.encoders import PRECISION_HELP, PRECISIONS  # torch-free: cheap for --help
-from capdec.images import DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
+from capdec.images import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS  # stdlib-only module: cheap for --help
 
 DECODE_FLAGS = ["strategy", "beam_size", "max_length", "length_penalty"]  # the server's default DecodeConfig
 HELP = "serve a checkpoint: an HTTP captioning API with dynamic batching and a web page"
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="decoded pixels held at once, all requests together (images being decoded, and decoded "
                           "images waiting to be captioned); a request waits for room, up to --timeout (then 503); "
                           "a request needing more than this is refused (413). Must be at least --max-pixels")
-    lim.add_argument("--max-aspect-ratio", type=float, default=20.0,
+    lim.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT,
                      help="refuse images whose long side is over this many times their short side (0: no limit)")
     lim.add_argument("--timeout", type=float, default=120.0,
                      help="seconds from a request's upload to its answer; then 504 (503 if it was still waiting for "

@@ -47,7 +47,14 @@ from starlette.datastructures import UploadFile
 from capdec import __version__
 from capdec.decode import STRATEGIES
 from capdec.errors import InputError
-from capdec.images import DEFAULT_MAX_PIXELS, DecodePlan, ImageLoadError, load_image, plan_decode
+from capdec.images import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_PIXELS,
+    DecodePlan,
+    ImageLoadError,
+    load_image,
+    plan_decode,
+)
 from capdec.serve.batcher import DynamicBatcher, QueueFull
 from capdec.serve.limits import InFlight, PixelBudget, RequestGuard
 
@@ -72,7 +79,7 @@ class ServeSettings:
     timeout_s: float = 120.0  # a request not answered by then (after its upload) gets 504
     max_requests: int = 64  # /caption requests in progress at once; more get 503 (idle connections do not count)
     max_decode_pixels: int = 100_000_000  # decoded pixels held at once, all requests together (see the module doc)
-    max_aspect_ratio: float | None = 20.0  # long side over short side of one image (a 4000x1 strip costs GBs)
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT  # long side over short side of one image (see images.py)
     header_timeout_s: float = 10.0  # a connection must send a whole request head within this
     body_timeout_s: float = 60.0  # a request's body must arrive whole within this
 
