@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from run_record import finish, start
 
 from capdec.caption import Captioner
 from capdec.lab.experiment import ExperimentConfig, prepare_data, score, train_variant
@@ -38,7 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = replace(ExperimentConfig(), steps=args.steps)
-    result: dict = {"command": " ".join(["python", *sys.argv]), "benchmark": "beam_stopping_toy", "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    record = start(None, threads=args.threads)
+    result: dict = {"benchmark": "beam_stopping_toy", "settings": {k: v for k, v in vars(args).items() if k != "out"}}
     with tempfile.TemporaryDirectory(prefix="capdec-beam-stop-") as tmp:
         data = prepare_data(config, Path(tmp) / "data", show_progress=False)
         ckpt, _ = train_variant(data, Path(tmp) / "capdec", noise=NoiseConfig(variance=config.noise_variance),
@@ -46,17 +46,16 @@ def main() -> None:
         captioner = Captioner.from_pretrained(ckpt, encoder=data.encoder, device="cpu")
         captions = {}
         for rule in ("exact", "heuristic"):
-            start = time.perf_counter()
+            t0 = time.perf_counter()
             captions[rule] = captioner.caption_embeddings(data.test_embeddings, batch_size=128, show_progress=False,
                                                           strategy="beam", beam_size=args.beam, early_stopping=rule)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - t0
             scores, _ = score(captions[rule], data.references)
             rounded = {k: None if v is None else round(v, 4) for k, v in scores.items()}
             result[rule] = {"decode_seconds": round(seconds, 2), **rounded}
     result["captions_that_differ"] = sum(a != b for a, b in zip(captions["exact"], captions["heuristic"]))
     result["test_images"] = len(captions["exact"])
-    result.update(machine=platform.machine(), python=platform.python_version(), torch=torch.__version__,
-                  load_average=os.getloadavg()[0])
+    result["run"] = finish(record)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import run_record  # noqa: E402
 
 from capdec.decode import generate  # noqa: E402
 from reference_search import clipcap_generate_beam, clipcap_score, small_vocab_lm  # noqa: E402
@@ -75,11 +76,10 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    result = {"command": " ".join(["python", *sys.argv]), "benchmark": "beam_vs_clipcap", "settings": {k: v for k, v in vars(args).items() if k != "out"},
-              **compare(args), "seconds": None, "machine": platform.machine(), "python": platform.python_version(),
-              "torch": torch.__version__, "load_average": os.getloadavg()[0]}
-    result["seconds"] = round(time.perf_counter() - start, 1)
+    record = run_record.start(None, threads=args.threads)
+    result = {"benchmark": "beam_vs_clipcap", "settings": {k: v for k, v in vars(args).items() if k != "out"},
+              **compare(args)}
+    result["run"] = run_record.finish(record)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

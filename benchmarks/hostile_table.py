@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from raw_safetensors import nan_first_weight  # noqa: E402
+
 TINY = ["--batch-size", "8", "--lm-dim", "32", "--lm-depth", "1", "--lm-heads", "2", "--mapper-depth", "1",
         "--prefix-length", "2", "--vocab-size", "200"]
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -190,24 +193,6 @@ def kind_of(path: Path) -> str:
         if test(mode):
             return name
     return "other"
-
-
-def header(path: Path) -> tuple[dict, bytes]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def write_safetensors(path: Path, head: dict, body: bytes) -> None:
-    raw = json.dumps(head).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-
-
-def nan_first_weight(path: Path) -> None:
-    head, body = header(path)
-    entry = next(v for k, v in head.items() if k != "__metadata__" and v["dtype"] == "F32")
-    begin = entry["data_offsets"][0]
-    write_safetensors(path, head, body[:begin] + struct.pack("<f", float("nan")) + body[begin + 4:])
 
 
 def fifo_reader(path: Path):

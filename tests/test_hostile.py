@@ -27,6 +27,7 @@ import pytest
 
 import capdec
 from capdec.cli import main
+from raw_safetensors import nan_first_weight, read_raw, write_raw
 from tiny_stores import captions
 
 SRC = Path(capdec.__file__).resolve().parents[1]
@@ -453,7 +454,7 @@ def test_serve_refuses_a_crafted_checkpoint_at_start_with_the_same_check(toy, tm
     assert done.returncode == 2, done.stderr
     one_line(done.stderr, "config.json: model: prefix_length must be from 1 to 4096, got 1000000")
     nan = copy_ckpt(toy, tmp_path, "nan")
-    _nan_first_weight(nan / "model.safetensors")
+    nan_first_weight(nan / "model.safetensors")
     done = run_capdec("serve", str(nan), "--port", "0", timeout=120)
     assert done.returncode == 2, done.stderr
     one_line(done.stderr, "model.safetensors", "NaN or infinite values")
@@ -488,37 +489,18 @@ def test_wrong_types_and_sizes_in_a_checkpoint_config_are_refused(toy, tmp_path,
     one_line(err, str(ckpt), message)
 
 
-def _header(path: Path) -> tuple[dict, bytes]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _write_safetensors(path: Path, header: dict, body: bytes) -> None:
-    raw = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
-
-
-def _nan_first_weight(path: Path) -> None:
-    header, body = _header(path)
-    name, entry = next((k, v) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
-    begin = entry["data_offsets"][0]
-    body = body[:begin] + struct.pack("<f", float("nan")) + body[begin + 4:]
-    _write_safetensors(path, header, body)
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.write_bytes(b""), "0 bytes, too short for a safetensors file"),
     (lambda p: p.write_bytes(p.read_bytes()[:3000]), "truncated or not a safetensors file"),
     (lambda p: p.write_bytes(struct.pack("<Q", 10**15) + p.read_bytes()[8:]), "its header says it is 1000000000000000"),
-    (lambda p: _write_safetensors(p, json.loads(DEEP[:400] + DEEP[-400:]), b""), "header is not"),
-    (lambda p: _write_safetensors(p, {**_header(p)[0], "extra.weight": {"dtype": "F32", "shape": [1],
-                                                                        "data_offsets": [0, 4]}}, _header(p)[1]),
+    (lambda p: write_raw(p, json.loads(DEEP[:400] + DEEP[-400:]), b""), "header is not"),
+    (lambda p: write_raw(p, {**read_raw(p)[0], "extra.weight": {"dtype": "F32", "shape": [1],
+                                                                        "data_offsets": [0, 4]}}, read_raw(p)[1]),
      "'extra.weight'"),
-    (lambda p: _write_safetensors(p, {k: ({**v, "shape": [v["shape"][0] + 1, *v["shape"][1:]]}
-                                          if k == "mapper.linear.weight" else v) for k, v in _header(p)[0].items()},
-                                  _header(p)[1]), "does not fit its bytes"),
-    (_nan_first_weight, "NaN or infinite values"),
+    (lambda p: write_raw(p, {k: ({**v, "shape": [v["shape"][0] + 1, *v["shape"][1:]]}
+                                          if k == "mapper.linear.weight" else v) for k, v in read_raw(p)[0].items()},
+                                  read_raw(p)[1]), "does not fit its bytes"),
+    (nan_first_weight, "NaN or infinite values"),
 ])
 def test_damaged_weights_are_refused_in_one_line(toy, tmp_path, capsys, damage, message):
     ckpt = copy_ckpt(toy, tmp_path)
