@@ -154,7 +154,6 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     if gap_neighbours and (text_store is None or extra_images is None):
         raise InputError("calibrate: the gap from nearest captions needs unlabelled images and the training store")
     if extra_images is not None or text_store is not None:
-        all_v = v
         if extra_images is not None:
             paired = {os.path.abspath(p) for p in images if isinstance(p, (str, os.PathLike))}
             extra = [im for im in extra_images

@@ -15,7 +15,7 @@ Layout::
                            weights_only=True), state.json (step counters, RNG-free: see capdec.train)
 
 A checkpoint is written into a temporary sibling directory and swapped in with renames, so a crash
-never leaves a half-written checkpoint under the final name (``recover`` finishes an interrupted swap).
+never leaves a half-written checkpoint under the final name (``finish_swap`` finishes an interrupted swap).
 No pickle anywhere.
 """
 
@@ -70,11 +70,11 @@ class Checkpoint:
     def encoder_identity(self) -> dict[str, Any]:
         return self.config["encoder_identity"]
 
-    @property
+    @functools.cached_property
     def noise(self) -> NoiseConfig:
         return NoiseConfig.from_dict(self.config.get("noise"), where=str(self.path))
 
-    @property
+    @functools.cached_property
     def inference(self) -> InferenceConfig:
         return InferenceConfig.from_dict(self.config.get("inference"))
 
@@ -145,11 +145,6 @@ def save_checkpoint(path: str | os.PathLike, model: CapDecModel, *, encoder_spec
     return path
 
 
-def recover(path: str | os.PathLike) -> None:
-    """Finish a checkpoint swap a crash interrupted (old copy renamed away, new one not yet in place)."""
-    finish_swap(path)
-
-
 def replaceable(path: str | os.PathLike, allowed: set[str] | frozenset[str] = CHECKPOINT_ENTRIES) -> str | None:
     """None when the directory ``path`` is a checkpoint capdec wrote (its ``config.json`` says so) holding only
     what capdec writes in one (``allowed``), else why it is not: ``--overwrite`` and every save replace only
@@ -185,7 +180,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     flags (types, bounds: a ``prefix_length`` of a million is refused here, before a mapper is allocated).
     """
     path = resolve_checkpoint(path)
-    recover(path)
+    finish_swap(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise InputError(f"{path} is not a capdec checkpoint (no config.json)")

@@ -220,9 +220,6 @@ class ModelConfig(_FromRecipe, Config):
             check_lm_config(self.lm_config)
         if self.entity_slots and not self.retrieval_k:
             raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
-        if self.retrieval_fusion not in RETRIEVAL_FUSIONS:
-            raise InputError(f"retrieval_fusion must be one of {', '.join(RETRIEVAL_FUSIONS)}, "
-                             f"got {self.retrieval_fusion!r}")
         if self.retrieval_k and self.retrieval_fusion == "ifcap" and self.mapper != "transformer":
             raise InputError("IFCap's fusion works on the transformer mapper's clip tokens: use --mapper transformer "
                              "or --retrieval-fusion embedding")

@@ -127,13 +127,10 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _write_through(path: str | os.PathLike, kind: str, text: str) -> None:
+    stream = open_through(path, kind)
     try:
-        if kind == "fd":
-            with os.fdopen(os.dup(_open_fd(path)), "w", encoding="utf-8", newline="") as f:  # type: ignore[arg-type]
-                f.write(text)
-        else:
-            with open(path, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
+        with stream:
+            stream.write(text)
     except OSError as e:
         raise write_error(path, e) from None
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from capdec.output import write_text
 
 HELP = "corpus tools: open text -> sentences, gender rebalancing, corpus statistics"
 DESCRIPTION = """Tools for the text a decoder learns from.
@@ -76,13 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=20, help="how many frequent words to list")
     p.add_argument("--out", metavar="FILE", help="also write the statistics as JSON")
     _corpus_reader_args(p)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write as every output is written (:func:`capdec.output.write_text`: atomic for files, through for devices)."""
-    from capdec.output import write_text as write
-
-    write(path, text)
 
 
 def _dump(obj) -> str:

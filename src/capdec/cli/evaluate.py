@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from capdec.output import write_text
+
 HELP = "score generated captions against references (BLEU, METEOR, ROUGE-L, CIDEr, SPICE, CLIPScore)"
 DESCRIPTION = (
     "Score captions with the coco-caption toolkit's own scorers (pycocoevalcap: PTB tokenizer, BLEU-1..4, "
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     if args.per_image:
         _write_per_image(args.per_image, result.per_image, captions)
     if args.out:
-        _write_text(args.out, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        write_text(args.out, json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     table = ", ".join(f"{k} {out[k]:.4f}" if out.get(k) is not None else f"{k} n/a"
                       for k in (*M.METRICS, *M.CLIP_METRICS) if k in out)
     logger.info("%d images: %s", result.n_images, table)
@@ -180,12 +182,6 @@ def _diversity(captions: dict, train_corpus: str | None) -> dict:
     return div
 
 
-def _write_text(path: str, text: str) -> None:
-    from capdec.output import write_text  # torch-free (capdec.utils.write_json would import torch)
-
-    write_text(path, text)
-
-
 def _write_per_image(path: str, per_image: dict, captions: dict) -> None:
     """JSON Lines, one row per scored image: {image_id, caption, metric: score, ...}."""
     ids = list(next(iter(per_image.values()), {}))  # every metric covers the same images
@@ -194,4 +190,4 @@ def _write_per_image(path: str, per_image: dict, captions: dict) -> None:
         row = {"image_id": i, "caption": captions[i]}
         row.update({name: values.get(i) for name, values in per_image.items()})
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_text(path, "".join(rows))
+    write_text(path, "".join(rows))

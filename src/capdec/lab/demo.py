@@ -153,11 +153,9 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
             evaluate(name, trained("gap", noise=gap_config(), save_memory=True), text_to_text=True)
         elif name == "gap_projection":
             evaluate(name, trained("gap", noise=gap_config(), save_memory=True), inference={"project": True})
-        elif name == "ifcap":
-            ck = trained("ifcap", noise=noise, model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})
-            evaluate(name, ck)
-        elif name == "gap_ifcap":
-            ck = trained("gap_ifcap", noise=gap_config(), model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})
+        elif name in ("ifcap", "gap_ifcap"):
+            ck = trained(name, noise=gap_config() if name == "gap_ifcap" else noise,
+                         model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})
             evaluate(name, ck)
 
     metrics = {

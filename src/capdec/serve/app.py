@@ -52,8 +52,8 @@ from capdec.images import (
     DEFAULT_MAX_PIXELS,
     DecodePlan,
     ImageLoadError,
-    load_image,
     plan_decode,
+    try_load_image,
 )
 from capdec.serve.batcher import DynamicBatcher, QueueFull
 from capdec.serve.limits import InFlight, PixelBudget, RequestGuard
@@ -201,11 +201,10 @@ def _decode(uploads: list[_Upload], settings: ServeSettings, min_side: int | Non
     for u in uploads:
         if u.plan is None:
             continue
-        try:
-            u.image = load_image(u.path, max_pixels=settings.max_pixels, min_side=min_side,
-                                 max_aspect=settings.max_aspect_ratio)
-        except ImageLoadError as e:
-            u.error, u.plan = e.reason, None
+        u.image, reason = try_load_image(u.path, max_pixels=settings.max_pixels, min_side=min_side,
+                                         max_aspect=settings.max_aspect_ratio)
+        if reason is not None:
+            u.error, u.plan = reason, None
 
 
 def _pixels_needed(plans: list[DecodePlan]) -> int:
