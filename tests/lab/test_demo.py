@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from capdec.cli import main
-from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
+from capdec.lab.toyworld.config import TOY_GAP_SCALE, TOY_NOISE_VARIANCE
 
 TINY = ["--captions", "400", "--test-images", "12", "--steps", "12", "--batch-size", "32", "--strategy", "greedy"]
 
@@ -68,6 +68,7 @@ def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     assert (cal["gap_source"], cal["gap_pairs"]) == ("images and their 5 nearest store captions", 5 * 1015)
     gap = load_checkpoint(out / "runs" / "gap", device="cpu")
     assert gap.noise.shape == "gap" and gap.noise.variance == 0.0 and len(gap.noise.gap_factor) == 32
+    assert gap.noise.gap_scale == TOY_GAP_SCALE == metrics["config"]["gap_scale"]
     texts = np.load(out / "data" / "text_store" / "embeddings.npy").astype(np.float64)
     text_mean = (texts / np.linalg.norm(texts, axis=1, keepdims=True)).mean(0)
     image_mean = np.array(gap.noise.offset) + text_mean  # offset = image mean − the store's text mean
@@ -78,3 +79,18 @@ def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     assert ifcap.retrieval_variance == 2.5 * TOY_NOISE_VARIANCE
     assert ifcap.entity_vocab == entity_words() == ["box", "circle", "cross", "diamond", "disc", "dot", "rhombus",
                                                     "sign", "square", "triangle"]
+
+
+def test_a_rerun_reuses_finished_runs_only_when_their_noise_is_the_same(tmp_path):
+    """A demo rerun in the same --out reuses each finished run of the same budget, unless the run's noise would
+    now differ (here --gap-scale): that run is trained again, not silently reused with the old noise."""
+    from capdec.checkpoint import load_checkpoint
+
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--out", str(out), "--methods", "gap", *TINY]) == 0
+    weights = {name: (out / "runs" / name / "model.safetensors").stat().st_mtime_ns for name in ("capdec", "gap")}
+    assert main(["-q", "demo", "--out", str(out), "--methods", "gap", "--gap-scale", "1.0", *TINY]) == 0
+    assert (out / "runs" / "capdec" / "model.safetensors").stat().st_mtime_ns == weights["capdec"]  # reused
+    assert (out / "runs" / "gap" / "model.safetensors").stat().st_mtime_ns != weights["gap"]  # trained again
+    assert load_checkpoint(out / "runs" / "gap", device="cpu").noise.gap_scale == 1.0
+    assert json.loads((out / "metrics.json").read_text())["config"]["gap_scale"] == 1.0

@@ -19,7 +19,7 @@ without noise); each writes its own tables to DIR/metrics.json and DIR/report.ht
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from capdec.lab.defaults import METHODS
-    from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
+    from capdec.lab.toyworld.config import TOY_GAP_SCALE, TOY_NOISE_VARIANCE
 
     p.add_argument("--out", default="demo_out", help="output directory")
     p.add_argument("--compare", action="store_true", help="also train no-noise, supervised and shifted baselines")
@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise-variance", type=float, default=None,
                    help=f"CapDec noise variance ε² (default {TOY_NOISE_VARIANCE}: picked for the shipped mini-CLIP on "
                         "validation seeds; the paper's 0.016 was picked for a 640-d CLIP)")
+    p.add_argument("--gap-scale", type=float, default=None,
+                   help=f"factor on the gap covariance of the gap runs' noise (capdec train --noise-gap-scale; default "
+                        f"{TOY_GAP_SCALE}: picked for the shipped mini-CLIP on validation seeds)")
     p.add_argument("--strategy", choices=["beam", "greedy"], default=None, help="decoding (default beam of 3)")
 
 
@@ -54,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     set_threads_from_env()
     cfg = ExperimentConfig(seed=args.seed)
     for flag, field in (("captions", "n_captions"), ("test_images", "n_test"), ("steps", "steps"),
-                        ("batch_size", "batch_size"), ("noise_variance", "noise_variance")):
+                        ("batch_size", "batch_size"), ("noise_variance", "noise_variance"),
+                        ("gap_scale", "gap_scale")):
         if getattr(args, flag) is not None:
             setattr(cfg, field, getattr(args, flag))
     if args.strategy == "greedy":

@@ -47,7 +47,7 @@ DESCRIPTIONS = {
     "capdec_projection": "CapDec decoder + projection onto the text memory",
     "centering": "CapDec noise on mean-centred embeddings; images centred by their mean (C3)",
     "gap": "CapDec with noise shaped like the modality gap (its mean: the image − text centroid difference; its "
-           "covariance: of 1,000 unlabelled images minus their 5 nearest training captions)",
+           "covariance: of 1,000 unlabelled images minus their 5 nearest training captions, times the gap scale)",
     "gap_projection": "gap-noise decoder + projection onto the text memory",
     "retrieval": "CapDec noise + 5 retrieved captions fused by cross-attention in CLIP space, entity slots (capdec's "
                  "earlier IFCap approximation)",

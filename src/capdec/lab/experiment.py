@@ -28,7 +28,7 @@ import torch
 from capdec.checkpoint import InferenceConfig
 from capdec.decode import DecodeConfig
 from capdec.lab.defaults import TOY_CALIBRATION_SEED
-from capdec.lab.toyworld.config import TOY_NOISE_VARIANCE
+from capdec.lab.toyworld.config import TOY_GAP_SCALE, TOY_NOISE_VARIANCE
 from capdec.model import ModelConfig
 from capdec.noise import NoiseConfig, mean_embedding
 from capdec.train import TrainConfig
@@ -71,7 +71,7 @@ class ExperimentConfig:
     calibration_images: int = 15  # paired images calibrate sees (each with 5 captions: 75 pairs)
     gap_neighbours: int = 5  # the gap from the unlabelled images and their 5 nearest training captions (0: the pairs)
     gap_rank: int = 32  # rank of the gap covariance's low-rank part
-    gap_scale: float = 1.0  # multiplies the gap covariance
+    gap_scale: float = TOY_GAP_SCALE  # multiplies the gap covariance (picked on validation seeds, see its definition)
     # DecodeConfig fields, over LAB_DECODE_DEFAULTS
     decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
     model: dict[str, Any] = field(default_factory=dict)  # overrides of toy_model_config()
@@ -183,9 +183,10 @@ def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: b
 
     cfg = data.config
     state_file = out / "training" / "state.json"
-    if state_file.is_file():  # a finished run of the same budget is reused (sweeps resume this way)
+    if state_file.is_file():  # a finished run of the same budget and noise is reused (sweeps resume this way)
         state = json.loads(state_file.read_text())
-        if state.get("step") == state.get("total_steps") == (steps or cfg.steps):
+        if (state.get("step") == state.get("total_steps") == (steps or cfg.steps)
+                and _recorded_noise(out) == asdict(noise)):
             logger.info("reusing finished checkpoint %s", out)
             return out, float(state.get("seconds", 0.0))
     # fp32 (amp off): the documented toy numbers were measured in fp32, and at this size bf16 autocast is
@@ -202,6 +203,15 @@ def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: b
     result = train(stores, out, model_config=model_cfg, noise=noise, config=train_cfg, inference=inference,
                    init_from=init_from, mix_weights=mix_weights, overwrite=True, show_progress=show_progress)
     return out, result.seconds
+
+
+def _recorded_noise(ckpt: Path) -> dict[str, Any] | None:
+    """The noise config a checkpoint was trained with (as ``asdict(NoiseConfig)``), None if unreadable."""
+    try:
+        recorded = json.loads((ckpt / "config.json").read_text())["noise"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return asdict(NoiseConfig(**recorded)) if isinstance(recorded, dict) else None
 
 
 def evaluate_checkpoint(data: ToyData, ckpt: Path, name: str, *, train_seconds: float = 0.0,
