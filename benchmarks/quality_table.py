@@ -2,12 +2,14 @@
 the supervised decoder.
 
 Each seed's numbers come from its ``metrics.json`` files (copies live in ``docs/results/quality/``; a run
-comes from the first file of its seed that has it). A run missing from them is read from an earlier table
-(``--baselines``, a ``demo_compare.md`` whose ``## seed S`` sections hold ``| run | CIDEr ± SE | ...`` rows);
-the output marks (*) every row that is not from the seed's own ``seedS.json``.
+comes from the first file of its seed that has it, and the first file given for a seed is that seed's own
+run). A run missing from them is read from an earlier table (``--baselines``, a ``demo_compare.md`` whose
+``## seed S`` sections hold ``| run | CIDEr ± SE | ...`` rows); the output marks (*) every row that is not
+from the seed's own run.
 
-    python benchmarks/quality_table.py docs/results/quality/seed[0-4].json docs/results/quality/seed0_baselines.json \\
-        --baselines docs/results/demo_compare.md --json docs/results/quality/summary.json
+    python benchmarks/quality_table.py docs/results/quality/seed[0-4].json docs/results/quality/gap_scale1/seed[2-4].json \\
+        docs/results/quality/seed0_baselines.json --baselines docs/results/demo_compare.md \\
+        --json docs/results/quality/summary.json
 
 prints the Markdown table and, with ``--json FILE``, writes the means and ratios as JSON.
 """
@@ -49,13 +51,20 @@ def collect(files: list[Path], baselines: dict[int, dict[str, tuple[float, float
     seeds: dict[int, dict[str, dict]] = {}
     for f in files:
         m = json.loads(f.read_text(encoding="utf-8"))
-        rows = seeds.setdefault(int(m["config"]["seed"]), {})
+        seed = int(m["config"]["seed"])
+        own = seed not in seeds  # the seed's first file: its own run
+        rows = seeds.setdefault(seed, {})
         for name, r in m["results"].items():
-            rows.setdefault(name, {"CIDEr": r["CIDEr"], "se": r["CIDEr_se"], "from": f.name})
+            rows.setdefault(name, {"CIDEr": r["CIDEr"], "se": r["CIDEr_se"], "from": _name(f), "own": own})
     for seed, rows in seeds.items():
         for name, (cider, se) in baselines.get(seed, {}).items():
-            rows.setdefault(name, {"CIDEr": cider, "se": se, "from": "baselines"})
+            rows.setdefault(name, {"CIDEr": cider, "se": se, "from": "baselines", "own": False})
     return seeds
+
+
+def _name(f: Path) -> str:
+    """A metrics file as the table names it: its folder and name (``gap_scale1/seed2.json``)."""
+    return f"{f.parent.name}/{f.name}"
 
 
 def summarise(seeds: dict[int, dict[str, dict]]) -> dict:
@@ -72,7 +81,7 @@ def summarise(seeds: dict[int, dict[str, dict]]) -> dict:
             "mean_of_ratios": {r: sum(ratio[r].values()) / len(order) for r in runs},
             "ratio": ratio, "best_text_only": best, "best_noise_only": noise,
             "reused": [f"seed {s} {r} ({seeds[s][r]['from']})" for s in order for r in runs
-                       if seeds[s][r]["from"] != f"seed{s}.json"]}
+                       if not seeds[s][r]["own"]]}
 
 
 def markdown(seeds: dict[int, dict[str, dict]], summary: dict) -> str:
@@ -83,7 +92,7 @@ def markdown(seeds: dict[int, dict[str, dict]], summary: dict) -> str:
         cells = []
         for s in order:
             row = seeds[s][r]
-            mark = "" if row["from"] == f"seed{s}.json" else "*"
+            mark = "" if row["own"] else "*"
             cells.append(f"{row['CIDEr']:.3f} ± {row['se']:.3f}{mark}")
         lines.append(f"| {r} | " + " | ".join(cells) + f" | {summary['mean'][r]:.3f} | "
                      f"{summary['ratio_of_means'][r]:.3f} |")
@@ -101,7 +110,7 @@ def markdown(seeds: dict[int, dict[str, dict]], summary: dict) -> str:
               f"CapDec with the better noise only: **{noise}**, {summary['ratio_of_means'][noise]:.3f} × supervised "
               f"(mean of per-seed ratios {summary['mean_of_ratios'][noise]:.3f}; goal ≥ 0.9)."]
     if summary["reused"]:
-        lines.append("\\* not from the seed's own run `seedS.json`: " + ", ".join(summary["reused"]) + ".")
+        lines.append("\\* not from the seed's own run: " + ", ".join(summary["reused"]) + ".")
     return "\n".join(lines) + "\n"
 
 

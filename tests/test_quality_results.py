@@ -33,21 +33,34 @@ def test_the_earlier_tables_seed_0_is_reproduced_run_for_run():
 def test_todays_code_reproduces_the_earlier_capdec_rows_it_reuses_baselines_next_to():
     earlier = quality_table.read_baselines(RESULTS / "demo_compare.md")
     for seed in (0, 1):
-        assert _rows(f"seed{seed}.json")["capdec"] == earlier[seed]["capdec"], seed
+        assert _rows(f"gap_scale1/seed{seed}.json")["capdec"] == earlier[seed]["capdec"], seed
+    for seed in range(5):  # the final runs re-scored the same capdec checkpoints: the same rows
+        assert _rows(f"seed{seed}.json")["capdec"] == _rows(f"gap_scale1/seed{seed}.json")["capdec"], seed
 
 
-def _final() -> tuple[dict, dict]:
-    """The documented command's inputs, as benchmarks/quality_table.py reads them."""
-    files = sorted(QUALITY.glob("seed[0-9].json")) + [QUALITY / "seed0_baselines.json"]
+def _final(earlier: bool = False) -> tuple[dict, dict]:
+    """The documented command's inputs, as benchmarks/quality_table.py reads them (``earlier``: the first final
+    table's, with the gap covariance unscaled)."""
+    scale1 = sorted((QUALITY / "gap_scale1").glob("seed[0-9].json"))
+    if earlier:
+        files = scale1 + [QUALITY / "seed0_baselines.json"]
+    else:
+        files = sorted(QUALITY.glob("seed[0-9].json")) + scale1[2:] + [QUALITY / "seed0_baselines.json"]
     seeds = quality_table.collect(files, quality_table.read_baselines(RESULTS / "demo_compare.md"))
     return seeds, quality_table.summarise(seeds)
 
 
-def test_the_final_table_is_the_scripts_output_from_the_checked_in_metrics():
+def test_the_final_tables_are_the_scripts_output_from_the_checked_in_metrics():
     doc = (RESULTS / "quality_final.md").read_text(encoding="utf-8")
+    for earlier, scale in ((False, 0.3), (True, 1.0)):
+        seeds, summary = _final(earlier)
+        assert sorted(seeds) == [0, 1, 2, 3, 4]
+        assert quality_table.markdown(seeds, summary) in doc, earlier
+        for s in range(5):  # each seed's own gap run has the gap scale its table says
+            own = QUALITY / ("gap_scale1" if earlier else "") / f"seed{s}.json"
+            assert json.loads(own.read_text(encoding="utf-8"))["config"].get("gap_scale", 1.0) == scale
+            assert seeds[s]["gap"]["own"] and seeds[s]["supervised"]["own"] == (earlier and s >= 2)
     seeds, summary = _final()
-    assert sorted(seeds) == [0, 1, 2, 3, 4]
-    assert quality_table.markdown(seeds, summary) in doc
     assert {"capdec", "no_noise", "supervised", "projection", "gap", "gap_projection"} <= set(summary["runs"])
     # the ratios are the seeds' CIDEr, written out here
     sup = [seeds[s]["supervised"]["CIDEr"] for s in range(5)]
@@ -60,6 +73,8 @@ def test_the_readme_quotes_the_final_tables_ratios():
     _, summary = _final()
     written = json.loads((QUALITY / "summary.json").read_text(encoding="utf-8"))
     assert written["ratio_of_means"] == summary["ratio_of_means"]
+    earlier = json.loads((QUALITY / "gap_scale1" / "summary.json").read_text(encoding="utf-8"))
+    assert earlier["ratio_of_means"] == _final(earlier=True)[1]["ratio_of_means"]
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     ratios = summary["ratio_of_means"]
     assert f"reaches {ratios['gap']:.3f}× the supervised decoder's CIDEr" in readme
