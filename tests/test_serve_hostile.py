@@ -479,3 +479,21 @@ def test_serve_refuses_a_bad_checkpoint_at_start_with_one_line(checkpoint, tmp_p
     err = capsys.readouterr().err
     assert err.startswith("capdec serve: error: ") and err.count("\n") == 1, err
     assert str(bad) in err and "Traceback" not in err
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_copied(tmp_path):
+    """An upload's size is read from the parser's spooled file: one over ``max_upload_mb`` is refused without
+    being copied to the request's temporary folder (a full second copy of every oversized upload, before)."""
+    from types import SimpleNamespace
+
+    from capdec.serve.app import _save_and_plan
+
+    settings = ServeSettings(max_upload_mb=0.5)
+    big = SimpleNamespace(file=io.BytesIO(os.urandom(settings.max_upload_bytes + 1)))
+    small = SimpleNamespace(file=io.BytesIO(b"not an image"))
+    big.file.seek(1000)  # wherever the parser left it
+    uploads = _save_and_plan([big, small], ["big.png", "small.png"], str(tmp_path), settings, min_side=None)
+    assert uploads[0].too_big and uploads[0].error == (f"{settings.max_upload_bytes + 1:,} bytes is over the upload "
+                                                       f"limit of 0.5 MB ({settings.max_upload_bytes:,} bytes)")
+    assert not Path(uploads[0].path).exists()  # never copied
+    assert not uploads[1].too_big and Path(uploads[1].path).read_bytes() == b"not an image"  # copied whole

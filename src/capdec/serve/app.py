@@ -174,15 +174,15 @@ def _save_and_plan(files: list[Any], names: list[str], tmp: str, settings: Serve
     for i, (upload, name) in enumerate(zip(files, names)):
         u = _Upload(name, path=os.path.join(tmp, f"{i}.upload"))
         uploads.append(u)
-        upload.file.seek(0)
-        with open(u.path, "wb") as out:
-            shutil.copyfileobj(upload.file, out)
-        size = os.path.getsize(u.path)
+        size = upload.file.seek(0, os.SEEK_END)  # the parser spooled it already: its size, before any copy
         if size > settings.max_upload_bytes:
             u.error = (f"{size:,} bytes is over the upload limit of {settings.max_upload_mb:g} MB "
                        f"({settings.max_upload_bytes:,} bytes)")
             u.too_big = True
             continue
+        upload.file.seek(0)
+        with open(u.path, "wb") as out:
+            shutil.copyfileobj(upload.file, out)
         try:
             u.plan = plan_decode(u.path, max_pixels=settings.max_pixels, min_side=min_side,
                                  max_aspect=settings.max_aspect_ratio)
