@@ -201,7 +201,7 @@ def nearest_caption_gaps(images, store: Any, k: int, *, batch_size: int = 4096):
 
     An image's nearest captions are mostly ones that describe it, so these differences are shaped like the
     modality gap of true pairs; in the toy world their covariance models held-out true gaps as well as 2,000
-    true pairs do (docs/results/quality.md).
+    true pairs do (docs/results/quality_final.md).
     """
     import torch
 
@@ -226,11 +226,16 @@ def ledoit_wolf_shrinkage(residuals) -> float:
     ``α = min(1, (1/n²)·Σᵢ ‖xᵢxᵢᵀ − S‖²_F / ‖S − m·I‖²_F)``. A few pairs give a rank-deficient S whose
     missing directions would get no noise at all; α grows as the pairs get fewer.
     """
+    x = residuals.double()
+    x = x - x.mean(dim=0)
+    return _ledoit_wolf(x, x.T @ x / x.shape[0])
+
+
+def _ledoit_wolf(x, cov) -> float:
+    """:func:`ledoit_wolf_shrinkage` of the centred rows ``x`` (n, d) whose covariance (1/n) is ``cov``."""
     import torch
 
-    x = residuals.double() - residuals.double().mean(dim=0)
     n, d = x.shape
-    cov = x.T @ x / n
     m = torch.trace(cov) / d
     spread = ((cov - m * torch.eye(d, dtype=cov.dtype)) ** 2).sum()
     # Σᵢ ‖xᵢxᵢᵀ − S‖² = Σᵢ ‖xᵢ‖⁴ − n·‖S‖² (the cross term sums to n·‖S‖²)
@@ -257,7 +262,7 @@ def gap_covariance(residuals, rank: int, *, shrinkage: float | None = 0.0) -> tu
         raise InputError("the gap covariance needs at least 2 pairs")
     centred = r - r.mean(dim=0)
     cov = centred.T @ centred / (n - 1)  # (d, d)
-    alpha = ledoit_wolf_shrinkage(r) if shrinkage is None else float(shrinkage)
+    alpha = _ledoit_wolf(centred, cov * ((n - 1) / n)) if shrinkage is None else float(shrinkage)
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"the gap covariance's shrinkage must be in [0, 1], got {alpha}")
     if alpha > 0:
