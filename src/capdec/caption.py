@@ -82,6 +82,8 @@ class Captioner:
         self.max_aspect_ratio = max_aspect_ratio
         self.num_workers = num_workers
         self.inference = self._check_inference(inference)
+        # the checkpoint's inference config with these overrides, built (and checked) once, not per batch
+        self.inference_config = checkpoint.inference_config(**self.inference)
         # a TextMemory or its directory (checked against the encoder); None: the checkpoint's own, if any
         self.memory = checkpoint.load_memory(memory) if isinstance(memory, (str, os.PathLike)) else memory
         self._encoder: Encoder | None = None
@@ -162,7 +164,7 @@ class Captioner:
     # -- embeddings -> captions -----------------------------------------------------------------------
     def prepare(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(n, d) raw image embeddings -> the mapper's input (the inference config applied)."""
-        cfg = self.checkpoint.inference_config(**self.inference)
+        cfg = self.inference_config
         return prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
                                         memory=self._memory(retrieval=False, project=cfg.project))
 
@@ -170,7 +172,7 @@ class Captioner:
         """(n, d) raw image embeddings -> the LM prefix (n, L', h): prepared, then retrieval-augmented if the
         checkpoint is (with its own memory unless one was given). A model with entity prompts gets one
         (L' + p_i, h) prefix per image instead, its hard prompt appended (for :func:`capdec.decode.generate`)."""
-        cfg = self.checkpoint.inference_config(**self.inference)
+        cfg = self.inference_config
         retrieval = bool(self.model.config.retrieval_k or self.model.config.entity_prompt)
         memory = self._memory(retrieval=retrieval, project=cfg.project)
         q = prepare_image_embeddings(self._check_dim(embeddings).float(), cfg, noise=self.checkpoint.noise,
@@ -238,7 +240,7 @@ class Captioner:
 
     @property
     def _normalize(self) -> bool:
-        return self.checkpoint.inference_config(**self.inference).normalize
+        return self.inference_config.normalize
 
     @torch.inference_mode()
     def caption(self, inputs: Any, *, batch_size: int = 64, show_progress: bool | None = None,
