@@ -45,7 +45,7 @@ def test_each_cited_output_is_checked_in_with_how_it_ran(name):
 def test_the_readme_cites_every_benchmark_it_quotes():
     cited = set(re.findall(r"docs/results/bench/(\w+\.json)", README))
     assert {"train_speed.json", "serve_throughput.json", "caption_speed.json", "embed_speed.json", "memory_5m.json",
-            "scale_images.json"} <= cited
+            "scale_images.json", "scale_text.json"} <= cited
 
 
 def test_train_speed_numbers_are_the_outputs():
@@ -129,3 +129,16 @@ def test_image_store_scale_and_resume_are_what_the_readme_says():
     _quoted(f"trained {im['train']['steps']} steps on the store with a peak RSS of {im['train']['peak_rss_mb']:.0f} MB")
     _quoted(f"an embed of {res['images']:,} images killed (SIGKILL) with {res['killed']['shards_on_disk']} of its "
             f"{res['killed']['shards']} shards on disk resumed with {res['resumed_images']:,} images already embedded")
+
+
+def test_text_store_scale_is_what_the_readme_says():
+    """Issue 23 / the README's corpus-size paragraph: a 5M-caption store's token cache and training memory."""
+    r = _bench("scale_text.json")
+    t, cache, train = r["text"], r["text"]["token_cache"], r["text"]["train"]
+    assert all(x["met"] for x in r["targets"].values()) and cache["reused_by_train"]
+    assert r["targets"]["text_train_peak_rss_mb"]["value"] == train["peak_rss_mb"]
+    _quoted(f"trains on a synthetic {t['captions'] // 1_000_000}M-caption store")
+    _quoted(f"({t['store']['embeddings_bytes'] / 1e9:.1f} GB of float16 embeddings, {cache['tokens'] / 1e6:.0f}M tokens)")
+    _quoted(f"built the token cache in {cache['build_seconds']:.0f} s ({cache['bytes'] / 1e6:.0f} MB)")
+    _quoted(f"trained {train['steps']} steps at batch {train['batch_size']} with a peak RSS of "
+            f"{train['peak_rss_mb']:.0f} MB ({train['sampled_anon_mb']:.0f} MB of it the process's own memory")
