@@ -6,7 +6,8 @@
 - **Karpathy splits** (:func:`read_karpathy`);
 - **FlickrStyle10K** (:func:`read_flickrstyle`).
 
-A split of a dataset is an :class:`ImageDataset`, a list of :class:`CaptionedImage`; the other
+A split of a dataset is an :class:`ImageDataset`, a sequence of :class:`CaptionedImage` (a list, or the
+compact :class:`PackedImages` that :func:`capdec.io.image_datasets.read_image_dataset` builds); the other
 inputs that pair images with captions (``capdec embed --modality image``, experiment test splits,
 calibration pairs) are read into the same types by :mod:`capdec.io.image_datasets`.
 
@@ -37,15 +38,19 @@ images are used in file order and ``--style-test N`` holds out the last N (a com
 
 from __future__ import annotations
 
+import array
 import io
+import json
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from capdec.errors import InputError
 from capdec.io.text import decode_text, describe_json, read_json
@@ -67,11 +72,113 @@ class CaptionedImage:
     split: str = ""  # the dataset's split label ("" when it has none)
 
 
+class PackedImages(Sequence[CaptionedImage]):
+    """Captioned images held as bytes, a read-only sequence of :class:`CaptionedImage` decoded on access.
+
+    A million images with five captions each hold about their text's size (each image's id, file and split
+    as one JSON record, each piece of captions as one JSON list, in two byte buffers with int64 offsets),
+    not a million dataclasses of Python strings (7x that). An image's captions may come in several pieces
+    (JSON Lines that name an image on several lines): ``pieces`` lists them image by image, in the order
+    they were added. Build one with :class:`ImagePacker`; a slice shares the buffers.
+    """
+
+    def __init__(self, meta: bytearray, meta_ends: np.ndarray, caps: bytearray, cap_ends: np.ndarray,
+                 pieces: np.ndarray, piece_ends: np.ndarray, counts: np.ndarray, rows: np.ndarray):
+        self._meta, self._meta_ends, self._caps, self._cap_ends = meta, meta_ends, caps, cap_ends
+        self._pieces, self._piece_ends, self._counts, self._rows = pieces, piece_ends, counts, rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> CaptionedImage: ...
+    @overload
+    def __getitem__(self, index: slice) -> PackedImages: ...
+
+    def __getitem__(self, index: int | slice) -> CaptionedImage | PackedImages:
+        if isinstance(index, slice):
+            return PackedImages(self._meta, self._meta_ends, self._caps, self._cap_ends, self._pieces,
+                                self._piece_ends, self._counts, self._rows[index])
+        n = len(self._rows)
+        if not -n <= index < n:
+            raise IndexError(f"image {index} of {n}")
+        return self._record(int(self._rows[index]))
+
+    def __iter__(self) -> Iterator[CaptionedImage]:
+        for r in self._rows.tolist():
+            yield self._record(r)
+
+    def _record(self, r: int) -> CaptionedImage:
+        lo = int(self._meta_ends[r - 1]) if r else 0
+        image_id, file, split = json.loads(self._meta[lo:int(self._meta_ends[r])])
+        captions: list[str] = []
+        for p in self._pieces[int(self._piece_ends[r - 1]) if r else 0:int(self._piece_ends[r])].tolist():
+            captions += json.loads(self._caps[int(self._cap_ends[p - 1]) if p else 0:int(self._cap_ends[p])])
+        return CaptionedImage(image_id, file, captions, split)
+
+    def n_captions(self) -> int:
+        return int(self._counts[self._rows].sum())
+
+    def nbytes(self) -> int:
+        """The bytes held (all images of the buffers, a slice's too)."""
+        arrays = (self._meta_ends, self._cap_ends, self._pieces, self._piece_ends, self._counts, self._rows)
+        return len(self._meta) + len(self._caps) + sum(a.nbytes for a in arrays)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PackedImages({len(self)} images, {self.n_captions()} captions)"
+
+
+class ImagePacker:
+    """Builds :class:`PackedImages` record by record: :meth:`add_image` (its id: a JSON value), then
+    :meth:`add_captions` for it once or several times, in any order with other images'."""
+
+    def __init__(self) -> None:
+        self._meta, self._caps = bytearray(), bytearray()
+        self._meta_ends, self._cap_ends, self._piece_image = array.array("q"), array.array("q"), array.array("q")
+        self._counts = array.array("q")
+
+    def add_image(self, image_id: Any, file: str, split: str = "") -> int:
+        """Add an image (no captions yet); returns its index."""
+        self._meta += json.dumps([image_id, file, split], ensure_ascii=False).encode()
+        self._meta_ends.append(len(self._meta))
+        self._counts.append(0)
+        return len(self._counts) - 1
+
+    @property
+    def n_images(self) -> int:
+        return len(self._counts)
+
+    def add_captions(self, index: int, captions: list[str]) -> None:
+        """Append ``captions`` to image ``index``'s."""
+        if captions:
+            self._caps += json.dumps(captions, ensure_ascii=False).encode()
+            self._cap_ends.append(len(self._caps))
+            self._piece_image.append(index)
+            self._counts[index] += len(captions)
+
+    def finish(self) -> PackedImages:
+        """The images that have captions, in the order they were added (the buffers move into the result)."""
+        counts = np.frombuffer(self._counts, dtype=np.int64)
+        owner = np.frombuffer(self._piece_image, dtype=np.int64)
+        pieces = np.argsort(owner, kind="stable")  # each image's pieces together, in the order they came
+        piece_ends = np.cumsum(np.bincount(owner, minlength=len(counts)))
+        return PackedImages(self._meta, np.frombuffer(self._meta_ends, dtype=np.int64), self._caps,
+                            np.frombuffer(self._cap_ends, dtype=np.int64), pieces, piece_ends, counts,
+                            np.flatnonzero(counts))
+
+
 @dataclass
 class ImageDataset:
     """The captioned images of one split of a dataset file, in file order."""
 
-    images: list[CaptionedImage]
+    images: Sequence[CaptionedImage]  # a list, or PackedImages (read_image_dataset's: memory ~ the text's bytes)
     path: str  # the dataset file
     format: str  # coco, karpathy, flickrstyle, refs, jsonl
     split: str | None
@@ -84,6 +191,8 @@ class ImageDataset:
 
     @property
     def n_captions(self) -> int:
+        if isinstance(self.images, PackedImages):
+            return self.images.n_captions()
         return sum(len(im.captions) for im in self.images)
 
     def captions(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -342,6 +451,6 @@ def read_flickrstyle(captions: str | os.PathLike, names: str | os.PathLike | Non
     return ImageDataset(chosen, path=str(captions), format="flickrstyle", split=split, name="flickrstyle")
 
 
-__all__ = ["KARPATHY_SPLITS", "SPLITS", "CaptionedImage", "CocoCaptions", "ImageDataset", "check_split",
-           "find_style_names", "json_kind", "karpathy_from_data", "read_coco", "read_flickrstyle", "read_karpathy",
+__all__ = ["KARPATHY_SPLITS", "SPLITS", "CaptionedImage", "CocoCaptions", "ImageDataset", "ImagePacker",
+           "PackedImages", "check_split", "find_style_names", "json_kind", "karpathy_from_data", "read_coco", "read_flickrstyle", "read_karpathy",
            "read_name_list", "read_style_lines"]

@@ -15,7 +15,8 @@ splits of experiments (``capdec sweep --test``, ``capdec experiment``). Formats 
 Relative image paths are under ``images_root`` (default: the dataset file's folder), falling back to
 the base name directly under it; missing or unreadable images are skipped later, by the image loader.
 Captions are whitespace-normalised and empty ones dropped; images left without captions are counted
-in ``skipped``.
+in ``skipped``. The images are held packed (:class:`~capdec.io.datasets.PackedImages`: about their text's
+bytes); JSON Lines are read line by line, so a dataset of millions of images never exists as Python objects.
 
 **Calibration pairs** (:func:`read_pairs`, ``capdec calibrate``) and **image id maps**
 (:func:`read_image_ids`, ``capdec caption --image-ids``).
@@ -27,7 +28,7 @@ import csv
 import logging
 import os
 import re
-from dataclasses import replace
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from capdec.images import image_key, list_images
 from capdec.io.datasets import (
     CaptionedImage,
     ImageDataset,
+    ImagePacker,
     check_image_id,
     json_kind,
     karpathy_from_data,
@@ -45,6 +47,7 @@ from capdec.io.references import load_references
 from capdec.io.text import (
     at_line,
     cut_caption,
+    iter_json_lines,
     location,
     normalize_caption,
     parse_json_or_jsonl,
@@ -96,16 +99,25 @@ def _no_split(fmt: str, split: str | None, path: Path) -> None:
         raise InputError(f"{path}: a {fmt} file has no splits (it is one split); drop --split {split}")
 
 
-def _read_coco(path: Path, data: Any, split: str | None) -> tuple[list[CaptionedImage], dict[str, int]]:
+# A reader returns the dataset's images (each with its key when lines naming the same key are one image, as in
+# JSON Lines; None when every entry is its own image) and the counts of what it left out, filled as it goes.
+Entries = Iterable[tuple[str | None, CaptionedImage]]
+
+
+def _each(images: Iterable[CaptionedImage]) -> Entries:
+    return ((None, img) for img in images)
+
+
+def _read_coco(path: Path, data: Any, split: str | None) -> tuple[Entries, dict[str, int]]:
     _no_split("COCO annotation", split, path)
     images = read_coco(data, path).captioned_images(listed_only=True)
     for i, img in enumerate(images):
         if not img.file:
             raise InputError(f"{path}: images[{i}] needs 'id' and a 'file_name' string")
-    return images, {}
+    return _each(images), {}
 
 
-def _read_refs(path: Path, data: Any, split: str | None) -> tuple[list[CaptionedImage], dict[str, int]]:
+def _read_refs(path: Path, data: Any, split: str | None) -> tuple[Entries, dict[str, int]]:
     _no_split("reference list", split, path)
     images = []
     for i, row in enumerate(data):
@@ -114,17 +126,18 @@ def _read_refs(path: Path, data: Any, split: str | None) -> tuple[list[Captioned
         if not isinstance(name, str) or not isinstance(captions, list):
             raise InputError(f"{path}: entry {i} needs 'file_name' (or 'image') and a 'captions' list")
         images.append(CaptionedImage(row.get("image_id", name), name, [c for c in captions if isinstance(c, str)]))
-    return images, {}
+    return _each(images), {}
 
 
-def _read_jsonl(path: Path, data: Any, split: str | None) -> tuple[list[CaptionedImage], dict[str, int]]:
-    rows, lines = parse_json_or_jsonl(path, read_text(path))
-    if lines is None:
-        raise InputError(f"{path}: expected JSON Lines (one {{image, caption}} object per line), got one JSON document")
-    by_image: dict[str, CaptionedImage] = {}
+def _read_jsonl(path: Path, data: Any, split: str | None) -> tuple[Entries, dict[str, int]]:
     skipped: dict[str, int] = {}
-    for i, row in enumerate(rows):
-        where = location(path, i, lines)
+    return _jsonl_lines(path, split, skipped), skipped
+
+
+def _jsonl_lines(path: Path, split: str | None, skipped: dict[str, int]) -> Entries:
+    """Each line's image with that line's captions, keyed by its 'image' (read line by line)."""
+    for lineno, row in iter_json_lines(path, "one {image, caption} object per line"):
+        where = at_line(path, lineno)
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise InputError(f"{where}: expected an object with an 'image' path and a 'caption' (or 'captions' list)")
         if "caption" in row:
@@ -141,15 +154,13 @@ def _read_jsonl(path: Path, data: Any, split: str | None) -> tuple[list[Captione
             if row["split"] != split:
                 skipped["other_split"] = skipped.get("other_split", 0) + 1
                 continue
-        image = by_image.setdefault(row["image"], CaptionedImage(row.get("image_id", row["image"]), row["image"],
-                                                                 split=row.get("split", "")))
-        image.captions.extend(texts)
-    return list(by_image.values()), skipped
+        yield row["image"], CaptionedImage(row.get("image_id", row["image"]), row["image"], texts,
+                                           split=row.get("split", ""))
 
 
-def _read_karpathy(path: Path, data: Any, split: str | None) -> tuple[list[CaptionedImage], dict[str, int]]:
+def _read_karpathy(path: Path, data: Any, split: str | None) -> tuple[Entries, dict[str, int]]:
     # the Karpathy reader decides splits (train = train + restval) and ids (cocoid, numeric stem, name)
-    return karpathy_from_data(data, path, split or "train").images, {}  # the default of capdec embed's text corpora too
+    return _each(karpathy_from_data(data, path, split or "train").images), {}  # capdec embed's text default too
 
 
 _READERS = {"coco": _read_coco, "refs": _read_refs, "jsonl": _read_jsonl, "karpathy": _read_karpathy}
@@ -158,7 +169,8 @@ _READERS = {"coco": _read_coco, "refs": _read_refs, "jsonl": _read_jsonl, "karpa
 def read_image_dataset(path: str | os.PathLike, *, split: str | None = None,
                        images_root: str | os.PathLike | None = None, format: str = "auto") -> ImageDataset:
     """Read a captioned-image dataset (see the module docstring); images without captions are left out
-    and counted in ``skipped``, files are resolved against ``images_root``."""
+    and counted in ``skipped``, files are resolved against ``images_root``. The images are
+    :class:`~capdec.io.datasets.PackedImages` (about the text's bytes); JSON Lines are read line by line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such dataset file")
@@ -171,14 +183,24 @@ def read_image_dataset(path: str | os.PathLike, *, split: str | None = None,
     root = Path(images_root) if images_root is not None else path.parent
     if images_root is not None and not root.is_dir():
         raise InputError(f"--images-root {root}: no such directory")
-    read, skipped = _READERS[fmt](path, data, split)
-    images = [replace(img, file=_resolve(img.file, root), captions=_cleaned(img.captions)) for img in read]
-    kept = [img for img in images if img.captions]
-    if not kept:
+    entries, skipped = _READERS[fmt](path, data, split)
+    del data
+    packer, index = ImagePacker(), {}  # index: a key's image (JSON Lines' several lines of one image)
+    for key, img in entries:
+        i = index.get(key) if key is not None else None
+        if i is None:
+            i = packer.add_image(img.image_id, _resolve(img.file, root), img.split)
+            if key is not None:
+                index[key] = i
+        packer.add_captions(i, _cleaned(img.captions))
+    added = len(index) if index else packer.n_images
+    del index
+    images = packer.finish()
+    if not len(images):
         raise InputError(f"{path}: no captioned images{f' in split {split!r}' if split else ''}")
-    if len(kept) < len(images):
-        skipped["no_captions"] = len(images) - len(kept)
-    return ImageDataset(kept, path=str(path), format=fmt, split=split, images_root=str(root), skipped=skipped)
+    if len(images) < added:
+        skipped["no_captions"] = added - len(images)
+    return ImageDataset(images, path=str(path), format=fmt, split=split, images_root=str(root), skipped=skipped)
 
 
 # -- calibration pairs -----------------------------------------------------------------------------

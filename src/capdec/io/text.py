@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,12 @@ def decode_text(data: bytes, path: str | os.PathLike) -> str:
     except UnicodeDecodeError as e:
         start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # utf-8-sig decodes after its BOM
         line, column = data.count(b"\n", 0, start) + 1, start - data.rfind(b"\n", 0, start)
-        raise InputError(f"{at_line(path, line, column)}: not valid UTF-8 (byte 0x{data[start]:02x}); re-encode the "
-                         f"file as UTF-8 (e.g. iconv -t UTF-8)") from e
+        raise _not_utf8(path, line, column, data[start]) from e
+
+
+def _not_utf8(path: str | os.PathLike, line: int, column: int, byte: int) -> InputError:
+    return InputError(f"{at_line(path, line, column)}: not valid UTF-8 (byte 0x{byte:02x}); re-encode the "
+                      f"file as UTF-8 (e.g. iconv -t UTF-8)")
 
 
 def at_line(where: str | os.PathLike, line: int, column: int | None = None) -> str:
@@ -231,6 +236,51 @@ def parse_json_or_jsonl(path: Path, text: str) -> tuple[Any, list[int] | None]:
         return records, [lineno for lineno, _ in numbered]
 
 
+def iter_json_lines(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` of each non-blank line of a JSON Lines file, read line by line (the file is
+    never held whole), with :func:`read_text`'s and :func:`parse_json_or_jsonl`'s errors. A file that is one
+    JSON document raises ``PATH: expected JSON Lines (<expected>), got one JSON document``; one line holding
+    one object is one record.
+    """
+    held: tuple[int, Any] | None = None  # a first record that is no object: one JSON document if it is alone
+    count = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                start = e.start + (3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
+                raise _not_utf8(path, lineno, start + 1, raw[start]) from e
+            if not line.strip():
+                continue
+            try:
+                record = decode_json(line)
+            except json.JSONDecodeError as e:
+                if not count:  # one document over several lines? parse_json_or_jsonl raises where it is malformed
+                    parse_json_or_jsonl(path, read_text(path))
+                    raise _one_document(path, expected) from None
+                raise InputError(f"{at_line(path, lineno, e.colno)}: malformed JSON line ({e.msg})") from e
+            count += 1
+            if held is not None:
+                yield held
+                held = None
+            if count == 1 and not isinstance(record, dict):
+                held = (lineno, record)
+            else:
+                yield lineno, record
+    if not count:
+        raise InputError(f"{path}: the file is empty")
+    if held is not None:
+        if count == 1:
+            raise _one_document(path, expected)
+        yield held
+
+
+def _one_document(path: Path, expected: str) -> InputError:
+    return InputError(f"{path}: expected JSON Lines ({expected}), got one JSON document")
+
+
 def describe_json(data: Any) -> str:
     """What a parsed document is, for messages: its first keys, or its JSON type."""
     if isinstance(data, dict):
@@ -271,5 +321,5 @@ def check_utf8(path: Path) -> str:
 
 
 __all__ = ["MAX_CAPTION_CHARS", "MAX_INT_DIGITS", "MAX_JSON_DEPTH", "at_line", "check_utf8", "cut_caption",
-           "decode_json", "decode_text", "describe_json", "location", "normalize_caption", "parse_json",
+           "decode_json", "decode_text", "describe_json", "iter_json_lines", "location", "normalize_caption", "parse_json",
            "parse_json_line", "parse_json_or_jsonl", "read_json", "read_text"]
