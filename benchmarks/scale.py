@@ -233,9 +233,11 @@ def embed_images(jsonl: str, store_dir: str, batch_size: int, workers: int) -> d
     from capdec.image_store import embed_image_dataset
     from capdec.io import read_image_dataset
 
+    before = rss_mb()  # torch and capdec imported, nothing read
     t0 = time.perf_counter()
     dataset = read_image_dataset(jsonl)
-    read = {"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "rss_after_mb": rss_mb()}
+    read = {"seconds": time.perf_counter() - t0, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
+            "rss_after_mb": rss_mb()}
     reset_peak()
     encoder = load_encoder("toy", device="cpu", batch_size=batch_size)
     t0 = time.perf_counter()
