@@ -174,3 +174,26 @@ def test_caption_refuses_bad_decoding_and_projection_values_before_loading(tmp_p
                            (["--project-k", "0"], "project_k must be ≥ 1")]:
         assert main(["caption", missing, "x.jpg", *flags]) == 2
         assert message in capsys.readouterr().err, flags
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"noise_gap_scale": -1}, "noise gap scale must be a finite number ≥ 0, got -1"),
+    ({"noise_variance": -1}, "noise variance must be a finite number ≥ 0, got -1"),
+    ({"dropout": 1.5}, "dropout must be in [0, 1), got 1.5"),
+    ({"warmup_steps": -3}, "warmup_steps must be"),
+])
+def test_a_value_the_config_file_gave_is_refused_naming_the_file(tmp_path, capsys, values, message):
+    """Whatever a config's own check words its message, the refused option is named with it (InputError.options),
+    so capdec train says the value came from --config FILE; the same value given as a flag names no file."""
+    from tiny_stores import make_store
+
+    store, cfg = str(make_store(tmp_path / "s")), tmp_path / "c.json"
+    cfg.write_text(json.dumps(values))
+    assert main(["train", store, "--out", str(tmp_path / "o"), "--config", str(cfg), "--dry-run"]) == 2
+    assert f"--config {cfg}: {message}" in capsys.readouterr().err
+    (flag, value), = values.items()
+    cfg.write_text('{"epochs": 2}')  # a config file that gave something else
+    assert main(["train", store, "--out", str(tmp_path / "o"), "--config", str(cfg), "--dry-run",
+                 "--" + flag.replace("_", "-"), str(value)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--config" not in err

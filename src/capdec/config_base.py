@@ -84,13 +84,14 @@ class Config:
             value = getattr(self, f.name)
             wrong = type_error(value, field_type(type(self), f.name))
             if wrong:
-                raise InputError(f"{f.name} must be {wrong}, got {short_repr(value)}")
+                raise InputError(f"{f.name} must be {wrong}, got {short_repr(value)}", options=(f.name,))
             choices = f.metadata.get("choices")
             if choices and value is not None and value not in choices:
-                raise InputError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+                raise InputError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}",
+                                 options=(f.name,))
             low, high = f.metadata.get("bounds") or (None, None)
             if value is not None and ((low is not None and value < low) or (high is not None and value > high)):
-                raise InputError(f"{f.name} must be {describe_bounds(low, high)}, got {value}")
+                raise InputError(f"{f.name} must be {describe_bounds(low, high)}, got {value}", options=(f.name,))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -113,7 +114,7 @@ class Config:
         try:
             return cls(**{k: v for k, v in d.items() if k in known})
         except InputError as e:
-            raise InputError(f"{what}{e}") from e
+            raise InputError(f"{what}{e}", options=e.options) from e
 
     @classmethod
     def help(cls, name: str) -> str:

@@ -115,11 +115,11 @@ class NoiseConfig(_FromRecipe, Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.variance < 0 or not math.isfinite(self.variance):
-            raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}")
+            raise InputError(f"noise variance must be a finite number ≥ 0, got {self.variance}", options=("variance",))
         if self.gap_scale < 0 or not math.isfinite(self.gap_scale):
-            raise InputError(f"noise gap scale must be a finite number ≥ 0, got {self.gap_scale}")
+            raise InputError(f"noise gap scale must be a finite number ≥ 0, got {self.gap_scale}", options=("gap_scale",))
         if not 0 <= self.scale_spread <= 1:
-            raise InputError(f"noise scale spread must be in [0, 1], got {self.scale_spread}")
+            raise InputError(f"noise scale spread must be in [0, 1], got {self.scale_spread}", options=("scale_spread",))
         if (self.gap_factor is None) != (self.gap_diag is None):
             raise InputError("a gap covariance needs both its factor and its diagonal")
         if self.gap_diag is not None and self.gap_factor is not None:
@@ -133,7 +133,7 @@ class NoiseConfig(_FromRecipe, Config):
                 raise InputError("gap_diag holds variances: they must be ≥ 0")
         if self.shape == "gap" and self.gap_diag is None:
             raise InputError("noise shape 'gap' needs the gap covariance of a noise file made by 'capdec calibrate "
-                             "--gap-rank R'")
+                             "--gap-rank R'", options=("shape",))
 
     @property
     def shaped(self) -> bool:
@@ -215,23 +215,24 @@ class ModelConfig(_FromRecipe, Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.dropout < 1:
-            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}", options=("dropout",))
         if self.lm_config is not None:
             check_lm_config(self.lm_config)
         if self.entity_slots and not self.retrieval_k:
-            raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions")
+            raise InputError("entity_slots needs retrieval (retrieval_k > 0): entities come from retrieved captions", options=("entity_slots", "retrieval_k"))
         if self.retrieval_k and self.retrieval_fusion == "ifcap" and self.mapper != "transformer":
             raise InputError("IFCap's fusion works on the transformer mapper's clip tokens: use --mapper transformer "
-                             "or --retrieval-fusion embedding")
+                             "or --retrieval-fusion embedding",
+                             options=("retrieval_fusion", "mapper"))
         if self.retrieval_variance is not None and not (self.retrieval_variance >= 0
                                                          and math.isfinite(self.retrieval_variance)):
-            raise InputError(f"retrieval_variance must be a finite number ≥ 0, got {self.retrieval_variance}")
+            raise InputError(f"retrieval_variance must be a finite number ≥ 0, got {self.retrieval_variance}", options=("retrieval_variance",))
         if self.entity_prompt and not self.entity_vocab:
-            raise InputError("entity prompts need an entity vocabulary (--entity-vocab FILE: one word per line)")
+            raise InputError("entity prompts need an entity vocabulary (--entity-vocab FILE: one word per line)", options=("entity_prompt", "entity_vocab"))
         if not 0 <= self.entity_mask < 1:
-            raise InputError(f"entity_mask must be in [0, 1), got {self.entity_mask}")
+            raise InputError(f"entity_mask must be in [0, 1), got {self.entity_mask}", options=("entity_mask",))
         if self.lm == "scratch" and self.lm_dim % self.lm_heads:
-            raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})")
+            raise InputError(f"lm_dim ({self.lm_dim}) must be divisible by lm_heads ({self.lm_heads})", options=("lm_dim", "lm_heads"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, *, strict: bool = False, where: str = "") -> ModelConfig:
@@ -282,9 +283,9 @@ class TrainConfig(_FromRecipe, Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lr == 0:
-            raise InputError("lr must be > 0")
+            raise InputError("lr must be > 0", options=("lr",))
         if not 0 <= self.val_fraction < 1:
-            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise InputError(f"val_fraction must be in [0, 1), got {self.val_fraction}", options=("val_fraction",))
 
 
 @dataclass
@@ -306,7 +307,7 @@ class InferenceConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tau <= 0 or not math.isfinite(self.tau):
-            raise InputError(f"tau (the projection temperature) must be > 0, got {self.tau}")
+            raise InputError(f"tau (the projection temperature) must be > 0, got {self.tau}", options=("tau",))
 
 
 @dataclass

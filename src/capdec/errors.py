@@ -8,7 +8,15 @@ class CapdecError(Exception):
 
 
 class InputError(CapdecError, ValueError):
-    """A user-supplied file or option is invalid; the message names the file (and line)."""
+    """A user-supplied file or option is invalid; the message names the file (and line).
+
+    ``options``: the config fields whose values the check refused (a config's own checks set them), so that a
+    caller knows where those values came from (e.g. ``capdec train --config FILE`` names the file).
+    """
+
+    def __init__(self, *args: object, options: tuple[str, ...] = ()):
+        super().__init__(*args)
+        self.options = tuple(options)
 
 
 class TrainingError(CapdecError, RuntimeError):

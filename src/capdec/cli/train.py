@@ -211,11 +211,11 @@ def run(args: argparse.Namespace) -> int:
     options = options_given(args, set(option_keys()) | set(INPUTS))
     try:
         plan = plan_training(args.stores, args.out, options=options)
-    except InputError as e:  # a config's check of a value the --config file gave: name the file
-        fields = [option_keys()[k].split(".")[1] for k, v in options.items()
-                  if v.source == "config file" and k in option_keys()]
-        if args.config and any(str(e).startswith(f"{name} ") for name in fields):
-            raise InputError(f"--config {args.config}: {e}") from e
+    except InputError as e:  # a config's check refused a value the --config file gave: name the file
+        fields = {option_keys()[k].split(".")[1] for k, v in options.items()
+                  if v.source == "config file" and k in option_keys()}
+        if args.config and fields & set(e.options):
+            raise InputError(f"--config {args.config}: {e}", options=e.options) from e
         raise
     if args.dry_run is True:  # a flag; not given it is Sourced(False, "default")
         print(plan_json(plan.describe()))
