@@ -120,11 +120,6 @@ class PackedImages(Sequence[CaptionedImage]):
     def n_captions(self) -> int:
         return int(self._counts[self._rows].sum())
 
-    def nbytes(self) -> int:
-        """The bytes held (all images of the buffers, a slice's too)."""
-        arrays = (self._meta_ends, self._cap_ends, self._pieces, self._piece_ends, self._counts, self._rows)
-        return len(self._meta) + len(self._caps) + sum(a.nbytes for a in arrays)
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str | bytes):
             return NotImplemented

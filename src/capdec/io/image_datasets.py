@@ -193,13 +193,12 @@ def read_image_dataset(path: str | os.PathLike, *, split: str | None = None,
             if key is not None:
                 index[key] = i
         packer.add_captions(i, _cleaned(img.captions))
-    added = len(index) if index else packer.n_images
     del index
     images = packer.finish()
     if not len(images):
         raise InputError(f"{path}: no captioned images{f' in split {split!r}' if split else ''}")
-    if len(images) < added:
-        skipped["no_captions"] = added - len(images)
+    if len(images) < packer.n_images:
+        skipped["no_captions"] = packer.n_images - len(images)
     return ImageDataset(images, path=str(path), format=fmt, split=split, images_root=str(root), skipped=skipped)
 
 

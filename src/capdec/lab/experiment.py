@@ -27,6 +27,7 @@ import torch
 
 from capdec.checkpoint import InferenceConfig
 from capdec.decode import DecodeConfig
+from capdec.errors import InputError
 from capdec.lab.defaults import TOY_CALIBRATION_SEED
 from capdec.lab.toyworld.config import TOY_GAP_SCALE, TOY_NOISE_VARIANCE
 from capdec.model import ModelConfig
@@ -207,11 +208,12 @@ def train_variant(data: ToyData, out: Path, *, noise: NoiseConfig, supervised: b
 
 def _recorded_noise(ckpt: Path) -> dict[str, Any] | None:
     """The noise config a checkpoint was trained with (as ``asdict(NoiseConfig)``), None if unreadable."""
+    from capdec.checkpoint import read_config
+
     try:
-        recorded = json.loads((ckpt / "config.json").read_text())["noise"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return asdict(NoiseConfig.from_dict(read_config(ckpt).get("noise"), where=str(ckpt)))
+    except InputError:
         return None
-    return asdict(NoiseConfig(**recorded)) if isinstance(recorded, dict) else None
 
 
 def evaluate_checkpoint(data: ToyData, ckpt: Path, name: str, *, train_seconds: float = 0.0,
