@@ -36,6 +36,10 @@ of that shape instead of CapDec's isotropic ``N(0, ε²·I)``.
 ``capdec train --noise-file`` reads it with :func:`read_noise_file` (``variance``, the ``offset`` when
 asked to use it, the gap covariance with ``--noise-shape gap``); ``capdec caption --shift`` its
 ``−offset``.
+
+The same unlabelled images give *pseudo-pairs* (:func:`pseudo_pair_store`): an image store of their real
+embeddings, each paired with its K nearest training captions, that ``capdec train`` mixes with the text store
+(``capdec calibrate --pseudo-pairs``).
 """
 
 from __future__ import annotations
@@ -58,17 +62,27 @@ logger = logging.getLogger(__name__)
 
 NOISE_FORMAT = "capdec.noise/2"
 NOISE_FORMATS = ("capdec.noise/1", NOISE_FORMAT)  # read; /1 files predate the gap covariance
+PSEUDO_PAIRS = "pseudo-pairs"  # meta.json corpus format of the stores pseudo_pair_store makes
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
+def unlabelled_images(extra_images: Sequence[Any], paired: Sequence[Any] = ()) -> list[Any]:
+    """The images of ``extra_images`` (PIL images or paths) that are not among the ``paired`` ones: a path given
+    in both is labelled and counts once, as a paired image."""
+    paths = {os.path.abspath(p) for p in paired if isinstance(p, (str, os.PathLike))}
+    kept = [im for im in extra_images if not (isinstance(im, (str, os.PathLike)) and os.path.abspath(im) in paths)]
+    if len(kept) < len(extra_images):
+        logger.info("%d of the extra images are paired images too; counted once", len(extra_images) - len(kept))
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
 # the statistics
 # ---------------------------------------------------------------------------------------------
-def _encode_images(encoder: Any, images: Sequence[Any], batch_size: int, desc: str):
+def encode_images(encoder: Any, images: Sequence[Any], *, batch_size: int = 32, desc: str = "calibrate: images"):
+    """L2-normalised float64 embeddings (n, d) of ``images`` (PIL images or paths), ``batch_size`` at a time."""
     import torch
 
     from capdec.utils import progress
@@ -77,7 +91,7 @@ def _encode_images(encoder: Any, images: Sequence[Any], batch_size: int, desc: s
     for start in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
         batch = [im if hasattr(im, "convert") else load_image(im) for im in images[start:start + batch_size]]
         chunks.append(encoder.encode_image(batch))
-    return torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
+    return _unit64(torch.cat(chunks) if chunks else torch.empty(0, encoder.dim))
 
 
 def _unit64(x):
@@ -101,14 +115,15 @@ def store_centroid(store: Any, max_rows: int | None = None, *, chunk: int = 6553
 
 
 def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequence[str]],
-              extra_images: Sequence[Any] | None = None, *, batch_size: int = 32, text_store: Any = None,
+              extra_images: Sequence[Any] | Any = None, *, batch_size: int = 32, text_store: Any = None,
               max_texts: int | None = None, gap_rank: int = 0, gap_shrinkage: float | None = None,
               gap_neighbours: int = 0, reference_offset: bool = False) -> dict[str, Any]:
     """ε and modality-gap statistics of ``encoder`` from paired ``images`` and ``captions``.
 
     ``images``: PIL images or paths; ``captions[i]``: the caption (or list of captions) of
     ``images[i]``, each caption making one pair. ``extra_images`` (PIL images or paths, no captions
-    needed) and/or ``text_store`` (an :class:`~capdec.store.EmbeddingStore` of the training captions,
+    needed; or their embeddings, an (n, d) tensor: :func:`encode_images` of :func:`unlabelled_images`,
+    which leaves out the paired ones) and/or ``text_store`` (an :class:`~capdec.store.EmbeddingStore` of the training captions,
     made with ``encoder``; its first ``max_texts`` rows) add the centroids: ``image_mean`` over the
     paired and extra images (a path given in both counts once), ``text_mean`` over the store's rows
     (else the captions), and ``offset = image_mean − text_mean``. ``reference_offset`` records that the
@@ -131,7 +146,7 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     if any(not isinstance(t, str) or not t.strip() for t in texts):
         raise InputError("calibrate: captions must be non-empty strings")
 
-    v = _unit64(_encode_images(encoder, images, batch_size, "calibrate: paired images"))
+    v = encode_images(encoder, images, batch_size=batch_size, desc="calibrate: paired images")
     t = _unit64(encoder.encode_text(texts))
     diff = v[torch.tensor(owner)] - t  # (pairs, d): the modality gap of each pair
     linf = diff.abs().amax(dim=-1)
@@ -154,14 +169,11 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     if gap_neighbours and (text_store is None or extra_images is None):
         raise InputError("calibrate: the gap from nearest captions needs unlabelled images and the training store")
     if extra_images is not None or text_store is not None:
-        if extra_images is not None:
-            paired = {os.path.abspath(p) for p in images if isinstance(p, (str, os.PathLike))}
-            extra = [im for im in extra_images
-                     if not (isinstance(im, (str, os.PathLike)) and os.path.abspath(im) in paired)]
-            if len(extra) < len(extra_images):
-                logger.info("%d of the extra images are paired images too; counted once",
-                            len(extra_images) - len(extra))
-            all_v = torch.cat([v, _unit64(_encode_images(encoder, extra, batch_size, "calibrate: images"))])
+        if isinstance(extra_images, torch.Tensor):
+            all_v = torch.cat([v, _unit64(extra_images)])
+        elif extra_images is not None:
+            all_v = torch.cat([v, encode_images(encoder, unlabelled_images(extra_images, images),
+                                                batch_size=batch_size)])
         if text_store is not None:
             from capdec.encoders.base import check_identity
 
@@ -194,10 +206,26 @@ def calibrate(encoder: Any, images: Sequence[Any], captions: Sequence[str | Sequ
     return out
 
 
+def nearest_captions(images, store: Any, k: int, *, batch_size: int = 4096):
+    """Rows of ``store`` (the training captions' embedding store, or a :class:`~capdec.memory.TextMemory` over
+    it) holding each image embedding's ``k`` nearest captions (``images``: (n, d), L2-normalised), nearest
+    first: (n, min(k, len(store))) int64. Cosine, through the store's text memory (exact, or faiss on a large
+    store)."""
+    import torch
+
+    from capdec.memory import TextMemory
+
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InputError(f"the number of nearest captions must be >= 1, got {k}")
+    memory = store if isinstance(store, TextMemory) else TextMemory.from_store(store)
+    k = min(k, len(memory))
+    found = [memory.search(images[lo:lo + batch_size].float(), k)[1] for lo in range(0, images.shape[0], batch_size)]
+    return torch.cat(found) if found else torch.empty(0, k, dtype=torch.int64)
+
+
 def nearest_caption_gaps(images, store: Any, k: int, *, batch_size: int = 4096):
     """Pseudo-pairs from unlabelled images: ``v − t`` for each image embedding v (n, d; L2-normalised) and each
-    of its ``k`` nearest captions t in the training ``store`` (cosine, through its text memory: exact, or faiss
-    on a large store): (n·k, d) float64.
+    of its ``k`` nearest captions t in the training ``store`` (:func:`nearest_captions`): (n·k, d) float64.
 
     An image's nearest captions are mostly ones that describe it, so these differences are shaped like the
     modality gap of true pairs; in the toy world their covariance models held-out true gaps as well as 2,000
@@ -207,16 +235,58 @@ def nearest_caption_gaps(images, store: Any, k: int, *, batch_size: int = 4096):
 
     from capdec.memory import TextMemory
 
-    if k < 1:
-        raise InputError(f"the number of nearest captions must be >= 1, got {k}")
     memory = TextMemory.from_store(store)
+    idx = nearest_captions(images, memory, k, batch_size=batch_size)
     out = []
     for lo in range(0, images.shape[0], batch_size):
         v = images[lo:lo + batch_size]
-        _, idx = memory.search(v.float(), min(k, len(memory)))  # (b, k)
-        t = _unit64(memory.gather(idx, dtype=torch.float64))  # (b, k, d)
+        t = _unit64(memory.gather(idx[lo:lo + batch_size], dtype=torch.float64))  # (b, k, d)
         out.append((v[:, None, :].double() - t).reshape(-1, v.shape[-1]))
     return torch.cat(out)
+
+
+def pseudo_pair_store(images, store: Any, k: int, *, names: Sequence[str] | None = None, source: str | None = None,
+                      dtype: str = "float16") -> Any:
+    """Pseudo-pairs as an image store: each unlabelled image embedding (``images``: (n, d), L2-normalised, made
+    with the encoder of the text ``store``) paired with its ``k`` nearest captions in ``store``
+    (:func:`nearest_captions`), for ``capdec train TEXT_STORE PSEUDO`` to train on real image embeddings too.
+
+    An in-memory :class:`~capdec.store.EmbeddingStore` (``modality`` "image"): one embedding row per image in
+    ``dtype`` (float16, as ``capdec embed`` writes image stores), its captions nearest first with ``row_index``
+    pointing each at its image's row; each caption's record has the image (``names[i]``, else its index) and the
+    caption's row in ``store`` (``store_row``). ``meta.corpus`` (format :data:`PSEUDO_PAIRS`) names ``store``,
+    ``k`` and ``source`` (where the images came from). Save it with ``.save(path)``.
+    """
+    import torch
+
+    from capdec.store import DTYPES, EmbeddingStore
+    from capdec.textdata import load_text_data
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown store dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    images = torch.as_tensor(images).detach().cpu()
+    n = images.shape[0]
+    if names is not None and len(names) != n:
+        raise InputError(f"{len(names)} image names for {n} image embeddings")
+    if n < 1:
+        raise InputError("pseudo-pairs need at least one unlabelled image")
+    idx = nearest_captions(images, store, k).numpy()  # (n, k)
+    wanted = np.unique(idx)
+    text = dict(zip(wanted.tolist(), load_text_data([store]).iter_captions(wanted)))  # streamed, in row order
+    row_index = np.repeat(np.arange(n), idx.shape[1])  # image i's captions are rows i·k ... i·k + k − 1
+    rows = idx.reshape(-1).tolist()
+    records = [{"image": names[i] if names is not None else i, "store_row": j} for i, j in zip(row_index.tolist(), rows)]
+    captions = [text[j] for j in rows]
+    where = str(store.path) if store.path is not None else "(in-memory store)"
+    stats = {"read": len(captions), "empty_skipped": 0, "duplicates_removed": 0, "truncated": None, "images": n}
+    out = EmbeddingStore.from_arrays(captions, images.double().numpy().astype(dtype), records=records, stats=stats,
+                                     encoder_spec=store.encoder_spec, encoder_identity=store.encoder_identity,
+                                     row_index=row_index, modality="image")
+    out.meta["corpus"].update({
+        "format": PSEUDO_PAIRS, "paths": [str(source)] if source is not None else [], "text_store": where,
+        "neighbours": int(idx.shape[1]), "images": n,
+        "description": f"pseudo-pairs: each image's {idx.shape[1]} nearest captions (cosine) of the store {where}"})
+    return out
 
 
 def ledoit_wolf_shrinkage(residuals) -> float:

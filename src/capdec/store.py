@@ -465,6 +465,13 @@ def _check_dtype(dtype: str) -> None:
         raise InputError(f"unknown store dtype {dtype!r}; use one of {', '.join(DTYPES)}")
 
 
+def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Raise :class:`InputError` unless :meth:`EmbeddingStore.save` may write ``out_dir``: absent, an empty
+    directory or, with ``overwrite``, an embedding store. Anything else is never replaced. For a command to check
+    its output before the work, as ``save`` checks again when it writes."""
+    _check_target(Path(out_dir), overwrite=overwrite, what=None)
+
+
 def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None) -> bool | None:
     """Decide what to do with an existing ``out_dir``.
 
@@ -587,5 +594,5 @@ def _read_row_index(path: Path, count: int, n_rows: int, *, mmap: bool = True) -
     return rows
 
 
-__all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "EmbedRun", "EmbeddingStore", "embed_corpus",
-           "write_store"]
+__all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "EmbedRun", "EmbeddingStore", "check_out_dir",
+           "embed_corpus", "write_store"]

@@ -1,4 +1,5 @@
-"""``capdec calibrate``: paired images + captions -> noise.json (ε, variance, modality offset)."""
+"""``capdec calibrate``: paired images + captions -> noise.json (ε, variance, modality offset, gap covariance);
+with unlabelled images and the training store, a store of pseudo-pairs too."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ DESCRIPTION = (
     "image embedding without renormalising). --gap-rank R also fits the covariance of the pairs' gaps "
     "(normalize(image) - normalize(caption)) as a rank-R factor plus a diagonal, for 'capdec train "
     "--noise-shape gap'; with --gap-neighbours K, of the images and their K nearest training captions instead "
-    "(no captions needed). Writes noise.json for 'capdec train --noise-file' and 'capdec caption --shift'."
+    "(no captions needed). Writes noise.json for 'capdec train --noise-file' and 'capdec caption --shift'. "
+    "--pseudo-pairs PSEUDO also writes an image embedding store of pseudo-pairs: each unlabelled image of --images "
+    "(not the paired ones) with its --pseudo-k nearest captions of --store, its real image embedding shared by "
+    "them (the embeddings computed for the statistics: no image is encoded twice). Train on both stores: "
+    "'capdec train TEXT_STORE PSEUDO --noise-file noise.json --noise-shape gap ...' mixes them by size (unless "
+    "--mix-weights) and adds no noise to the image store's rows."
 )
 
 logger = logging.getLogger("capdec.cli.calibrate")
@@ -59,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gap-shrinkage", default="auto", metavar="ALPHA",
                         help="shrink the gap covariance toward a multiple of the identity by ALPHA in [0, 1]; auto: "
                              "Ledoit-Wolf's estimate (larger with fewer pairs)")
+    parser.add_argument("--pseudo-pairs", metavar="STORE",
+                        help="also write an image embedding store of pseudo-pairs: each --images image (not the paired "
+                             "ones) with its --pseudo-k nearest captions in --store, to train on next to the text "
+                             "store ('capdec train TEXT_STORE STORE')")
+    parser.add_argument("--pseudo-k", type=int, metavar="K",
+                        help="with --pseudo-pairs: nearest captions per image (default 5)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --pseudo-pairs: replace an embedding store already there (a directory that is not "
+                             "an embedding store is never replaced)")
     parser.add_argument("--max-pairs", type=int, metavar="N",
                         help="use only the first N image/caption pairs (default: all)")
     parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")
@@ -79,7 +94,15 @@ def _first_pairs(paths: list, caps: list[list[str]], n: int) -> tuple[list, list
 
 
 def run(args: argparse.Namespace) -> int:
-    from capdec.calibrate import calibrate, list_images, read_pairs, write_noise_file
+    from capdec.calibrate import (
+        calibrate,
+        encode_images,
+        list_images,
+        pseudo_pair_store,
+        read_pairs,
+        unlabelled_images,
+        write_noise_file,
+    )
     from capdec.encoders import load_encoder
     from capdec.errors import InputError
     from capdec.utils import set_threads_from_env
@@ -111,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--gap-shrinkage must be 'auto' or a number in [0, 1], got {args.gap_shrinkage!r}")
     if args.reference_offset and not (args.store or args.images):
         raise InputError("--reference-offset needs an offset: give --store and/or --images")
+    pseudo_k = _check_pseudo_pairs(args)
     store = None
     if args.store:
         from capdec.store import EmbeddingStore
@@ -123,11 +147,17 @@ def run(args: argparse.Namespace) -> int:
         extra = list_images(args.images)
         if not extra:
             raise InputError(f"--images {args.images}: no image files found")
+        extra = unlabelled_images(extra, paths)
+        if args.pseudo_pairs and not extra:
+            raise InputError(f"--pseudo-pairs: every image of --images {args.images} is a paired one; "
+                             "give unlabelled images")
     n_pairs = sum(map(len, caps))
     if n_pairs < 5:
         logger.warning("only %d pairs: ε will be a rough estimate (the paper uses about 15)", n_pairs)
     encoder = load_encoder(args.encoder, device=args.device, precision=args.precision, batch_size=args.batch_size)
-    stats = calibrate(encoder, paths, caps, extra_images=extra, batch_size=args.batch_size, text_store=store,
+    # encoded here, once: the statistics and the pseudo-pairs share them
+    extra_v = encode_images(encoder, extra, batch_size=args.batch_size) if extra is not None else None
+    stats = calibrate(encoder, paths, caps, extra_images=extra_v, batch_size=args.batch_size, text_store=store,
                       max_texts=args.max_texts, gap_rank=args.gap_rank, gap_shrinkage=shrinkage,
                       gap_neighbours=args.gap_neighbours,
                       reference_offset=args.reference_offset)
@@ -136,6 +166,13 @@ def run(args: argparse.Namespace) -> int:
         stats["images_source"] = str(args.images)
     if args.store:
         stats["store_source"] = str(args.store)
+    pseudo = ""
+    if args.pseudo_pairs:
+        pairs_store = pseudo_pair_store(extra_v, store, pseudo_k, names=[str(p) for p in extra], source=args.images)
+        pairs_store.save(args.pseudo_pairs, overwrite=args.overwrite)
+        stats["pseudo_pairs"] = str(args.pseudo_pairs)
+        pseudo = (f"; pseudo-pairs: {len(extra)} images x {pairs_store.meta['corpus']['neighbours']} nearest captions "
+                  f"-> {args.pseudo_pairs}")
     write_noise_file(args.out, stats)
     offset = ""
     if "offset" in stats:
@@ -146,5 +183,29 @@ def run(args: argparse.Namespace) -> int:
                    f"{stats['gap_shrinkage']:.3f}) from {stats['gap_pairs']} {stats['gap_source']}")
     print(f"ε = {stats['epsilon']:.5f} (variance {stats['variance']:.6f}) from {stats['n_pairs']} pairs "
           f"of {stats['n_paired_images']} images; mean L2 {stats['mean_l2']:.4f}, mean cosine "
-          f"{stats['mean_cosine']:.4f}{offset} -> {args.out}")
+          f"{stats['mean_cosine']:.4f}{offset} -> {args.out}{pseudo}")
     return 0
+
+
+def _check_pseudo_pairs(args: argparse.Namespace) -> int:
+    """The --pseudo-pairs flags checked before any work (the output too): its K (5 unless --pseudo-k)."""
+    from pathlib import Path
+
+    from capdec.errors import InputError
+    from capdec.store import check_out_dir
+
+    if not args.pseudo_pairs:
+        for flag, given in (("--pseudo-k", args.pseudo_k is not None), ("--overwrite", args.overwrite)):
+            if given:
+                raise InputError(f"{flag} applies to --pseudo-pairs (the store it writes)")
+        return 0
+    if not (args.images and args.store):
+        raise InputError("--pseudo-pairs needs --images (the unlabelled images) and --store (the training captions "
+                         "paired with them)")
+    k = 5 if args.pseudo_k is None else args.pseudo_k
+    if k < 1:
+        raise InputError(f"--pseudo-k must be >= 1, got {k}")
+    if Path(args.pseudo_pairs).resolve() == Path(args.store).resolve():
+        raise InputError(f"--pseudo-pairs {args.pseudo_pairs} is the --store it pairs with; write it elsewhere")
+    check_out_dir(args.pseudo_pairs, overwrite=args.overwrite)
+    return k
