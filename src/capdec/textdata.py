@@ -43,10 +43,14 @@ class TextData:
     sources: list[str] | None = None
     starts: np.ndarray = field(init=False)  # (S + 1,) first row of each store, then n
     tokens: list[TokenCache] | None = None  # one per store, after :meth:`attach_tokenizer`
-    modality: str = "text"  # of the embeddings: "text" (CapDec) or "image" (paired images: ClipCap)
+    modality: str = "text"  # of the embeddings: "text" (CapDec), "image" (paired images: ClipCap) or "mixed"
+    _image_store: np.ndarray | None = field(init=False, repr=False)  # (S,) per store, when mixed
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum([len(s) for s in self.stores])]).astype(np.int64)
+        # in a mix of text and image stores, the image stores' rows (pseudo-pairs, paired images) get no noise
+        self._image_store = np.array([getattr(s, "modality", "text") == "image" for s in self.stores]) \
+            if self.modality == "mixed" else None
         for s in self.stores:
             random_access(s.vectors)
             if s.row_index is not None:
@@ -82,6 +86,13 @@ class TextData:
             out[np.nonzero(sel)[0][order]] = store.vectors[rows[order]]  # fancy indexing copies out of the map
             release(store.vectors)
         return torch.from_numpy(out)
+
+    def image_rows(self, idx: torch.Tensor | np.ndarray) -> np.ndarray | None:
+        """In a mix of text and image stores, which rows of ``idx`` are image embeddings (bool, (b,)): they are
+        the input as it will be at caption time and get no noise. None when the stores are of one modality."""
+        if self._image_store is None:
+            return None
+        return self._image_store[self._locate(np.asarray(idx, dtype=np.int64))[0]]
 
     def attach_tokenizer(self, tokenizer: Any, *, build: bool = True, show_progress: bool | None = None) -> None:
         """Open (or build) each store's token cache for ``tokenizer``."""
@@ -241,17 +252,18 @@ def load_text_data(stores: list[Any], mix_weights: list[float] | None = None) ->
             raise InputError(f"{len(mix_weights)} mixing weights given for {len(opened)} stores")
         if any(w < 0 for w in mix_weights) or sum(mix_weights) <= 0:
             raise InputError("mixing weights must be ≥ 0 and not all 0")
-    modalities = [getattr(s, "modality", "text") for s in opened]
-    if len(set(modalities)) > 1:
-        logger.warning("mixing text and image embedding stores (%s): one noise setting applies to both",
-                       ", ".join(modalities))
+    modalities = {getattr(s, "modality", "text") for s in opened}
+    modality = modalities.pop() if len(modalities) == 1 else "mixed"
+    if modality == "mixed":
+        logger.info("mixing text and image embedding stores: the noise applies to the text stores' rows; the "
+                    "image stores' rows are used as images are at caption time (normalised)")
     weights = None
     if mix_weights is not None:
         # each store gets a share of every epoch proportional to its weight, whatever its size
         weights = torch.cat([torch.full((len(s),), w / max(1, len(s))) for s, w in zip(opened, mix_weights)])
     return TextData(stores=opened, encoder_spec=first.encoder_spec, encoder_identity=first.encoder_identity,
                     sample_weights=weights, sources=[str(getattr(s, "path", None) or "<memory>") for s in opened],
-                    modality="image" if set(modalities) == {"image"} else "text")
+                    modality=modality)
 
 
 def _rows_store(path: Path) -> str | None:

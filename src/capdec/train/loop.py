@@ -27,7 +27,7 @@ from capdec.checkpoint import load_checkpoint, save_checkpoint
 from capdec.configs import TrainConfig
 from capdec.errors import InputError, TrainingError
 from capdec.model import CapDecModel, build_model
-from capdec.noise import NoiseConfig, add_noise
+from capdec.noise import NoiseConfig, add_noise, normalize
 from capdec.output import clean_stale
 from capdec.textdata import CaptionTexts, TextData
 from capdec.train.plan import TrainPlan, plan_training
@@ -399,7 +399,7 @@ def _train_step(*, model, optimizer, scaler, autocast, data: TextData, idx: torc
     n_tokens = int(counts.sum())
     clean = data.embeddings_at(idx).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(step_seed(config.seed, step, stream=3))
-    emb = add_noise(clean, noise, generator=gen)
+    emb = _model_input(data, idx, clean, noise, generator=gen)
     mine = distributed.shard_rows(len(idx), dist_info.rank, dist_info.world_size)
     local = idx[mine]
     empty = len(local) == 0  # a short last batch can leave a rank without rows: it still joins the step
@@ -436,6 +436,19 @@ def _train_step(*, model, optimizer, scaler, autocast, data: TextData, idx: torc
     return loss.detach() / dist_info.world_size, n_tokens
 
 
+def _model_input(data: TextData, idx: torch.Tensor, clean: torch.Tensor, noise: NoiseConfig,
+                 **kw: Any) -> torch.Tensor:
+    """The mapper's input for rows ``idx`` (embeddings ``clean``): :func:`add_noise` (``kw``: its generator or
+    ``sample``), except that in a mix of text and image stores the image rows are taken as an image is at
+    caption time: normalised, without the noise, the modality offset or centering meant for text."""
+    emb = add_noise(clean, noise, **kw)
+    image = data.image_rows(idx)
+    if image is not None and image.any():
+        rows = torch.from_numpy(image).to(emb.device)
+        emb = torch.where(rows[:, None], normalize(clean) if noise.normalize else clean, emb)
+    return emb
+
+
 def _core(model: torch.nn.Module) -> CapDecModel:
     """The CapDecModel inside DDP / torch.compile wrappers."""
     while not isinstance(model, CapDecModel):
@@ -468,7 +481,7 @@ def evaluate_loss(model: CapDecModel, data: TextData, idx: torch.Tensor, noise: 
         ids, mask = data.tokens_at(b, max_length=model.config.max_length, eos=model.eos_token_id,
                                    pad=model.pad_token_id)
         ids, mask = _to_device(ids, device), _to_device(mask, device)
-        emb = add_noise(data.embeddings_at(b).to(device=device, dtype=torch.float32), noise, sample=False)
+        emb = _model_input(data, b, data.embeddings_at(b).to(device=device, dtype=torch.float32), noise, sample=False)
         extra = retrieval(emb) if retrieval is not None else {}
         with autocast:
             total[0] += model(emb, ids, mask, reduction="sum", **extra).double()

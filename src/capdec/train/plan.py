@@ -390,6 +390,9 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
                          "--images'): images must be centred at caption time as captions were in training")
     if image_mean is not None and not center:
         raise InputError("--image-mean only makes sense with --center")
+    if center and layers.data.modality == "mixed":
+        raise InputError("--center cannot be used with a mix of text and image stores: only the text rows would be "
+                         "centred on the text mean (train on the text stores alone, or without --center)")
     if layers.get("inference.project").value and center:
         raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
     if inputs["entity_vocab"] is not None and not layers.get("model.entity_prompt").value:
