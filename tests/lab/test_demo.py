@@ -57,9 +57,9 @@ def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     from capdec.lab.experiment import entity_words
 
     out = tmp_path / "demo"
-    assert main(["-q", "demo", "--out", str(out), "--methods", "gap", "ifcap", *TINY]) == 0
+    assert main(["-q", "demo", "--out", str(out), "--methods", "gap", "ifcap", "gap_pseudo", *TINY]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["results"]) == {"capdec", "gap", "ifcap"}
+    assert set(metrics["results"]) == {"capdec", "gap", "ifcap", "gap_pseudo"}
     assert all(r["CIDEr"] is not None for r in metrics["results"].values())
     cal = metrics["gap_calibration"]
     assert (cal["n_paired_images"], cal["n_pairs"], cal["gap_rank"], cal["n_texts"]) == (15, 75, 32, 400)
@@ -73,6 +73,27 @@ def test_demo_gap_and_ifcap_methods_tiny(tmp_path):
     text_mean = (texts / np.linalg.norm(texts, axis=1, keepdims=True)).mean(0)
     image_mean = np.array(gap.noise.offset) + text_mean  # offset = image mean − the store's text mean
     assert np.linalg.norm(image_mean) > np.linalg.norm(text_mean) * 0.5  # an image centre, not zero
+    # gap_pseudo: the same gap noise, trained on the text store and the unlabelled training scenes' pseudo-pairs
+    pseudo = load_checkpoint(out / "runs" / "gap_pseudo", device="cpu")
+    assert pseudo.noise == gap.noise
+    data = json.loads((out / "runs" / "gap_pseudo" / "config.json").read_text())["data"]
+    pairs_dir = out / "data" / "pseudo_pairs_k5"
+    assert data["stores"] == [str(out / "data" / "text_store"), str(pairs_dir)] and data["modality"] == "mixed"
+    assert data["mix_weights"] is None  # by size: 5,000 pseudo-pair captions beside the 400 captions
+    vectors = np.load(pairs_dir / "embeddings.npy").astype(np.float64)
+    assert vectors.shape == (1000, texts.shape[1])
+    from capdec.encoders import load_encoder
+    from capdec.lab import toyworld
+
+    scenes, _ = toyworld.paired(1000, seed=0 + 10_007, split="train")  # the unlabelled scenes of seed 0
+    own = load_encoder("toy").encode_image(scenes[:8]).double().numpy()
+    own /= np.linalg.norm(own, axis=1, keepdims=True)
+    np.testing.assert_allclose(vectors[:8], own, atol=2e-3)  # float16 rows
+    nearest = np.argsort(-(own @ (texts / np.linalg.norm(texts, axis=1, keepdims=True)).T), axis=1)[:, :5]
+    captions = (out / "data" / "text_store" / "captions.jsonl").read_text().splitlines()
+    paired = (pairs_dir / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(paired[5 * i + j])["caption"] for i in range(8) for j in range(5)] == \
+        [json.loads(captions[r])["caption"] for r in nearest.reshape(-1)]
     ifcap = load_checkpoint(out / "runs" / "ifcap", device="cpu").model_config
     assert (ifcap.retrieval_k, ifcap.retrieval_fusion, ifcap.entity_prompt) == (5, "ifcap", True)
     assert (ifcap.entity_retrieve, ifcap.entity_threshold, ifcap.entity_mask) == (9, 5, 0.4)

@@ -29,6 +29,7 @@ from capdec.lab.experiment import (
     evaluate_checkpoint,
     gap_noise,
     prepare_data,
+    pseudo_pairs,
     train_variant,
 )
 from capdec.metrics import reusing_scorers
@@ -55,6 +56,8 @@ DESCRIPTIONS = {
     "ifcap": "IFCap: image-like retrieval of 5 captions, its Fusion Module, entity hard prompts with frequency "
              "filtering (9 retrieved, threshold 5), CapDec noise",
     "gap_ifcap": "IFCap with the gap-shaped noise",
+    "gap_pseudo": "gap noise on the training captions + pseudo-pairs: the 1,000 unlabelled images' own embeddings, "
+                  "each with its 5 nearest training captions, mixed in by size without noise",
 }
 #: IFCap's settings (its COCO scripts: k 5, L 9, K 5, mask 0.4); the image-like retrieval variance is 2.5x the
 #: training noise's, as IFCap's 0.04 is of its 0.016
@@ -79,7 +82,7 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
         from capdec.errors import InputError
 
         raise InputError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    needs_images = any(r in runs for r in ("shifted", "centering", "gap", "gap_projection", "gap_ifcap"))
+    needs_images = any(r in runs for r in ("shifted", "centering", "gap", "gap_projection", "gap_ifcap", "gap_pseudo"))
     if data is None:
         config = config or ExperimentConfig()
         config = replace(config, n_paired=config.n_paired or (config.n_captions if "supervised" in runs else 0),
@@ -153,6 +156,9 @@ def run_demo(out_dir: str | Path, *, config: ExperimentConfig | None = None, com
             evaluate(name, trained("gap", noise=gap_config(), save_memory=True), text_to_text=True)
         elif name == "gap_projection":
             evaluate(name, trained("gap", noise=gap_config(), save_memory=True), inference={"project": True})
+        elif name == "gap_pseudo":
+            ck = trained(name, noise=gap_config(), stores=[data.text_store, pseudo_pairs(data)])
+            evaluate(name, ck, text_to_text=True)
         elif name in ("ifcap", "gap_ifcap"):
             ck = trained(name, noise=gap_config() if name == "gap_ifcap" else noise,
                          model={**ifcap_model(), "retrieval_variance": 2.5 * noise.variance})

@@ -73,6 +73,7 @@ class ExperimentConfig:
     gap_neighbours: int = 5  # the gap from the unlabelled images and their 5 nearest training captions (0: the pairs)
     gap_rank: int = 32  # rank of the gap covariance's low-rank part
     gap_scale: float = TOY_GAP_SCALE  # multiplies the gap covariance (picked on validation seeds, see its definition)
+    pseudo_k: int = 5  # the pseudo-pair runs: each unlabelled image with its 5 nearest training captions
     # DecodeConfig fields, over LAB_DECODE_DEFAULTS
     decode: dict[str, Any] = field(default_factory=lambda: {"strategy": "beam", "beam_size": 3})
     model: dict[str, Any] = field(default_factory=dict)  # overrides of toy_model_config()
@@ -323,3 +324,26 @@ def gap_noise(data: ToyData, *, seed: int = TOY_CALIBRATION_SEED) -> tuple[Noise
     noise = NoiseConfig(variance=0.0, shape="gap", gap_factor=stats["gap_factor"], gap_diag=stats["gap_diag"],
                         gap_scale=cfg.gap_scale, offset=stats["offset"], source="capdec.lab.experiment.gap_noise")
     return noise, stats
+
+
+def pseudo_pairs(data: ToyData) -> Any:
+    """The unlabelled training images (the ones :func:`gap_noise` calibrates on) as pseudo-pairs, each with its
+    ``pseudo_k`` nearest training captions, as a user makes them (``capdec calibrate ... --images DIR --store STORE
+    --pseudo-pairs PSEUDO --pseudo-k K``): an image store saved beside the text store (reused when it holds the
+    same pairs), for ``train_variant(..., stores=[data.text_store, pseudo])``."""
+    from capdec.calibrate import encode_images, pseudo_pair_store
+    from capdec.lab import toyworld
+    from capdec.store import EmbeddingStore
+
+    cfg = data.config
+    unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
+                                    world=toyworld.get_world(cfg.world))
+    store = pseudo_pair_store(encode_images(data.encoder, unlabelled), data.text_store, cfg.pseudo_k,
+                              source=f"{len(unlabelled)} unlabelled toy-world training scenes")
+    path = Path(data.text_store.path).parent / f"pseudo_pairs_k{cfg.pseudo_k}"
+    if (path / "meta.json").is_file():  # as embed_store: the same images give the same embeddings
+        old = EmbeddingStore.open(path)
+        if old.captions == store.captions and old.meta.get("corpus") == store.meta.get("corpus"):
+            return old
+    return store.save(path, overwrite=True)
+
