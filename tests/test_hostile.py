@@ -164,7 +164,7 @@ def test_the_training_memory_beside_out_never_replaces_a_users_directory(toy, tm
     rc, err = cli(capsys, "train", str(toy["store"]), "--out", str(tmp_path / "run"), "--save-memory",
                   "--max-steps", "1", *TINY)
     assert rc == 2
-    one_line(err, str(tmp_path / ".run.memory"), "not the memory rows capdec writes there")
+    one_line(err, str(tmp_path / ".run.memory"), "not the memory-rows store of a training run")
     assert_untouched(tmp_path / ".run.memory")
     rc, err = cli(capsys, "train", str(toy["store"]), "--out", str(tmp_path / "run2"), "--save-memory",
                   "--max-steps", "1", *TINY)

@@ -23,7 +23,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,26 @@ def read_meta(path: str | os.PathLike, *, redo: str) -> Any:
         return read_artifact_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e}); {redo}") from e
+
+
+def own_dir(path: str | os.PathLike, *, marker: str, recognised: Callable[[Any], bool], entries: Collection[str],
+            kind: str, marked: str) -> str | None:
+    """None when the directory ``path`` is one capdec wrote: its ``marker`` file (JSON) says so (``recognised`` of
+    its contents) and it holds no entry but ``entries`` (what capdec writes in one); else why it is not, naming
+    ``kind`` (and ``marked``, what the marker should say) or the first entries capdec did not write. What
+    ``--overwrite`` may replace (:func:`capdec.output.check_replaceable`)."""
+    path = Path(path)
+    try:
+        ours = recognised(read_artifact_json(path / marker))
+    except (OSError, ValueError):  # absent, unreadable or not JSON (a JSONDecodeError, a UnicodeDecodeError)
+        ours = False
+    if not ours:
+        return f"exists and is not {kind} (no {marker} of {marked})"
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in entries)
+    if foreign:
+        return (f"is {kind} that also holds what capdec did not write there "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
+    return None
 
 
 def check_fields(obj: Any, where: str | os.PathLike, kinds: dict[str, Any], *, redo: str) -> dict[str, Any]:

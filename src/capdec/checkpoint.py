@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from capdec import __version__
-from capdec.artifacts import check_count, check_fields, load_tensors, read_safetensors_header
+from capdec.artifacts import check_count, check_fields, load_tensors, own_dir, read_safetensors_header
 from capdec.configs import InferenceConfig, TrainConfig
 from capdec.encoders.base import check_identity, resolve_device
 from capdec.errors import InputError
@@ -149,18 +149,8 @@ def replaceable(path: str | os.PathLike, allowed: set[str] | frozenset[str] = CH
     """None when the directory ``path`` is a checkpoint capdec wrote (its ``config.json`` says so) holding only
     what capdec writes in one (``allowed``), else why it is not: ``--overwrite`` and every save replace only
     such a directory (or an empty one)."""
-    path = Path(path)
-    try:
-        config = read_artifact_json(path / "config.json")
-    except (OSError, ValueError):
-        config = None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        return f"exists and is not a capdec checkpoint (no config.json of format {FORMAT})"
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed)
-    if foreign:
-        return (f"is a capdec checkpoint that also holds what capdec did not write there "
-                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
-    return None
+    return own_dir(path, marker="config.json", recognised=lambda c: isinstance(c, dict) and c.get("format") == FORMAT,
+                   entries=allowed, kind="a capdec checkpoint", marked=f"format {FORMAT}")
 
 
 _REDO = "the checkpoint is damaged or was altered (re-train or re-download it)"

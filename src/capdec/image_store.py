@@ -58,6 +58,7 @@ from capdec.store import (
     _make_meta,
     load_shard,
     plan_shards,
+    replaceable,
     save_shard,
     shard_info,
 )
@@ -329,7 +330,7 @@ def _assemble(dataset: ImageDataset, encoder: Any, partial: Path, out_dir: Path,
                        "%s/meta.json, stats.skipped_images)", len(skipped), len(dataset), out_dir)
     count = sum(len(im.captions) for i, im in enumerate(dataset.images) if i not in left_out)
     n_skipped_captions = dataset.n_captions - count
-    with atomic_dir(out_dir, overwrite=replace) as tmp:
+    with atomic_dir(out_dir, overwrite=replace, replaceable=replaceable) as tmp:
         with open(tmp / EMBEDDINGS, "wb") as f:
             emb = NpyWriter(f, (n_rows, dim), dtype)
             for i, (lo, hi) in enumerate(shards):

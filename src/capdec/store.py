@@ -8,6 +8,11 @@ A store is a directory::
                         corpus provenance (paths, sha256, reader options), stats, capdec version
       embeddings.npy    (count, dim) float16 or float32, L2-normalised rows
       captions.jsonl    one {"caption": ..., **metadata} per row, aligned with embeddings.npy
+      rows.npy          only in an image store (below): each caption's row of embeddings.npy
+      token-cache/      written by training (capdec.tokencache): the captions' token ids, one <key>/ per tokenizer
+
+``--overwrite`` (``overwrite=True``) replaces a store holding these names only (:func:`replaceable`); a
+directory holding anything else (a user's notes, another tool's output) is refused, naming it.
 
 An *image* store (``modality`` "image", format ``capdec.embeddings/2``, made by
 :func:`capdec.image_store.embed_image_dataset`) holds one embedding per image and several captions per
@@ -48,6 +53,7 @@ from capdec.artifacts import (
     check_rows,
     jsonable,
     load_matrix,
+    own_dir,
     read_meta,
     read_rows,
     write_rows,
@@ -56,6 +62,8 @@ from capdec.configs import MAX_DIM
 from capdec.corpus import Corpus, captions_sha256, read_corpus
 from capdec.encoders.base import EncoderError, check_identity
 from capdec.errors import InputError
+from capdec.output import check_replaceable
+from capdec.tokencache import CACHE_DIR as TOKEN_CACHE
 from capdec.utils import atomic_dir, progress, read_artifact_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,8 @@ MODALITIES = ("text", "image")
 _PARTIAL_FORMAT = "capdec.embeddings.partial/1"
 DTYPES = ("float16", "float32")
 META, EMBEDDINGS, CAPTIONS, ROWS = "meta.json", "embeddings.npy", "captions.jsonl", "rows.npy"
+# what a store directory holds (the module docstring); a directory holding anything else is never replaced
+STORE_ENTRIES = frozenset({META, EMBEDDINGS, CAPTIONS, ROWS, TOKEN_CACHE})
 # rows whose norm is further than this from 1 mean the caller forgot to normalise (fp16 is ~1e-3 off)
 
 
@@ -286,7 +296,7 @@ class EmbeddingStore:
         out_dir = Path(out_dir)
         replace = _check_target(out_dir, overwrite=overwrite, what=None)
         meta = {**self.meta, "dtype": dtype}
-        with atomic_dir(out_dir, overwrite=replace) as tmp:
+        with atomic_dir(out_dir, overwrite=replace, replaceable=replaceable) as tmp:
             arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=self.vectors.shape)
             for lo in range(0, len(self.vectors), 65536):
                 arr[lo : lo + 65536] = self.vectors[lo : lo + 65536]
@@ -399,7 +409,7 @@ def embed_corpus(corpus_or_path: Corpus | str | os.PathLike | Sequence[str | os.
         meta = _make_meta(encoder.spec, encoder.identity, (n, int(encoder.dim)), dtype, corpus.describe(),
                           {**corpus.stats.as_dict(), "truncated": truncated})
         meta["precision"] = precision
-        with atomic_dir(out_dir, overwrite=replace) as tmp:
+        with atomic_dir(out_dir, overwrite=replace, replaceable=replaceable) as tmp:
             arr = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=dtype, shape=(n, int(encoder.dim)))
             for i, (lo, hi) in enumerate(shards):
                 arr[lo:hi] = load_shard(partial, i, hi - lo, encoder.dim)
@@ -467,16 +477,27 @@ def _check_dtype(dtype: str) -> None:
 
 def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Raise :class:`InputError` unless :meth:`EmbeddingStore.save` may write ``out_dir``: absent, an empty
-    directory or, with ``overwrite``, an embedding store. Anything else is never replaced. For a command to check
-    its output before the work, as ``save`` checks again when it writes."""
+    directory or, with ``overwrite``, an embedding store holding nothing else (:func:`replaceable`). Anything
+    else is never replaced. For a command to check its output before the work, as ``save`` checks again when it
+    writes."""
     _check_target(Path(out_dir), overwrite=overwrite, what=None)
+
+
+def replaceable(path: str | os.PathLike) -> str | None:
+    """None when the directory ``path`` is an embedding store capdec wrote (its ``meta.json`` says so) holding only
+    what capdec writes in one (:data:`STORE_ENTRIES`), else why it is not: ``overwrite`` replaces only such a
+    directory (or an empty one)."""
+    return own_dir(path, marker=META, entries=STORE_ENTRIES,
+                   recognised=lambda m: isinstance(m, dict) and m.get("format") in (FORMAT, ROWS_FORMAT),
+                   kind="a capdec embedding store", marked=f"format {FORMAT} or {ROWS_FORMAT}")
 
 
 def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None) -> bool | None:
     """Decide what to do with an existing ``out_dir``.
 
     Returns False (nothing there, build it), True (replace an old store / empty dir) or None (a
-    store matching ``what`` exists: nothing to do). Refuses anything that is not a store.
+    store matching ``what`` exists: nothing to do). Refuses anything that is not a store, and with ``overwrite``
+    a store holding anything capdec did not write there (:func:`replaceable`).
     """
     if not out_dir.exists():
         return False
@@ -491,6 +512,7 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
         raise InputError(f"{out_dir} exists and is not a complete embedding store ({e}); choose another "
                          f"output path or remove it yourself") from e
     if overwrite:
+        check_replaceable(out_dir, replaceable)  # a store capdec wrote, holding nothing else
         return True
     if what is not None:
         diffs = []
@@ -594,5 +616,5 @@ def _read_row_index(path: Path, count: int, n_rows: int, *, mmap: bool = True) -
     return rows
 
 
-__all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "EmbedRun", "EmbeddingStore", "check_out_dir",
-           "embed_corpus", "write_store"]
+__all__ = ["DTYPES", "FORMAT", "MODALITIES", "ROWS_FORMAT", "STORE_ENTRIES", "EmbedRun", "EmbeddingStore",
+           "check_out_dir", "embed_corpus", "replaceable", "write_store"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capdec.artifacts import random_access, release
+from capdec.artifacts import own_dir, random_access, release
 from capdec.encoders.base import check_identity
 from capdec.errors import InputError
 from capdec.tokencache import TokenCache, iter_captions, pad_batch, token_cache
@@ -270,18 +270,13 @@ def _rows_store(path: Path) -> str | None:
     """None when ``path`` is a memory-rows store :meth:`TextData.write_store` wrote (its meta.json says so) and
     holds nothing else, else why it is not: only such a directory is replaced."""
     from capdec.store import CAPTIONS, EMBEDDINGS, META
-    from capdec.utils import read_artifact_json
 
-    try:
-        corpus = read_artifact_json(path / META).get("corpus")
-    except (OSError, ValueError, AttributeError):
-        corpus = None
-    if not isinstance(corpus, dict) or corpus.get("format") != ROWS_OF_STORES:
-        return "exists and is not the memory rows capdec writes there (no meta.json of its kind)"
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in (META, EMBEDDINGS, CAPTIONS))
-    if foreign:
-        return f"holds what capdec did not write there ({', '.join(foreign[:5])})"
-    return None
+    def recognised(meta: Any) -> bool:
+        corpus = meta.get("corpus") if isinstance(meta, dict) else None
+        return isinstance(corpus, dict) and corpus.get("format") == ROWS_OF_STORES
+
+    return own_dir(path, marker=META, recognised=recognised, entries=(META, EMBEDDINGS, CAPTIONS),
+                   kind="the memory-rows store of a training run", marked="its kind")
 
 
 __all__ = ["CaptionTexts", "TextData", "load_text_data"]

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "capdec.token-cache/1"
 META, IDS, OFFSETS = "meta.json", "ids.bin", "offsets.npy"
+CACHE_DIR = "token-cache"  # in a store (or the user cache): one <key>/ per tokenizer
 _BATCH = 8192  # captions per tokenizer call while building
 
 
@@ -114,11 +115,11 @@ class TokenCache:
 def cache_dir_for(store: Any, tokenizer: Any) -> Path:
     """Where the cache of (store, tokenizer) lives: in the store, or the user cache if that is read-only."""
     key = cache_key(store, tokenizer)
-    inside = Path(store.path) / "token-cache" / key
+    inside = Path(store.path) / CACHE_DIR / key
     if inside.is_dir() or os.access(store.path, os.W_OK):
         return inside
     root = Path(os.environ.get("CAPDEC_CACHE_DIR", Path.home() / ".cache" / "capdec"))
-    return root / "token-cache" / key
+    return root / CACHE_DIR / key
 
 
 def token_cache(store: Any, tokenizer: Any, *, build: bool = True, show_progress: bool | None = None) -> TokenCache:
