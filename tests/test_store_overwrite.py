@@ -166,7 +166,11 @@ def test_a_file_added_while_embedding_is_never_deleted(made, encoder, tmp_path):
     assert ls(tmp_path) == [".store.partial", "store"]  # no temporary directory left, the shards for a rerun
 
 
-def test_calibrate_pseudo_pairs_overwrite_refuses_a_store_holding_a_users_file(made, tmp_path, capsys):
+def test_calibrate_pseudo_pairs_overwrite_refuses_a_store_holding_a_users_file(made, tmp_path, capsys, monkeypatch):
+    import capdec.encoders
+
+    loaded, real = [], capdec.encoders.load_encoder
+    monkeypatch.setattr(capdec.encoders, "load_encoder", lambda *a, **k: loaded.append(a) or real(*a, **k))
     pseudo, noise = tmp_path / "pseudo", tmp_path / "noise.json"
     argv = ["calibrate", str(made["pairs"]), "--encoder", "toy", "--images", str(made["images"]), "--store",
             str(made["text"]), "--gap-rank", "2", "--gap-neighbours", "2", "--pseudo-pairs", str(pseudo),
@@ -176,10 +180,12 @@ def test_calibrate_pseudo_pairs_overwrite_refuses_a_store_holding_a_users_file(m
     assert ls(pseudo) == ["captions.jsonl", "embeddings.npy", "meta.json", "rows.npy"]
     add_users_files(pseudo)
     before, noise_before = tree(pseudo), noise.read_bytes()
+    loaded.clear()
     rc, err = cli(capsys, *argv, "--pseudo-k", "1", "--overwrite")
     assert rc == 2
     one_line(err, str(pseudo), "notes.txt")
-    assert tree(pseudo) == before and noise.read_bytes() == noise_before  # refused before any work
+    assert tree(pseudo) == before and noise.read_bytes() == noise_before
+    assert loaded == []  # refused before any work (no encoder loaded, no image encoded)
     (pseudo / "notes.txt").unlink()
     shutil.rmtree(pseudo / "zz-other-tool")
     rc, err = cli(capsys, *argv, "--pseudo-k", "1", "--overwrite")
