@@ -143,12 +143,17 @@ def test_save_overwrite_refuses_a_store_holding_a_users_file(made, encoder, tmp_
     assert new.save(store, overwrite=True).captions == captions
 
 
-def test_a_file_added_while_embedding_is_never_deleted(made, encoder, tmp_path):
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_a_file_added_while_embedding_is_never_deleted(made, encoder, tmp_path, modality):
     """The store was capdec's alone when the embed started; a file the user puts there while it runs is seen when
     the new store is swapped in: refused, nothing deleted (the finished shards are kept for a rerun)."""
-    store = copy(made["text"], tmp_path)
+    from capdec.image_store import embed_image_dataset
+
+    store = copy(made[modality], tmp_path)
 
     class AddingAFile:
+        """The toy encoder, writing a user's file into the store as it encodes."""
+
         def __init__(self, encoder):
             self.encoder = encoder
 
@@ -159,9 +164,17 @@ def test_a_file_added_while_embedding_is_never_deleted(made, encoder, tmp_path):
             (store / "notes.txt").write_text("written while capdec embeds")
             return self.encoder.encode_tokens(*args, **kwargs)
 
+        def encode_pixels(self, *args, **kwargs):
+            (store / "notes.txt").write_text("written while capdec embeds")
+            return self.encoder.encode_pixels(*args, **kwargs)
+
     before = {**tree(store), "notes.txt": hashlib.sha256(b"written while capdec embeds").hexdigest()}
     with pytest.raises(InputError, match=rf"^{store}: .*\(notes.txt\)"):
-        embed_corpus(made["b"], store, AddingAFile(encoder), overwrite=True, show_progress=False)
+        if modality == "text":
+            embed_corpus(made["b"], store, AddingAFile(encoder), overwrite=True, show_progress=False)
+        else:
+            embed_image_dataset(made["fewer"], store, AddingAFile(encoder), overwrite=True, num_workers=0,
+                                show_progress=False)
     assert tree(store) == before
     assert ls(tmp_path) == [".store.partial", "store"]  # no temporary directory left, the shards for a rerun
 
