@@ -240,6 +240,12 @@ def case_embed_overwrite(side, fx, d):
     return r | {"effect": user_dir_state(out)}
 
 
+def case_embed_overwrite_store(side, fx, d):
+    out = user_dir(copy(fx["store"], d / "store"))  # a store capdec wrote (training gave it a token cache), plus notes
+    r = side.run(["embed", str(fx["corpus"]), "--out", str(out), "--encoder", "toy", "--overwrite"], cwd=d)
+    return r | {"effect": user_dir_state(out)}
+
+
 def _eval_files(d: Path) -> tuple[Path, Path]:
     preds, refs = d / "p.json", d / "r.json"
     preds.write_text(json.dumps([{"image_id": i, "caption": "a red dog on a street"} for i in range(4)]))
@@ -506,6 +512,7 @@ CASES = [
     ("train --overwrite on a user's directory", 1, case_train_overwrite),
     ("import --overwrite on a user's directory", 1, case_import_overwrite),
     ("embed --overwrite on a user's directory", 1, case_embed_overwrite),
+    ("embed --overwrite on a store holding a user's files", 1, case_embed_overwrite_store),
     ("evaluate --out a /dev/full-like char device", 2, case_full_device),
     ("corpus stats --out a symlink", 2, case_symlink),
     ("caption --out a FIFO", 2, case_fifo),
