@@ -21,9 +21,10 @@ import json
 import re
 from pathlib import Path
 
-# runs that never see a paired image embedding in training (projection decodes the no-noise decoder)
+# runs trained without any image-caption pair (projection decodes the no-noise decoder; the gap runs calibrate on
+# unlabelled images, and gap_pseudo also trains on them, each with its nearest training captions)
 TEXT_ONLY = ("capdec", "no_noise", "shifted", "projection", "capdec_projection", "centering", "retrieval",
-             "retrieval_projection", "gap", "gap_projection", "ifcap", "gap_ifcap")
+             "retrieval_projection", "gap", "gap_projection", "ifcap", "gap_ifcap", "gap_pseudo")
 # CapDec's method with a different noise only (same decoder, same decoding)
 NOISE_ONLY = ("capdec", "gap")
 

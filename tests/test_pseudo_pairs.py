@@ -259,3 +259,24 @@ def test_cli_pseudo_pair_flags_are_checked(world, tmp_path, counting, capsys):
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not noise.exists() and not out.exists() and counting.loaded == 0
     assert len(EmbeddingStore.open(world["text"].path)) == len(world["text"])
+
+
+def test_the_users_workflow_calibrate_then_train_on_captions_and_pseudo_pairs_then_caption(world, tmp_path, capsys):
+    """README's commands: calibrate (gap + pseudo-pairs), train on the text store and the pseudo-pairs with the
+    gap noise, caption images. The run records both stores, a mixed modality and the gap noise."""
+    noise, pseudo, ckpt = tmp_path / "noise.json", tmp_path / "pseudo", tmp_path / "ckpt"
+    assert main(["-q", "calibrate", str(world["pairs"]), "--encoder", "toy", "--device", "cpu", "--images",
+                 str(world["images"]), "--store", str(world["text"].path), "--gap-rank", "4", "--gap-neighbours", "3",
+                 "--pseudo-pairs", str(pseudo), "--out", str(noise)]) == 0
+    tiny = ["--batch-size", "8", "--lm-dim", "32", "--lm-depth", "1", "--lm-heads", "2", "--mapper-depth", "1",
+            "--prefix-length", "2", "--vocab-size", "200", "--max-steps", "2"]
+    assert main(["-q", "train", str(world["text"].path), str(pseudo), "--out", str(ckpt), "--noise-file", str(noise),
+                 "--noise-shape", "gap", "--use-offset", *tiny]) == 0
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["data"]["stores"] == [str(world["text"].path), str(pseudo)]
+    assert config["data"]["modality"] == "mixed" and config["data"]["count"] == len(world["text"]) + 5 * N_UNLABELLED
+    assert config["noise"]["shape"] == "gap" and config["noise"]["offset"] is not None
+    capsys.readouterr()
+    out = tmp_path / "captions.jsonl"
+    assert main(["-q", "caption", str(ckpt), *map(str, world["unlabelled"][:3]), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 3
