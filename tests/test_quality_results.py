@@ -34,8 +34,10 @@ def test_todays_code_reproduces_the_earlier_capdec_rows_it_reuses_baselines_next
     earlier = quality_table.read_baselines(RESULTS / "demo_compare.md")
     for seed in (0, 1):
         assert _rows(f"gap_scale1/seed{seed}.json")["capdec"] == earlier[seed]["capdec"], seed
-    for seed in range(5):  # the final runs re-scored the same capdec checkpoints: the same rows
+    for seed in range(5):  # the second table's runs re-scored the same capdec checkpoints: the same rows
         assert _rows(f"seed{seed}.json")["capdec"] == _rows(f"gap_scale1/seed{seed}.json")["capdec"], seed
+        # the final table's runs trained capdec again (same budget, same seed): the same rows
+        assert _rows(f"pseudo/seed{seed}.json")["capdec"] == _rows(f"seed{seed}.json")["capdec"], seed
 
 
 def _final(earlier: bool = False) -> tuple[dict, dict]:
@@ -48,6 +50,33 @@ def _final(earlier: bool = False) -> tuple[dict, dict]:
         files = sorted(QUALITY.glob("seed[0-9].json")) + scale1[2:] + [QUALITY / "seed0_baselines.json"]
     seeds = quality_table.collect(files, quality_table.read_baselines(RESULTS / "demo_compare.md"))
     return seeds, quality_table.summarise(seeds)
+
+
+def _pseudo() -> tuple[dict, dict]:
+    """The final table's inputs (gap noise + pseudo-pairs), as its documented command gives them."""
+    files = (sorted((QUALITY / "pseudo").glob("seed[0-9].json")) + sorted(QUALITY.glob("seed[0-9].json"))
+             + sorted((QUALITY / "gap_scale1").glob("seed[0-9].json"))[2:] + [QUALITY / "seed0_baselines.json"])
+    seeds = quality_table.collect(files, quality_table.read_baselines(RESULTS / "demo_compare.md"))
+    return seeds, quality_table.summarise(seeds)
+
+
+def test_the_pseudo_pair_table_is_the_scripts_output_and_its_runs_are_what_it_says():
+    doc = (RESULTS / "quality_final.md").read_text(encoding="utf-8")
+    seeds, summary = _pseudo()
+    assert sorted(seeds) == [0, 1, 2, 3, 4]
+    assert quality_table.markdown(seeds, summary) in doc
+    for s in range(5):  # each seed's own runs: capdec and gap_pseudo (gap scale 0.3, 5 nearest captions)
+        m = json.loads((QUALITY / "pseudo" / f"seed{s}.json").read_text(encoding="utf-8"))
+        assert set(m["results"]) == {"capdec", "gap_pseudo"} and m["config"]["seed"] == s
+        assert (m["config"]["gap_scale"], m["config"]["pseudo_k"], m["config"]["n_unlabelled"]) == (0.3, 5, 1000)
+        assert seeds[s]["gap_pseudo"]["own"] and not seeds[s]["gap"]["own"]
+    sup = [seeds[s]["supervised"]["CIDEr"] for s in range(5)]
+    pseudo = [seeds[s]["gap_pseudo"]["CIDEr"] for s in range(5)]
+    assert summary["best_text_only"] == "gap_pseudo" and summary["best_noise_only"] == "gap"
+    assert abs(summary["ratio_of_means"]["gap_pseudo"] - sum(pseudo) / sum(sup)) < 1e-12
+    assert abs(summary["mean_of_ratios"]["gap_pseudo"] - sum(g / s for g, s in zip(pseudo, sup)) / 5) < 1e-12
+    written = json.loads((QUALITY / "pseudo" / "summary.json").read_text(encoding="utf-8"))
+    assert written["ratio_of_means"] == summary["ratio_of_means"]
 
 
 def test_the_final_tables_are_the_scripts_output_from_the_checked_in_metrics():
@@ -79,3 +108,4 @@ def test_the_readme_quotes_the_final_tables_ratios():
     ratios = summary["ratio_of_means"]
     assert f"reaches {ratios['gap']:.3f}× the supervised decoder's CIDEr" in readme
     assert f"against {ratios['capdec']:.3f}× with CapDec's isotropic noise" in readme
+    assert f"(`--methods gap_pseudo`), reaches {_pseudo()[1]['ratio_of_means']['gap_pseudo']:.3f}×" in readme
