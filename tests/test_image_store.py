@@ -107,6 +107,7 @@ def test_supervised_then_text_finetune(photo_dataset, tiny_hf_clip, hf_store, tm
     assert "training on image embeddings (supervised, ClipCap) with noise variance 0 (no noise" in capsys.readouterr().err
     cfg = read_config(sup)
     assert cfg["noise"]["variance"] == 0.0 and cfg["data"]["modality"] == "image"
+    assert "trained with capdec **on image embeddings paired with captions**" in (sup / "README.md").read_text()
     # noise only when asked
     noisy = tmp_path / "clipcap_noisy"
     assert main(["-q", "train", str(img), "--out", str(noisy), "--max-steps", "2", "--noise-variance", "0.01",
@@ -118,6 +119,7 @@ def test_supervised_then_text_finetune(photo_dataset, tiny_hf_clip, hf_store, tm
                  "--batch-size", "16"]) == 0
     cfg = read_config(tuned)
     assert cfg["init_from"] == str(sup) and cfg["noise"]["variance"] == 0.016 and cfg["data"]["modality"] == "text"
+    assert "trained **on text only** with capdec" in (tuned / "README.md").read_text()
     from safetensors.torch import load_file
 
     before, after = load_file(sup / "model.safetensors"), load_file(tuned / "model.safetensors")

@@ -151,6 +151,25 @@ def _front_matter(name: str, config: dict[str, Any], card: dict[str, Any]) -> st
     return f"---\n{data.to_yaml()}\n---\n"
 
 
+def _what_it_learned_from(modality: str) -> str:
+    """The card's first paragraph: what the decoder was trained on (``config.json``'s ``data.modality``)."""
+    decoder = "a ClipCap-style decoder (mapping network → prefix → causal language model)"
+    if modality == "image":
+        return ("An image captioner trained with capdec **on image embeddings paired with captions** (ClipCap, "
+                f"Mokady et al., 2021): {decoder} learned to reproduce each image's captions from its CLIP image "
+                "embedding. It captions an image from the same CLIP model's *image* embedding.")
+    if modality == "mixed":
+        return ("An image captioner trained with capdec on **captions and image embeddings together**: the "
+                "text stores' captions embedded with a CLIP text encoder and perturbed with noise (CapDec, Nukrai "
+                "et al., EMNLP 2022), the image stores' image embeddings as they are (each with its captions: "
+                f"paired, or pseudo-pairs of unlabelled images and their nearest captions); {decoder} learned to "
+                "reproduce the captions. It captions an image from the same CLIP model's *image* embedding.")
+    return ("An image captioner trained **on text only** with capdec "
+            "(CapDec, Nukrai et al., EMNLP 2022): captions were embedded with a CLIP text encoder, perturbed with "
+            f"noise, and {decoder} learned to reproduce them. It captions an image from the same CLIP model's "
+            "*image* embedding.")
+
+
 def render_model_card(config: dict[str, Any], card: dict[str, Any] | None = None, *, name: str) -> str:
     """The README.md text of a checkpoint from its ``config.json`` and ``model_card.json`` contents."""
     card = card or {}
@@ -169,10 +188,7 @@ def render_model_card(config: dict[str, Any], card: dict[str, Any] | None = None
         "",
         f"# {name}",
         "",
-        "An image captioner trained **on text only** with capdec "
-        "(CapDec, Nukrai et al., EMNLP 2022): captions were embedded with a CLIP text encoder, perturbed with "
-        "noise, and a ClipCap-style decoder (mapping network → prefix → causal language model) learned to "
-        "reproduce them. It captions an image from the same CLIP model's *image* embedding.",
+        _what_it_learned_from(data.get("modality", "text")),
         "",
         "## Training data",
         "",
