@@ -47,6 +47,15 @@ def test_save_load_round_trip(tmp_path, with_index):
     with pytest.raises(InputError, match="not a text memory"):
         memory.save(tmp_path / "other", overwrite=True)
     assert (tmp_path / "other" / "precious.txt").exists()
+    # a memory capdec wrote, with a user's file put in it, is not replaced either (the file would go with it)
+    mine = tmp_path / "mem" / "notes.txt"
+    mine.write_text("mine")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "mem").iterdir() if f.is_file()}
+    with pytest.raises(InputError, match=r"also holds what capdec did not write there \(notes.txt\)"):
+        memory.save(tmp_path / "mem", overwrite=True)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "mem").iterdir() if f.is_file()} == before
+    mine.unlink()
+    memory.save(tmp_path / "mem", overwrite=True)  # as capdec wrote it: replaced
     no_caps = TextMemory(m).save(tmp_path / "nocaps")
     assert TextMemory.load(no_caps).captions is None
 

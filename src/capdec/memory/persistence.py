@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from capdec.artifacts import check_count, check_fields, load_matrix, read_meta, read_rows
+from capdec.artifacts import check_count, check_fields, load_matrix, own_dir, read_meta, read_rows
 from capdec.configs import MAX_DIM, MemoryConfig
 from capdec.errors import InputError
 from capdec.memory.faiss_index import write_index
-from capdec.utils import atomic_dir, read_artifact_json, write_json
+from capdec.utils import atomic_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,9 @@ def save_memory(memory: Any, path: str | os.PathLike, *, overwrite: bool = False
         raise InputError(f"unknown memory dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if path.exists() and not overwrite:
         raise InputError(f"{path} already exists; pass overwrite=True to replace it, or choose another path")
-    if path.exists() and not _is_memory_dir(path):  # never delete a directory we did not make
-        raise InputError(f"{path} exists and is not a text memory; choose another path or remove it yourself")
+    why = _not_replaceable(path) if path.exists() else None
+    if why:  # never delete a directory we did not make, nor what a user put in one we did
+        raise InputError(f"{path} {why}; choose another path or remove it yourself")
     store_dir = memory.store_path
     if reference and store_dir is None:
         raise InputError("this memory is not read from an embedding store on disk: it can only be saved with "
@@ -207,15 +208,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _is_memory_dir(path: Path) -> bool:
+def _not_replaceable(path: Path) -> str | None:
+    """None when ``overwrite`` may replace ``path``: an empty directory, or a text memory capdec wrote (its meta.json
+    says so) holding nothing else; else why not."""
     if not path.is_dir():
-        return False
+        return "exists and is not a directory"
     if not any(path.iterdir()):
-        return True
-    try:
-        return read_artifact_json(path / META).get("format") in (FORMAT, LEGACY_FORMAT)
-    except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return own_dir(path, marker=META, entries={META, EMBEDDINGS, CAPTIONS, OWN_STORE, *INDEX_FILES.values()},
+                   recognised=lambda m: isinstance(m, dict) and m.get("format") in (FORMAT, LEGACY_FORMAT),
+                   kind="a text memory", marked=f"format {FORMAT}")
 
 
 __all__ = ["FORMAT", "LEGACY_FORMAT", "SavedMemory", "open_memory_dir", "save_memory", "store_rows"]
