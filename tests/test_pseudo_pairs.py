@@ -276,6 +276,7 @@ def test_the_users_workflow_calibrate_then_train_on_captions_and_pseudo_pairs_th
     assert config["data"]["stores"] == [str(world["text"].path), str(pseudo)]
     assert config["data"]["modality"] == "mixed" and config["data"]["count"] == len(world["text"]) + 5 * N_UNLABELLED
     assert config["noise"]["shape"] == "gap" and config["noise"]["offset"] is not None
+    assert "trained with capdec on **captions and image embeddings together**" in (ckpt / "README.md").read_text()
     capsys.readouterr()
     out = tmp_path / "captions.jsonl"
     assert main(["-q", "caption", str(ckpt), *map(str, world["unlabelled"][:3]), "--out", str(out)]) == 0
