@@ -88,7 +88,7 @@ def test_a_training_run_on_a_mix_feeds_image_rows_clean(stores, tmp_path, monkey
     (normalised) or a text row moved by the noise (training) / the offset (validation) — never a clean text row,
     never a noised image row. Half the rows are images, so both kinds must turn up."""
     from capdec.model import CapDecModel
-    from capdec.train import train
+    from capdec.train import plan_training, train
 
     seen: list[tuple[bool, torch.Tensor]] = []
     forward = CapDecModel.forward
@@ -100,7 +100,8 @@ def test_a_training_run_on_a_mix_feeds_image_rows_clean(stores, tmp_path, monkey
     monkeypatch.setattr(CapDecModel, "forward", spy)
     model = ModelConfig(embed_dim=DIM, mapper="mlp", prefix_length=2, lm_dim=32, lm_depth=1, lm_heads=2,
                         vocab_size=300)
-    cfg = TrainConfig(epochs=1, batch_size=16, max_steps=3, val_fraction=0.2, eval_every=3, log_every=1)
+    cfg = TrainConfig(epochs=1, batch_size=16, max_steps=3, val_fraction=0.2, eval_every=3, log_every=1,
+                      save_memory=True)
     train([stores["text"], stores["image"]], tmp_path / "run", model_config=model,
           noise=NoiseConfig(variance=0.05, offset=OFFSET), config=cfg, show_progress=False)
     images, texts = _vectors(stores["image"]), _vectors(stores["text"])
@@ -111,6 +112,12 @@ def test_a_training_run_on_a_mix_feeds_image_rows_clean(stores, tmp_path, monkey
         assert (rows[~is_image] @ texts.T).max() < 0.999  # every text row was moved
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert recorded["data"]["modality"] == "mixed"
+    # the saved memory (for --project at caption time) holds the training captions' text embeddings only
+    memory = np.load(tmp_path / "run" / "memory" / "store" / "embeddings.npy").astype(np.float64)
+    assert ((memory @ texts.T).max(1) > 1 - 1e-6).all() and ((memory @ images.T).max(1) < 1 - 1e-6).all()
+    split = plan_training([stores["text"], stores["image"]], tmp_path / "again", model_config=model,
+                          noise=NoiseConfig(variance=0.05, offset=OFFSET), config=cfg).split
+    assert len(memory) == int((split.train_idx < N).sum()) > 0  # every text row trained on, once
 
 
 def test_center_is_refused_on_a_mix(stores, tmp_path, capsys):
@@ -121,3 +128,11 @@ def test_center_is_refused_on_a_mix(stores, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--center cannot be used with a mix of text and image stores" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_retrieval_is_refused_on_a_mix(stores, tmp_path, capsys):
+    for flags in (["--retrieval-k", "2"], ["--entity-prompt"]):
+        rc = main(["-q", "train", str(stores["text"]), str(stores["image"]), "--out", str(tmp_path / "o"), *flags,
+                   "--lm", "scratch", "--dry-run"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "cannot be used with a mix of text and image stores" in err, (flags, err)

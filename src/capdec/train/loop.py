@@ -350,16 +350,19 @@ def _training_memory(model: CapDecModel, data: TextData, train_idx: torch.Tensor
     at a time; a resumed run reuses it) and read through a memory map, unmapped as they are read, so a
     5M-caption memory costs no more RAM than a small one. Search is exact below AUTO_IVF_MIN_ROWS rows and
     through a faiss ``ivfpq`` index (32 bytes a row at d=512, candidates re-scored exactly) above, when faiss
-    is installed. Each checkpoint links the store's files into its ``memory/``.
+    is installed. Each checkpoint links the store's files into its ``memory/``. In a mix of text and image
+    stores it holds the text rows only (a memory of caption embeddings, as projection and retrieval expect).
     """
     from capdec.memory import AUTO_IVF_MIN_ROWS, MemoryConfig, TextMemory, faiss_available
     from capdec.retrieval import RetrievalContext
 
+    image = data.image_rows(train_idx)
+    rows = train_idx if image is None else train_idx[torch.from_numpy(~image)]
     rows_dir = _memory_rows_dir(out_dir)
     if dist_info.is_main:
-        data.write_store(train_idx, rows_dir, show_progress=show_progress)
+        data.write_store(rows, rows_dir, show_progress=show_progress)
     distributed.barrier()
-    big = len(train_idx) >= AUTO_IVF_MIN_ROWS and faiss_available()
+    big = len(rows) >= AUTO_IVF_MIN_ROWS and faiss_available()
     memory = TextMemory.from_store(rows_dir, config=MemoryConfig(index="ivfpq") if big else None)
     retrieval = RetrievalContext(memory, model) if model.config.retrieval_k or model.config.entity_prompt else None
     return memory, retrieval

@@ -390,6 +390,11 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
                          "--images'): images must be centred at caption time as captions were in training")
     if image_mean is not None and not center:
         raise InputError("--image-mean only makes sense with --center")
+    if layers.data.modality == "mixed" and (layers.get("model.retrieval_k").value or
+                                            layers.get("model.entity_prompt").value):
+        raise InputError("retrieval and entity prompts (--retrieval-k, --entity-prompt) cannot be used with a mix of "
+                         "text and image stores: they retrieve for each training caption from the text memory, "
+                         "which an image store's rows are not in (train on the text stores alone)")
     if center and layers.data.modality == "mixed":
         raise InputError("--center cannot be used with a mix of text and image stores: only the text rows would be "
                          "centred on the text mean (train on the text stores alone, or without --center)")
