@@ -197,3 +197,44 @@ def test_a_value_the_config_file_gave_is_refused_naming_the_file(tmp_path, capsy
                  "--" + flag.replace("_", "-"), str(value)]) == 2
     err = capsys.readouterr().err
     assert message in err and "--config" not in err
+
+
+@pytest.mark.parametrize("values, others, message", [
+    ({"center": True, "use_offset": True}, ["--noise-file", "NOISE"], "--center and --use-offset cannot be combined"),
+    ({"use_offset": True}, ["--center", "--noise-file", "NOISE"], "--center and --use-offset cannot be combined"),
+    ({"center": True}, [], "--center needs --image-mean FILE"),
+    ({"image_mean": "MEAN"}, [], "--image-mean only makes sense with --center"),
+    ({"noise_shape": "gap"}, [], "--noise-shape gap needs --noise-file"),
+    ({"entity_vocab": "VOCAB"}, [], "--entity-vocab only makes sense with --entity-prompt"),
+    ({"project": True}, ["--center", "--image-mean", "MEAN"], "--project and --center cannot be combined"),
+    ({"center": True}, ["IMAGES", "--image-mean", "MEAN"], "--center cannot be used with a mix of text and image"),
+    ({"retrieval_k": 2}, ["IMAGES"], "retrieval and entity prompts (--retrieval-k, --entity-prompt) cannot be used"),
+])
+def test_a_combination_the_config_file_gave_is_refused_naming_the_file(tmp_path, capsys, values, others, message):
+    """The planner's checks across options name the options they refuse too, so a refused combination one of
+    whose values came from --config FILE names the file; the same values as flags name no file."""
+    from capdec.calibrate import NOISE_FORMAT
+    from tiny_stores import ENCODER_SPEC, make_store
+
+    files = {"NOISE": tmp_path / "noise.json", "MEAN": tmp_path / "mean.json", "VOCAB": tmp_path / "vocab.txt"}
+    files["NOISE"].write_text(json.dumps({"format": NOISE_FORMAT, "variance": 0.04, "dim": 16, "offset": [0.1] * 16,
+                                          "encoder_identity": {**ENCODER_SPEC, "dim": 16}}))
+    files["MEAN"].write_text(json.dumps([0.0] * 16))
+    files["VOCAB"].write_text("dog\ncat\n")
+    path = {name: str(f) for name, f in files.items()}.get  # a placeholder's file, anything else as it is
+    stores = [str(make_store(tmp_path / "s"))]
+    if "IMAGES" in others:  # a mix of a text store and an image store
+        stores.append(str(make_store(tmp_path / "i", modality="image", seed=2)))
+    cfg = tmp_path / "c.json"
+    run = ["train", *stores, "--out", str(tmp_path / "o"), "--config", str(cfg), "--dry-run",
+           *(path(a, a) for a in others if a != "IMAGES")]
+    cfg.write_text(json.dumps({k: path(v, v) if isinstance(v, str) else v for k, v in values.items()}))
+    assert main(run) == 2
+    assert f"--config {cfg}: {message}" in capsys.readouterr().err
+    cfg.write_text('{"epochs": 2}')  # a config file that gave something else
+    flags = [a for k, v in values.items()
+             for a in ["--" + k.replace("_", "-"), *([] if v is True else [str(path(v, v))])]]
+    assert main([*run, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--config" not in err, err
+    assert not (tmp_path / "o").exists()

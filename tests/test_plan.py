@@ -242,6 +242,33 @@ def test_resume_refuses_other_stores_noise_file_and_a_budget_cut_short(stores, c
     assert plan.schedule.total_steps == 100
 
 
+@pytest.mark.parametrize("resume, values, message", [
+    (True, {"noise_file": "NOISE"}, "cannot change noise_variance: 0.02 vs 0.04"),
+    (True, {"batch_size": 4}, "cannot change batch_size: 8 vs 4"),
+    (True, {"mix_weights": [1.0]}, "stores and mix_weights cannot change"),
+    (True, {"max_steps": 100}, "--max-steps 100: the run's epochs (3, recorded) end it at step 24"),
+    (False, {"mapper": "transformer"}, "its decoder architecture differs from the one asked for (mapper: mlp vs "
+                                       "transformer)"),
+])
+def test_a_value_the_checkpoint_refuses_from_the_config_file_names_the_file(stores, checkpoint, tmp_path, capsys,
+                                                                           resume, values, message):
+    """--resume / --init-from refuse what the checkpoint fixes naming the options, so a refused value from
+    --config FILE (or a noise file it names) names the file; the same values as flags name no file."""
+    noise, cfg = str(_noise_file(tmp_path / "noise.json")), tmp_path / "c.json"
+    values = {k: noise if v == "NOISE" else v for k, v in values.items()}
+    start = ["--out", str(checkpoint), "--resume"] if resume else ["--out", str(tmp_path / "t"), "--init-from",
+                                                                   str(checkpoint)]
+    run = ["-q", "train", str(stores["text"]), *start, "--config", str(cfg), "--dry-run"]
+    cfg.write_text(json.dumps(values))
+    assert main(run) == 2
+    assert f"--config {cfg}: " in (err := capsys.readouterr().err) and message in err, err
+    cfg.write_text('{"log_every": 5}')  # a config file that gave something else
+    assert main([*run, *(a for k, v in values.items()
+                         for a in ["--" + k.replace("_", "-"), *map(str, v if isinstance(v, list) else [v])])]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--config" not in err, err
+
+
 def test_resume_recipe_never_overrides_the_checkpoint(stores, checkpoint):
     plan = plan_training(stores["text"], checkpoint, resume=True, recipe="capdec-coco")
     assert plan.model_config.mapper == "mlp" and plan.model_config.prefix_length == 2  # recipe: transformer, 40

@@ -10,8 +10,9 @@ class CapdecError(Exception):
 class InputError(CapdecError, ValueError):
     """A user-supplied file or option is invalid; the message names the file (and line).
 
-    ``options``: the config fields whose values the check refused (a config's own checks set them), so that a
-    caller knows where those values came from (e.g. ``capdec train --config FILE`` names the file).
+    ``options``: the config fields (or the planner's inputs, e.g. ``use_offset``) whose values the check refused
+    (a config's own checks and the planner's checks of combinations set them), so that a caller knows where those
+    values came from (e.g. ``capdec train --config FILE`` names the file).
     """
 
     def __init__(self, *args: object, options: tuple[str, ...] = ()):

@@ -213,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
     options = options_given(args, set(option_keys()) | set(INPUTS))
     try:
         plan = plan_training(args.stores, args.out, options=options)
-    except InputError as e:  # a config's check refused a value the --config file gave: name the file
-        fields = {option_keys()[k].split(".")[1] for k, v in options.items()
-                  if v.source == "config file" and k in option_keys()}
+    except InputError as e:  # a check refused a value the --config file gave: name the file
+        fields = {option_keys()[k].split(".")[1] if k in option_keys() else k  # a config field, or an input
+                  for k, v in options.items() if v.source == "config file"}
         if args.config and fields & set(e.options):
             raise InputError(f"--config {args.config}: {e}", options=e.options) from e
         raise

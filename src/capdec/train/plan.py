@@ -220,13 +220,16 @@ def _given(options: Mapping[str, Any] | None, configs: dict[str, Config | None],
 def _check_start(out_dir: Path, inputs: dict[str, Any]) -> None:
     """Refuse what cannot start, before any file is read."""
     if inputs["resume"] and inputs["init_from"] is not None:
-        raise InputError("--resume and --init-from cannot be combined: resume continues --out itself")
+        raise InputError("--resume and --init-from cannot be combined: resume continues --out itself",
+                         options=("resume", "init_from"))
     if inputs["use_offset"] and not inputs["noise_file"]:
-        raise InputError("--use-offset needs --noise-file (a calibrate noise.json with an offset)")
+        raise InputError("--use-offset needs --noise-file (a calibrate noise.json with an offset)",
+                         options=("use_offset", "noise_file"))
     if inputs["recipe"] is not None:
         recipe = get_recipe(inputs["recipe"])
         if recipe.needs_init_from and not (inputs["init_from"] or inputs["resume"]):
-            raise InputError(f"recipe {recipe.name} fine-tunes a trained checkpoint: give --init-from CKPT")
+            raise InputError(f"recipe {recipe.name} fine-tunes a trained checkpoint: give --init-from CKPT",
+                             options=("recipe", "init_from"))
     if not inputs["resume"] and not inputs["overwrite"] and out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} already exists; use --resume to continue its training or --overwrite to "
                          "replace it")
@@ -250,7 +253,7 @@ def _open_data(stores: list[Any] | Any, inputs: dict[str, Any], recorded: dict[s
     if was and (not _same_stores(was, data) or mix != was.get("mix_weights")):
             raise InputError(f"--resume: the run trained on {was.get('stores')} ({was.get('count')} captions, mixing "
                              f"weights {was.get('mix_weights')}); stores and mix_weights cannot change when a run "
-                             f"resumes (given: {data.sources}, {len(data)} captions, {mix})")
+                             f"resumes (given: {data.sources}, {len(data)} captions, {mix})", options=("mix_weights",))
     return data, mix
 
 
@@ -319,12 +322,14 @@ class _Layers:
         if not asked:
             return
         listed = ", ".join(f"{_name(k)}: {self.recorded(k)} vs {v.value}" for k, v in sorted(asked.items()))
+        refused = tuple("noise_file" if v.source == "noise file" else k.split(".")[1]  # the options that asked
+                        for k, v in sorted(asked.items()))
         if self.mode == "init_from":
             raise InputError(f"--init-from {where}: its decoder architecture differs from the one asked for ({listed}); "
-                             "drop the conflicting model options to fine-tune it as it is")
+                             "drop the conflicting model options to fine-tune it as it is", options=refused)
         raise InputError(f"--resume {where}: cannot change {listed} (recorded vs asked): the architecture, noise and "
                          "data stream of a run stay as they were when it resumes; drop these options, or start a "
-                         f"new run from it with --init-from {where}")
+                         f"new run from it with --init-from {where}", options=refused)
 
     def add_files(self, inputs: dict[str, Any], data: TextData) -> None:
         """The values read from files (noise file, image mean), once the combinations are known to be valid."""
@@ -384,27 +389,33 @@ def _check_across_configs(layers: _Layers, inputs: dict[str, Any]) -> None:
     image_mean = inputs["image_mean"] if inputs["image_mean"] is not None else layers.get("inference.image_mean").value
     if center and inputs["use_offset"]:
         raise InputError("--center and --use-offset cannot be combined: centering removes the modality offset "
-                         "that --use-offset would add back")
+                         "that --use-offset would add back", options=("center", "use_offset"))
     if center and image_mean is None:
         raise InputError("--center needs --image-mean FILE (the mean image embedding, e.g. from 'capdec calibrate "
-                         "--images'): images must be centred at caption time as captions were in training")
+                         "--images'): images must be centred at caption time as captions were in training",
+                         options=("center", "image_mean"))
     if image_mean is not None and not center:
-        raise InputError("--image-mean only makes sense with --center")
+        raise InputError("--image-mean only makes sense with --center", options=("image_mean", "center"))
     if layers.data.modality == "mixed" and (layers.get("model.retrieval_k").value or
                                             layers.get("model.entity_prompt").value):
         raise InputError("retrieval and entity prompts (--retrieval-k, --entity-prompt) cannot be used with a mix of "
                          "text and image stores: they retrieve for each training caption from the text memory, "
-                         "which an image store's rows are not in (train on the text stores alone)")
+                         "which an image store's rows are not in (train on the text stores alone)",
+                         options=("retrieval_k", "entity_prompt"))
     if center and layers.data.modality == "mixed":
         raise InputError("--center cannot be used with a mix of text and image stores: only the text rows would be "
-                         "centred on the text mean (train on the text stores alone, or without --center)")
+                         "centred on the text mean (train on the text stores alone, or without --center)",
+                         options=("center",))
     if layers.get("inference.project").value and center:
-        raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings")
+        raise InputError("--project and --center cannot be combined: the memory holds uncentred text embeddings",
+                         options=("project", "center"))
     if inputs["entity_vocab"] is not None and not layers.get("model.entity_prompt").value:
-        raise InputError("--entity-vocab only makes sense with --entity-prompt")
+        raise InputError("--entity-vocab only makes sense with --entity-prompt",
+                         options=("entity_vocab", "entity_prompt"))
     if (layers.get("noise.shape").value == "gap" and layers.get("noise.gap_diag").value is None
             and not inputs["noise_file"]):
-        raise InputError("--noise-shape gap needs --noise-file (a 'capdec calibrate --gap-rank R' noise.json)")
+        raise InputError("--noise-shape gap needs --noise-file (a 'capdec calibrate --gap-rank R' noise.json)",
+                         options=("shape", "noise_file"))
 
 
 def _noise_file_values(path: str | os.PathLike, use_offset: bool, data: TextData, *,
@@ -417,11 +428,13 @@ def _noise_file_values(path: str | os.PathLike, use_offset: bool, data: TextData
     values = {"noise.variance": float(nf["variance"]), "noise.source": str(path)}
     if shape == "gap":
         if nf.get("gap_diag") is None:
-            raise InputError(f"{path} has no gap covariance; calibrate with --gap-rank R")
+            raise InputError(f"{path} has no gap covariance; calibrate with --gap-rank R",
+                             options=("shape", "noise_file"))
         values.update({"noise.variance": 0.0, "noise.gap_factor": nf["gap_factor"], "noise.gap_diag": nf["gap_diag"]})
     if use_offset:
         if nf.get("offset") is None:
-            raise InputError(f"{path} has no modality offset; calibrate with --images to compute one")
+            raise InputError(f"{path} has no modality offset; calibrate with --images to compute one",
+                             options=("use_offset", "noise_file"))
         values["noise.offset"] = list(nf["offset"])
     return {k: Sourced(v, "noise file") for k, v in values.items()}
 
@@ -448,7 +461,7 @@ def _derive(values: dict[str, Any], data: TextData, out_dir: Path, recorded_stat
                        "--val-fraction), so no best checkpoint will be kept")
     if (config.keep_best or config.keep_epochs) and out_dir.name in ("", ".", ".."):
         raise InputError(f"--keep-best / --keep-epochs write siblings of --out; give --out a directory name, "
-                         f"not {str(out_dir)!r}")
+                         f"not {str(out_dir)!r}", options=("keep_best", "keep_epochs"))
     name = glob.escape(out_dir.name)
     kept = ([out_dir.with_name(f"{out_dir.name}-best")] if config.keep_best else []) + (
         sorted(out_dir.parent.glob(f"{name}-epoch[0-9][0-9][0-9]*")) if config.keep_epochs else [])
@@ -472,10 +485,11 @@ def _check_budget(config: TrainConfig, schedule: Schedule, sources: dict[str, st
     by_epochs = schedule.steps_per_epoch * config.epochs
     if steps and not epochs and config.max_steps is not None and by_epochs < config.max_steps:
         raise InputError(f"--max-steps {config.max_steps}: the run's epochs ({config.epochs}, recorded) end it at "
-                         f"step {by_epochs}; give --epochs as well")
+                         f"step {by_epochs}; give --epochs as well", options=("max_steps", "epochs"))
     if epochs and not steps and config.max_steps is not None and config.max_steps < by_epochs:
         raise InputError(f"--epochs {config.epochs}: the run's max_steps ({config.max_steps}, recorded) ends it at "
-                         f"step {config.max_steps}; give --max-steps as well")
+                         f"step {config.max_steps}; give --max-steps as well",
+                         options=("epochs", "max_steps"))
 
 
 def _split(data: TextData, config: TrainConfig) -> Split:
