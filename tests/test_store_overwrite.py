@@ -226,3 +226,99 @@ def test_a_resumed_image_store_with_its_token_cache_is_replaced(made, tmp_path, 
     assert len(new.vectors) == 2 and len(new) == 6
     np.testing.assert_array_equal(new.row_index, [0, 0, 0, 1, 1, 1])
     assert ls(store) == ["captions.jsonl", "embeddings.npy", "meta.json", "rows.npy"]
+
+
+# -- replaced: a damaged store capdec wrote (a file missing or truncated outside capdec's atomic writes) -----------
+
+DAMAGES = {  # name -> (store, how it is damaged, the file the errors name)
+    "embeddings.npy missing": ("text", lambda s: (s / "embeddings.npy").unlink(), "embeddings.npy"),
+    "embeddings.npy truncated": ("text", lambda s: truncate(s / "embeddings.npy"), "embeddings.npy"),
+    "captions.jsonl missing": ("text", lambda s: (s / "captions.jsonl").unlink(), "captions.jsonl"),
+    "rows.npy missing": ("image", lambda s: (s / "rows.npy").unlink(), "rows.npy"),
+}
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def embed_argv(made, modality: str) -> list[str]:
+    """The embed that made ``made[modality]``."""
+    return ([str(made["a"]), "--encoder", "toy"] if modality == "text" else
+            [str(made["pairs"]), "--modality", "image", "--encoder", "toy", "--workers", "0"])
+
+
+def assert_same_store(path: Path, fresh: Path) -> None:
+    new, old = EmbeddingStore.open(path), EmbeddingStore.open(fresh)
+    assert new.meta["count"] == old.meta["count"] > 0 and new.captions == old.captions
+    np.testing.assert_array_equal(np.asarray(new.vectors), np.asarray(old.vectors))
+    if old.row_index is not None:
+        np.testing.assert_array_equal(new.row_index, old.row_index)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_embed_overwrite_replaces_a_damaged_store(made, tmp_path, capsys, damage):
+    modality, spoil, name = DAMAGES[damage]
+    store = copy(made[modality], tmp_path)
+    spoil(store)
+    rc, err = cli(capsys, "train", str(store), "--out", str(tmp_path / "ck"), "--max-steps", "1", *TINY)
+    assert rc == 2  # opening it says what to do: the embed that made it, with --overwrite
+    one_line(err, name, f"re-create it with 'capdec embed ... --out {store} --overwrite'")
+    before = tree(store)
+    rc, err = cli(capsys, "embed", *embed_argv(made, modality), "--out", str(store))
+    assert rc == 2  # without --overwrite: refused, nothing touched
+    one_line(err, str(store), name, "--overwrite")
+    assert tree(store) == before
+    rc, err = cli(capsys, "embed", *embed_argv(made, modality), "--out", str(store), "--overwrite")
+    assert rc == 0, err
+    assert_same_store(store, made[modality])  # the store that embed makes (made[modality]), its cache aside
+    assert ls(store) == [n for n in ls(made[modality]) if n != "token-cache"]
+    assert ls(tmp_path) == ["store"]  # no partial or temporary sibling left
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_store_holding_a_users_file_is_refused(made, tmp_path, capsys, damage):
+    modality, spoil, _ = DAMAGES[damage]
+    store = copy(made[modality], tmp_path)
+    spoil(store)
+    add_users_files(store)
+    before = tree(store)
+    for overwrite in ([], ["--overwrite"]):
+        rc, err = cli(capsys, "embed", *embed_argv(made, modality), "--out", str(store), *overwrite)
+        assert rc == 2
+        one_line(err, str(store), "notes.txt", "--overwrite replaces only what capdec wrote")
+        assert tree(store) == before and ls(tmp_path) == ["store"]  # refused before the work
+
+
+def test_calibrate_overwrite_replaces_a_damaged_pseudo_pair_store(made, tmp_path, capsys):
+    pseudo, fresh = tmp_path / "pseudo", tmp_path / "fresh"
+    argv = ["calibrate", str(made["pairs"]), "--encoder", "toy", "--images", str(made["images"]), "--store",
+            str(made["text"]), "--gap-rank", "2", "--gap-neighbours", "2", "--out", str(tmp_path / "noise.json")]
+    rc, err = cli(capsys, *argv, "--pseudo-pairs", str(pseudo))
+    assert rc == 0, err
+    shutil.copytree(pseudo, fresh)
+    (pseudo / "embeddings.npy").unlink()
+    rc, err = cli(capsys, "train", str(made["text"]), str(pseudo), "--out", str(tmp_path / "ck"), "--max-steps", "1",
+                  *TINY)
+    assert rc == 2  # the command that made it, with --overwrite
+    one_line(err, "embeddings.npy", f"re-create it with 'capdec calibrate ... --pseudo-pairs {pseudo} --overwrite'")
+    rc, err = cli(capsys, *argv, "--pseudo-pairs", str(pseudo))
+    assert rc == 2
+    one_line(err, str(pseudo), "embeddings.npy", "--overwrite")
+    rc, err = cli(capsys, *argv, "--pseudo-pairs", str(pseudo), "--overwrite")
+    assert rc == 0, err
+    assert_same_store(pseudo, fresh)
+
+
+def test_the_lab_remakes_a_damaged_store_it_would_reuse(made, encoder, tmp_path):
+    from capdec.corpus import captions_from_list
+    from capdec.lab.experiment import embed_store
+
+    store = copy(made["text"], tmp_path)
+    captions = EmbeddingStore.open(store).captions
+    truncate(store / "captions.jsonl")
+    embed_store(store, captions_from_list(captions), encoder.encode_text, encoder)
+    new = EmbeddingStore.open(store)  # made again, not reused: the truncated captions.jsonl would not read
+    assert new.captions == captions
+    np.testing.assert_array_equal(np.asarray(new.embeddings), encoder.encode_text(captions).numpy())

@@ -146,19 +146,21 @@ class EmbeddingStore:
             raise InputError(f"{path}: no such embedding store (a directory made by 'capdec embed'){hint}")
         if not (path / META).is_file():
             raise InputError(f"{path}: not an embedding store, no {META}{hint}; create one with 'capdec embed'")
-        meta = read_meta(path / META, redo="the store is damaged, re-create it")
+        # until meta.json names a store format, --overwrite does not replace the directory (replaceable)
+        meta = read_meta(path / META, redo="the store is damaged; remove it and make it again")
         fmt = meta.get("format") if isinstance(meta, dict) else None
         if fmt not in (FORMAT, ROWS_FORMAT):
             if isinstance(fmt, str) and fmt.startswith("capdec.embeddings/"):
                 raise InputError(f"{path}: embedding store format {fmt!r} is not supported by this capdec "
-                                 f"(it reads {FORMAT!r} and {ROWS_FORMAT!r}); upgrade capdec or re-create the store")
+                                 f"(it reads {FORMAT!r} and {ROWS_FORMAT!r}); upgrade capdec, or remove the store and "
+                                 f"make it again")
             raise InputError(f"{path / META}: not an embedding store meta file (format {fmt!r}, "
                              f"expected {FORMAT!r})")
+        redo = _redo(meta, path)
         missing = [k for k in ("encoder", "encoder_identity", "dim", "count", *(("rows",) if fmt == ROWS_FORMAT else ()))
                    if k not in meta]
         if missing:
-            raise InputError(f"{path / META}: incomplete, missing {', '.join(missing)}; re-create the store")
-        redo = "the store is damaged, re-create it"
+            raise InputError(f"{path / META}: incomplete, missing {', '.join(missing)}; {redo}")
         check_fields(meta, path / META, {"encoder": dict, "encoder_identity": dict, "dim": int, "count": int,
                                          "rows": int | None, "dtype": str | None, "modality": str | None,
                                          "corpus": dict | None, "stats": dict | None}, redo=redo)
@@ -171,12 +173,12 @@ class EmbeddingStore:
                              f"{meta['modality']!r}; {redo}")
         for name in (EMBEDDINGS, CAPTIONS):
             if not (path / name).is_file():
-                raise InputError(f"{path}: incomplete embedding store, {name} is missing; re-create it "
-                                 f"with 'capdec embed --overwrite'")
+                raise InputError(f"{path}: incomplete embedding store, {name} is missing; {redo}")
         n_rows = int(meta["rows"]) if fmt == ROWS_FORMAT else int(meta["count"])
-        embeddings = load_matrix(path / EMBEDDINGS, (n_rows, int(meta["dim"])), mmap=mmap,
-                                 redo="the store is damaged, re-create it", meta_name=META)
-        row_index = _read_row_index(path, int(meta["count"]), n_rows, mmap=mmap) if fmt == ROWS_FORMAT else None
+        embeddings = load_matrix(path / EMBEDDINGS, (n_rows, int(meta["dim"])), mmap=mmap, redo=redo,
+                                 meta_name=META)
+        row_index = (_read_row_index(path, int(meta["count"]), n_rows, mmap=mmap, redo=redo) if fmt == ROWS_FORMAT
+                     else None)
         return cls(meta, embeddings, path=path, row_index=row_index)
 
     @classmethod
@@ -249,7 +251,7 @@ class EmbeddingStore:
     def records(self) -> list[dict[str, Any]]:
         """One dict per row: ``{"caption": ..., **metadata}`` (loaded on first use)."""
         if self._records is None:
-            self._records = read_rows(self.path / CAPTIONS, len(self), redo="the store is damaged, re-create it")
+            self._records = read_rows(self.path / CAPTIONS, len(self), redo=_redo(self.meta, self.path))
         return self._records
 
     @property
@@ -486,10 +488,32 @@ def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Non
 def replaceable(path: str | os.PathLike) -> str | None:
     """None when the directory ``path`` is an embedding store capdec wrote (its ``meta.json`` says so) holding only
     what capdec writes in one (:data:`STORE_ENTRIES`), else why it is not: ``overwrite`` replaces only such a
-    directory (or an empty one)."""
-    return own_dir(path, marker=META, entries=STORE_ENTRIES,
-                   recognised=lambda m: isinstance(m, dict) and m.get("format") in (FORMAT, ROWS_FORMAT),
-                   kind="a capdec embedding store", marked=f"format {FORMAT} or {ROWS_FORMAT}")
+    directory (or an empty one), damaged or not (a file of it missing or truncated is no entry capdec did not
+    write)."""
+    return own_dir(path, marker=META, entries=STORE_ENTRIES, recognised=_recognised, kind="a capdec embedding store",
+                   marked=f"format {FORMAT} or {ROWS_FORMAT}")
+
+
+def _recognised(meta: Any) -> bool:
+    """Whether a parsed ``meta.json`` names a store format this capdec writes (what --overwrite may replace)."""
+    return isinstance(meta, dict) and meta.get("format") in (FORMAT, ROWS_FORMAT)
+
+
+def _marked(path: Path) -> bool:
+    """Whether ``path``'s ``meta.json`` names a store format (whatever else the directory holds)."""
+    try:
+        return _recognised(read_artifact_json(path / META))
+    except (OSError, ValueError):
+        return False
+
+
+def _redo(meta: Any, path: Path) -> str:
+    """What to do about the damaged store ``path`` whose ``meta`` names a store format: make it again over it
+    (--overwrite replaces such a store, damaged or not: :func:`_check_target`), with the command that made it."""
+    corpus = meta.get("corpus") if isinstance(meta, dict) else None
+    pseudo = isinstance(corpus, dict) and corpus.get("format") == "pseudo-pairs"  # calibrate.PSEUDO_PAIRS
+    again = f"capdec calibrate ... --pseudo-pairs {path}" if pseudo else f"capdec embed ... --out {path}"
+    return f"the store is damaged; re-create it with '{again} --overwrite'"
 
 
 def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None) -> bool | None:
@@ -497,7 +521,8 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
 
     Returns False (nothing there, build it), True (replace an old store / empty dir) or None (a
     store matching ``what`` exists: nothing to do). Refuses anything that is not a store, and with ``overwrite``
-    a store holding anything capdec did not write there (:func:`replaceable`).
+    a store holding anything capdec did not write there (:func:`replaceable`). A store capdec wrote that no longer
+    opens (a file missing or truncated) is replaced with ``overwrite``, without being opened.
     """
     if not out_dir.exists():
         return False
@@ -505,14 +530,21 @@ def _check_target(out_dir: Path, *, overwrite: bool, what: dict[str, Any] | None
         raise InputError(f"{out_dir} exists and is not a directory; choose another output path")
     if not any(out_dir.iterdir()):
         return True
+    why = replaceable(out_dir)
+    if overwrite and why is None:  # a store capdec wrote, holding nothing else: replaced, damaged or not
+        return True
     try:
         existing = EmbeddingStore.open(out_dir)
     except InputError as e:
+        if why is None:  # a damaged store capdec wrote: the error says to make it again with --overwrite
+            raise
+        if _marked(out_dir):  # a damaged store that also holds a user's files: refused, naming them
+            check_replaceable(out_dir, replaceable)
         # never delete a directory we did not make, even with overwrite
         raise InputError(f"{out_dir} exists and is not a complete embedding store ({e}); choose another "
                          f"output path or remove it yourself") from e
     if overwrite:
-        check_replaceable(out_dir, replaceable)  # a store capdec wrote, holding nothing else
+        check_replaceable(out_dir, replaceable)  # holds what capdec did not write: refused, naming it
         return True
     if what is not None:
         diffs = []
@@ -601,18 +633,18 @@ def shard_info(partial: Path, i: int) -> dict[str, Any]:
     return read_artifact_json(partial / f"shard-{i:06d}.json")
 
 
-def _read_row_index(path: Path, count: int, n_rows: int, *, mmap: bool = True) -> np.ndarray:
+def _read_row_index(path: Path, count: int, n_rows: int, *, redo: str, mmap: bool = True) -> np.ndarray:
     try:
         rows = np.load(path / ROWS, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise InputError(f"{path / ROWS}: missing or unreadable ({e}); the store is damaged, re-create it") from e
+        raise InputError(f"{path / ROWS}: missing or unreadable ({e}); {redo}") from e
     ok = rows.shape == (count,) and rows.dtype.kind in "iu"
     for lo in range(0, count if ok else 0, 1 << 20):  # in chunks: a memory map is never read whole
         chunk = rows[lo : lo + (1 << 20)]
         ok = ok and chunk.min() >= 0 and chunk.max() < n_rows
     if not ok:
         raise InputError(f"{path / ROWS}: expected {count} row numbers in [0, {n_rows}), got shape "
-                         f"{rows.shape} {rows.dtype}; the store is damaged, re-create it")
+                         f"{rows.shape} {rows.dtype}; {redo}")
     return rows
 
 

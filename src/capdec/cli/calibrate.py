@@ -72,8 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pseudo-k", type=int, metavar="K",
                         help="with --pseudo-pairs: nearest captions per image (default 5)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="with --pseudo-pairs: replace an embedding store already there (a directory that is not "
-                             "an embedding store, or also holds other files, is never replaced)")
+                        help="with --pseudo-pairs: replace an embedding store already there, damaged or not (a directory "
+                             "that is not an embedding store, or also holds other files, is never replaced)")
     parser.add_argument("--max-pairs", type=int, metavar="N",
                         help="use only the first N image/caption pairs (default: all)")
     parser.add_argument("--out", default="noise.json", metavar="FILE", help="where to write the noise file")

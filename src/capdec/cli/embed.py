@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing store made from a different corpus or encoder (only a store capdec "
-                             "wrote, holding nothing else: a directory holding other files is never replaced)")
+                        help="replace an existing store made from a different corpus or encoder, or a damaged one (only a "
+                             "store capdec wrote, holding nothing else: a directory holding other files is never "
+                             "replaced)")
     img = parser.add_argument_group("image stores (--modality image)")
     img.add_argument("--modality", default="text", choices=["text", "image"],
                      help="text: embed the captions (CapDec); image: embed each image of a captioned-image dataset "

@@ -139,15 +139,30 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
     return data
 
 
+def _saved_store(path: Path, captions: list[str]) -> Any:
+    """The store saved at ``path`` when it holds ``captions`` (to reuse); None when there is none, it holds others
+    or it is damaged (the save that follows replaces it: ``overwrite`` replaces a damaged store capdec wrote)."""
+    from capdec.store import EmbeddingStore
+
+    if not (path / "meta.json").is_file():
+        return None
+    try:
+        store = EmbeddingStore.open(path)
+        same = store.captions == captions
+    except InputError as e:
+        logger.warning("%s; making it again", e)
+        return None
+    return store if same else None
+
+
 def embed_store(path: Path, corpus: Any, embed, encoder: Any) -> Any:
     """The embedding store of ``corpus`` at ``path`` (reused when it holds the same captions);
     ``embed`` maps the captions to their embeddings (text or paired image embeddings)."""
     from capdec.store import EmbeddingStore
 
-    if (path / "meta.json").is_file():
-        store = EmbeddingStore.open(path)
-        if store.captions == corpus.captions:
-            return store
+    store = _saved_store(path, corpus.captions)
+    if store is not None:
+        return store
     emb = embed(corpus.captions)
     return EmbeddingStore.from_arrays(corpus, emb, encoder=encoder).save(path, overwrite=True)
 
@@ -333,7 +348,6 @@ def pseudo_pairs(data: ToyData) -> Any:
     same pairs), for ``train_variant(..., stores=[data.text_store, pseudo])``."""
     from capdec.calibrate import encode_images, pseudo_pair_store
     from capdec.lab import toyworld
-    from capdec.store import EmbeddingStore
 
     cfg = data.config
     unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
@@ -341,9 +355,8 @@ def pseudo_pairs(data: ToyData) -> Any:
     store = pseudo_pair_store(encode_images(data.encoder, unlabelled), data.text_store, cfg.pseudo_k,
                               source=f"{len(unlabelled)} unlabelled toy-world training scenes")
     path = Path(data.text_store.path).parent / f"pseudo_pairs_k{cfg.pseudo_k}"
-    if (path / "meta.json").is_file():  # as embed_store: the same images give the same embeddings
-        old = EmbeddingStore.open(path)
-        if old.captions == store.captions and old.meta.get("corpus") == store.meta.get("corpus"):
-            return old
+    old = _saved_store(path, store.captions)  # as embed_store: the same images give the same embeddings
+    if old is not None and old.meta.get("corpus") == store.meta.get("corpus"):
+        return old
     return store.save(path, overwrite=True)
 
