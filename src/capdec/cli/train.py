@@ -46,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from capdec.config_base import add_arguments as add_config_arguments
     from capdec.configs import InferenceConfig, ModelConfig, NoiseConfig, TrainConfig
 
-    p.add_argument("stores", nargs="+", metavar="STORE", help="embedding store directories ('capdec embed'; image stores, e.g. "
-                                                         "'capdec calibrate --pseudo-pairs', may be mixed with text "
-                                                         "stores: their rows get no noise)")
+    p.add_argument("stores", nargs="+", metavar="STORE",
+                   help="embedding store directories ('capdec embed'; image stores, e.g. 'capdec calibrate "
+                        "--pseudo-pairs', may be mixed with text stores: their rows get no noise)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--config", help="JSON file of option defaults (keys as the flags, with underscores; "
                                     "read before the other flags, which win)")

@@ -96,6 +96,7 @@ class ToyData:
     paired_store: Any = None  # EmbeddingStore of paired *image* embeddings and their captions
     image_mean: torch.Tensor | None = None  # mean of unlabelled image embeddings
     text_mean: torch.Tensor | None = None  # mean of the corpus text embeddings
+    unlabelled: list[Any] | None = None  # the unlabelled training scenes (rendered once: unlabelled_scenes)
     seconds: float = 0.0
     device: str = "cpu"  # where decoders are trained and run ("auto": cuda if present)
     source: dict[str, Any] = field(default_factory=lambda: {"kind": "toy"})  # what the data is, for reports
@@ -132,9 +133,7 @@ def prepare_data(config: ExperimentConfig, workdir: str | Path, *, encoder: Any 
         data.paired_store = embed_store(workdir / "paired_store", captions_from_list(p_caps),
                                         lambda _: encoder.encode_image(p_images), encoder)
     if config.n_unlabelled:
-        # unlabelled images of training scenes (another seed stream: no caption involved)
-        u_images, _ = toyworld.paired(config.n_unlabelled, seed=config.seed + 10_007, split="train", world=world)
-        data.image_mean = mean_embedding(encoder.encode_image(u_images))
+        data.image_mean = mean_embedding(encoder.encode_image(unlabelled_scenes(data)))
     data.seconds = time.time() - t0
     return data
 
@@ -153,6 +152,18 @@ def _saved_store(path: Path, captions: list[str]) -> Any:
         logger.warning("%s; making it again", e)
         return None
     return store if same else None
+
+
+def unlabelled_scenes(data: ToyData) -> list[Any]:
+    """The unlabelled images of training scenes (another seed stream than the corpus: no caption involved; at least
+    one), rendered once: the image mean, the gap calibration and the pseudo-pairs all see these."""
+    from capdec.lab import toyworld
+
+    if data.unlabelled is None:
+        cfg = data.config
+        data.unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
+                                             world=toyworld.get_world(cfg.world))
+    return data.unlabelled
 
 
 def embed_store(path: Path, corpus: Any, embed, encoder: Any) -> Any:
@@ -332,9 +343,7 @@ def gap_noise(data: ToyData, *, seed: int = TOY_CALIBRATION_SEED) -> tuple[Noise
     cfg = data.config
     images, refs = toyworld.test_set(cfg.calibration_images, seed=seed, split="train", n_refs=5,
                                      grammar=cfg.grammar, world=toyworld.get_world(cfg.world))
-    unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
-                                    world=toyworld.get_world(cfg.world))
-    stats = calibrate(data.encoder, images, refs, extra_images=unlabelled, text_store=data.text_store,
+    stats = calibrate(data.encoder, images, refs, extra_images=unlabelled_scenes(data), text_store=data.text_store,
                       gap_rank=cfg.gap_rank, gap_neighbours=cfg.gap_neighbours)
     noise = NoiseConfig(variance=0.0, shape="gap", gap_factor=stats["gap_factor"], gap_diag=stats["gap_diag"],
                         gap_scale=cfg.gap_scale, offset=stats["offset"], source="capdec.lab.experiment.gap_noise")
@@ -347,11 +356,9 @@ def pseudo_pairs(data: ToyData) -> Any:
     --pseudo-pairs PSEUDO --pseudo-k K``): an image store saved beside the text store (reused when it holds the
     same pairs), for ``train_variant(..., stores=[data.text_store, pseudo])``."""
     from capdec.calibrate import encode_images, pseudo_pair_store
-    from capdec.lab import toyworld
 
     cfg = data.config
-    unlabelled, _ = toyworld.paired(max(cfg.n_unlabelled, 1), seed=cfg.seed + 10_007, split="train",
-                                    world=toyworld.get_world(cfg.world))
+    unlabelled = unlabelled_scenes(data)
     store = pseudo_pair_store(encode_images(data.encoder, unlabelled), data.text_store, cfg.pseudo_k,
                               source=f"{len(unlabelled)} unlabelled toy-world training scenes")
     path = Path(data.text_store.path).parent / f"pseudo_pairs_k{cfg.pseudo_k}"
